@@ -1,0 +1,37 @@
+"""Exceptions raised by phds_jax. Each message names the file, tensor or argument at fault."""
+
+
+class PhdsError(Exception):
+  """Base class of every phds_jax error."""
+
+
+class ConfigError(PhdsError, ValueError):
+  """A model configuration (config.json or ModelConfig) is malformed or inconsistent."""
+
+
+class UnsupportedModelError(ConfigError):
+  """The checkpoint's `model_type` or one of its options is not implemented here."""
+
+
+class CheckpointError(PhdsError, ValueError):
+  """A weight file set does not match the model it claims to hold."""
+
+
+class MissingTensorError(CheckpointError):
+  """A tensor the model needs is absent from the checkpoint."""
+
+
+class UnexpectedTensorError(CheckpointError):
+  """The checkpoint holds tensors the model does not use."""
+
+
+class ShapeMismatchError(CheckpointError):
+  """A tensor's shape differs from what the model config implies."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+  """A weight file named by the index (or expected in the directory) does not exist."""
+
+
+class UnsafeWeightsError(CheckpointError):
+  """Pickle-based weights (`.bin`, `.pt`) were found and the caller did not opt in to loading them."""

@@ -1,0 +1,1 @@
+"""The MoE decoder: config, routing, expert backends, layers and the stack."""

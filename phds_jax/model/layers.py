@@ -1,0 +1,160 @@
+"""Decoder building blocks: RMSNorm, RoPE, attention (GQA, qk-norm, qkv bias, clip_qkv), SwiGLU, MoE.
+
+Flax linen modules whose parameters keep transformers' module names (q_proj, gate, experts, ...), so the
+HF name map is nearly mechanical. Kernels are stored [in, out] (HF Linear weights are [out, in]).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax.model import experts as experts_lib
+from phds_jax.model import routing
+from phds_jax.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) computed in float32, cast back, then scaled (as transformers does)."""
+
+  eps: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return scale * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+  """[D/2] float32 inverse frequencies, computed in float32 like transformers' default RoPE."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+  """positions int [B, L] -> cos, sin [B, L, D] in `dtype` (half-split layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(head_dim, theta)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, L, N, D], cos/sin [B, L, D] -> rotated x (rotate-half convention)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids int [B, L] -> bool [B, 1, 1, L, L]: causal and within one packed segment."""
+  length = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same)[:, None, None]
+
+
+def dense(features, use_bias, cfg: ModelConfig, param_dtype, name):
+  """nn.Dense with HF's initialisation (normal(initializer_range) kernel, zero bias); kernel [in, out]."""
+  return nn.Dense(features, use_bias=use_bias, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.initializers.normal(cfg.initializer_range),
+                  bias_init=nn.initializers.zeros)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped KV heads; OLMoE qk-norm / clip_qkv and Qwen qkv bias by config."""
+
+  cfg: ModelConfig
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    """x [B, L, H], cos/sin [B, L, D], mask bool [B, 1, 1, L, L] -> [B, L, H]."""
+    cfg = self.cfg
+    d, n, kv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    q = dense(n * d, cfg.qkv_bias, cfg, self.param_dtype, "q_proj")(x)
+    k = dense(kv * d, cfg.qkv_bias, cfg, self.param_dtype, "k_proj")(x)
+    v = dense(kv * d, cfg.qkv_bias, cfg, self.param_dtype, "v_proj")(x)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+    if cfg.clip_qkv is not None:
+      q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    b, length, _ = x.shape
+    q = apply_rope(q.reshape(b, length, n, d), cos, sin)
+    k = apply_rope(k.reshape(b, length, kv, d), cos, sin)
+    v = v.reshape(b, length, kv, d)
+    q = q.reshape(b, length, kv, n // kv, d)  # [B, L, KV, G, D]
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k) * (d ** -0.5)
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, n * d)
+    return dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+  intermediate_size: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dt = self.cfg, self.param_dtype
+    h = nn.silu(dense(self.intermediate_size, False, cfg, dt, "gate_proj")(x))
+    h = h * dense(self.intermediate_size, False, cfg, dt, "up_proj")(x)
+    return dense(cfg.hidden_size, False, cfg, dt, "down_proj")(h)
+
+
+class RoutedExperts(nn.Module):
+  """E stacked SwiGLU experts: gate_proj/up_proj [E, H, I], down_proj [E, I, H]."""
+
+  cfg: ModelConfig
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, experts, weights):
+    """x [T, H], experts/weights [T, W] -> [T, H]."""
+    cfg = self.cfg
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    init = nn.initializers.normal(cfg.initializer_range)
+    w = experts_lib.ExpertWeights(
+        gate=self.param("gate_proj", init, (e, h, i), self.param_dtype),
+        up=self.param("up_proj", init, (e, h, i), self.param_dtype),
+        down=self.param("down_proj", init, (e, i, h), self.param_dtype))
+    w = jax.tree.map(lambda p: p.astype(x.dtype), w)
+    return experts_lib.moe_ffn(x, experts, weights, w, cfg.expert_backend)
+
+
+class SparseMoeBlock(nn.Module):
+  """Router + routed experts (+ Qwen's sigmoid-gated shared expert). Returns output and router stats."""
+
+  cfg: ModelConfig
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, k, width: int, soft_mask_eps: Optional[float], token_mask):
+    """x [B, L, H]; k static int or int32 [B] (traced); token_mask [B, L] -> ([B, L, H], RouterStats)."""
+    cfg = self.cfg
+    b, length, hidden = x.shape
+    flat = x.reshape(b * length, hidden)
+    router_logits = dense(cfg.num_experts, False, cfg, self.param_dtype, "gate")(flat)  # [T, E]
+    probs = routing.router_probs(router_logits)
+    k_tok = k if isinstance(k, int) else jnp.repeat(jnp.asarray(k, jnp.int32), length)
+    routed = routing.route(probs, k=k_tok, width=width, norm_topk_prob=cfg.norm_topk_prob,
+                           soft_mask_eps=soft_mask_eps)
+    weights = routed.weights.astype(router_logits.dtype)  # transformers casts to the hidden dtype
+    out = RoutedExperts(cfg, self.param_dtype, name="experts")(flat, routed.experts, weights)
+    if cfg.shared_expert_intermediate_size:
+      shared = MLP(cfg, cfg.shared_expert_intermediate_size, self.param_dtype, name="shared_expert")(flat)
+      gate = dense(1, False, cfg, self.param_dtype, "shared_expert_gate")(flat)
+      out = out + jax.nn.sigmoid(gate) * shared
+    stats = routing.router_stats(router_logits, probs, routed, token_mask.reshape(-1))
+    return out.reshape(b, length, hidden), stats

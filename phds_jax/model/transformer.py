@@ -1,0 +1,222 @@
+"""The decoder stack and `forward`, the public entry point that runs it at any declared k.
+
+`forward(cfg, params, tokens, k=...)` accepts k as
+  - None: k_pre (`cfg.num_experts_per_tok`);
+  - a Python int: static, the MoE layers compute exactly k experts per token;
+  - a tuple of ints, one per MoE layer: static per-layer k;
+  - an int32 scalar or [B] array with a static `k_max`: traced, one compiled program for every k <= k_max.
+Arguments are validated in Python (ValueError naming the argument) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax.model import layers
+from phds_jax.model import routing
+from phds_jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is MoE or dense by config."""
+
+  cfg: ModelConfig
+  is_moe: bool
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, token_mask, *, k, width, soft_mask_eps):
+    cfg, dt = self.cfg, self.param_dtype
+    h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
+    x = x + layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask)
+    h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
+    if self.is_moe:
+      out, stats = layers.SparseMoeBlock(cfg, dt, name="mlp")(
+          h, k=k, width=width, soft_mask_eps=soft_mask_eps, token_mask=token_mask)
+    else:
+      out, stats = layers.MLP(cfg, cfg.intermediate_size, dt, name="mlp")(h), None
+    return x + out, stats
+
+
+class Decoder(nn.Module):
+  """tokens [B, L] -> logits [B, L, V] and one RouterStats per MoE layer."""
+
+  cfg: ModelConfig
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None):
+    """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int)."""
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
+                     embedding_init=nn.initializers.normal(cfg.initializer_range))
+    x = embed(tokens)  # [B, L, H]
+    cos, sin = layers.rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta, x.dtype)
+    mask = layers.attention_mask(segment_ids)
+    token_mask = segment_ids != 0
+    all_stats = []
+    moe_slot = 0
+    for i in range(cfg.num_hidden_layers):
+      is_moe = cfg.is_moe_layer(i)
+      k = layer_k[moe_slot] if is_moe else None
+      width = layer_width[moe_slot] if is_moe else None
+      x, stats = DecoderLayer(cfg, is_moe, self.param_dtype, name=f"layers_{i}")(
+          x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps)
+      if is_moe:
+        all_stats.append(stats)
+        moe_slot += 1
+    x = layers.RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.dense(cfg.vocab_size, False, cfg, self.param_dtype, "lm_head")(x)
+    return logits, all_stats
+
+
+class _KPlan(NamedTuple):
+  """How each MoE layer is told its k: static ints, or one traced int32 [B] array, plus compute widths."""
+
+  static: Optional[tuple[int, ...]]
+  traced: Optional[jax.Array]
+  widths: tuple[int, ...]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+  """Random parameters (HF's init: normal(initializer_range) kernels, unit norms, zero biases)."""
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  plan = _KPlan(static=tuple(cfg.k_pre for _ in cfg.moe_layer_indices), traced=None,
+                widths=tuple(cfg.k_pre for _ in cfg.moe_layer_indices))
+  model = Decoder(cfg, param_dtype=jnp.dtype(dtype))
+
+  @jax.jit
+  def init(rng):
+    return model.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens),
+                      layer_k=plan.static, layer_width=plan.widths)["params"]
+
+  return init(rng)
+
+
+def _is_static_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: int, low: int, high: int):
+  if not low <= value <= high:
+    raise ValueError(f"{name}={value} is out of range: it must lie in [{low}, {high}]")
+
+
+def plan_k(cfg: ModelConfig, k, k_max: Optional[int], soft_mask_eps: Optional[float],
+           batch_size: int) -> _KPlan:
+  """Validates (k, k_max, soft_mask_eps) and resolves them into a per-MoE-layer plan."""
+  num_experts, n_moe = cfg.num_experts, len(cfg.moe_layer_indices)
+  if soft_mask_eps is not None:
+    if not isinstance(soft_mask_eps, numbers.Real) or not 0.0 < float(soft_mask_eps) < 1.0:
+      raise ValueError(f"soft_mask_eps={soft_mask_eps!r} must be a float in (0, 1), or None for hard top-k")
+  if k_max is not None:
+    if not _is_static_int(k_max):
+      raise ValueError(f"k_max={k_max!r} must be a Python int in [1, {num_experts}]")
+    _check_range("k_max", int(k_max), 1, num_experts)
+
+  def width_of(k_layer):
+    return routing.compute_width(k_static=k_layer, k_max=k_max, k_pre=cfg.k_pre,
+                                 soft_mask_eps=soft_mask_eps)
+
+  if k is None:
+    k = cfg.k_pre
+  if _is_static_int(k):
+    _check_range("k", int(k), 1, num_experts if k_max is None else k_max)
+    static = tuple(int(k) for _ in range(n_moe))
+    return _KPlan(static, None, tuple(width_of(v) for v in static))
+  if isinstance(k, (tuple, list)):
+    if len(k) != n_moe:
+      raise ValueError(f"per-layer k has {len(k)} entries; the model has {n_moe} MoE layers "
+                       f"(layers {list(cfg.moe_layer_indices)})")
+    for i, value in enumerate(k):
+      if not _is_static_int(value):
+        raise ValueError(f"k[{i}]={value!r} must be a Python int (per-layer k is static)")
+      _check_range(f"k[{i}]", int(value), 1, num_experts if k_max is None else k_max)
+    static = tuple(int(v) for v in k)
+    return _KPlan(static, None, tuple(width_of(v) for v in static))
+  if not hasattr(k, "dtype") or not hasattr(k, "shape"):
+    raise ValueError(f"k={k!r} must be None, an int, a tuple of ints (one per MoE layer), "
+                     "or an int32 array (scalar or [batch]) with k_max")
+  if k_max is None:
+    raise ValueError("k is an array (traced k): pass a static k_max, the largest k it may hold")
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    raise ValueError(f"k array must have an integer dtype, got {k.dtype}")
+  if k.shape not in ((), (batch_size,)):
+    raise ValueError(f"k array must be a scalar or have shape [batch]=({batch_size},), got {k.shape}")
+  if not isinstance(k, jax.core.Tracer):
+    values = np.asarray(k)
+    if values.size and (values.min() < 1 or values.max() > k_max):
+      raise ValueError(f"k array values must lie in [1, k_max={k_max}], got min {values.min()} "
+                       f"max {values.max()}")
+  traced = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch_size,))
+  return _KPlan(None, traced, tuple(width_of(None) for _ in range(n_moe)))
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """[B, L] segment ids -> [B, L] positions restarting at 0 at each new segment."""
+  length = segment_ids.shape[1]
+  index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return index - start_index
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
+                                             "return_aux"))
+def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
+                 soft_mask_eps, return_aux):
+  if layer_k is None:
+    layer_k = tuple(k_traced for _ in layer_width)
+  logits, stats = Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                     layer_k=layer_k, layer_width=layer_width,
+                                     soft_mask_eps=soft_mask_eps)
+  if not return_aux:
+    return logits
+  total = routing.combine_stats(stats)
+  aux = {
+      "load_balance_loss": routing.load_balance_loss(total),
+      "router_z_loss": routing.router_z_loss(total),
+      "expert_counts": jnp.stack([s.expert_counts for s in stats]),  # [num_moe_layers, E]
+  }
+  return logits, aux
+
+
+def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
+            soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
+            return_aux: bool = False):
+  """Runs the decoder at a declared k.
+
+  tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
+  packed-example ids with 0 = padding (default: all ones; attention never crosses segments).
+  Returns logits [B, L, V] in the params' dtype, and with `return_aux` a dict with the load-balance loss,
+  the router z-loss (both float32 scalars) and per-MoE-layer expert selection counts [n_moe, E].
+  """
+  if not hasattr(tokens, "shape") or len(tokens.shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array of shape [batch, length], got "
+                     f"{getattr(tokens, 'dtype', type(tokens))} {getattr(tokens, 'shape', '')}")
+  batch, length = tokens.shape
+  if length == 0 or batch == 0:
+    raise ValueError(f"tokens must be non-empty, got shape {tokens.shape}")
+  for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+    if arr is not None and tuple(arr.shape) != (batch, length):
+      raise ValueError(f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}")
+  plan = plan_k(cfg, k, k_max, soft_mask_eps, batch)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  segment_ids = jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+  positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
+  eps = None if soft_mask_eps is None else float(soft_mask_eps)
+  return _forward_jit(params, tokens, positions, segment_ids, plan.traced, cfg=cfg, layer_k=plan.static,
+                      layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux)
