@@ -73,6 +73,12 @@ def block_size_for(num_assignments: int, num_experts: int) -> int:
   return int(min(128, max(8, size)))
 
 
+def sorted_layout(num_assignments: int, num_experts: int) -> tuple[int, int]:
+  """(block size, static block count) of the sorted backend: enough blocks for any routing."""
+  block = block_size_for(num_assignments, num_experts)
+  return block, -(-(num_assignments + num_experts * (block - 1)) // block)
+
+
 def sorted_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
   """x [T, H], experts/weights [T, W] -> [T, H] with FLOPs proportional to T * W.
 
@@ -83,8 +89,7 @@ def sorted_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWe
   num_tokens, width = experts.shape
   num_experts, hidden, _ = w.gate.shape
   n = num_tokens * width
-  block = block_size_for(n, num_experts)
-  num_blocks = -(-(n + num_experts * (block - 1)) // block)
+  block, num_blocks = sorted_layout(n, num_experts)
   s = _sort_by_expert(experts, num_experts)
 
   padded_sizes = -(-s.group_sizes // block) * block  # [E]

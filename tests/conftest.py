@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random transformers MoE models (the PyTorch reference) saved as HF directories."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import numpy as np
+import pytest
+
+VOCAB = 96
+
+# name -> (transformers config class name, kwargs). Each covers features the issue asks to test.
+HF_VARIANTS = {
+    # OLMoE: GQA, q/k norm, clip_qkv, renormalised top-k.
+    "olmoe_gqa_clip_norm": ("OlmoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, clip_qkv=0.6, norm_topk_prob=True)),
+    # OLMoE as released: no GQA, no clip, no renormalisation; attention bias on for coverage.
+    "olmoe_plain_bias": ("OlmoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_experts=6, num_experts_per_tok=3, attention_bias=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 500.0})),
+    # Qwen2-MoE: shared expert, qkv bias, GQA, sparse step 2 and an mlp-only layer (dense layers 0, 2, 3).
+    "qwen_sparse_step": ("Qwen2MoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3])),
+    # Qwen2-MoE: every layer MoE but layer 0, renormalised top-k, tied embeddings.
+    "qwen_norm_tied": ("Qwen2MoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=6, num_experts_per_tok=4, mlp_only_layers=[0], norm_topk_prob=True,
+        tie_word_embeddings=True)),
+}
+
+
+def build_hf_model(variant: str, seed: int = 0, dtype=None):
+  """A random transformers model for `variant`, with weights large enough that routing matters."""
+  import torch
+  import transformers
+
+  cls_name, kwargs = HF_VARIANTS[variant]
+  config = getattr(transformers, cls_name)(**kwargs, attn_implementation="eager",
+                                           eos_token_id=2, pad_token_id=1, bos_token_id=0)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.25)
+  model.eval()
+  if dtype is not None:
+    model = model.to(dtype)
+  return model
+
+
+def set_hf_k(model, k):
+  """Sets every router of a transformers MoE to top-k (an int, or a list with one entry per MoE layer)."""
+  routers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "norm_topk_prob")]
+  ks = k if isinstance(k, (list, tuple)) else [k] * len(routers)
+  assert len(ks) == len(routers)
+  for router, value in zip(routers, ks):
+    router.top_k = value
+
+
+def hf_logits(model, tokens, k):
+  import torch
+
+  set_hf_k(model, k)
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+  """variant -> (HF model directory on disk, the torch model)."""
+  out = {}
+  for variant in HF_VARIANTS:
+    model = build_hf_model(variant)
+    path = str(tmp_path_factory.mktemp(variant))
+    model.save_pretrained(path)
+    out[variant] = (path, model)
+  return out
+
+
+@pytest.fixture
+def tokens():
+  return np.random.RandomState(0).randint(0, VOCAB, size=(2, 11)).astype(np.int32)
