@@ -150,3 +150,24 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
   except KeyError:
     raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+  """JSON-ready dict of every field (tuples become lists)."""
+  out = dataclasses.asdict(cfg)
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def config_from_dict(raw: dict, source: str = "model config") -> ModelConfig:
+  """Inverse of config_to_dict; unknown or missing fields raise ConfigError naming `source`."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(raw) - fields)
+  if unknown:
+    raise ConfigError(f"{source}: unknown ModelConfig fields {unknown}")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+  try:
+    return ModelConfig(**values)
+  except TypeError as e:
+    raise ConfigError(f"{source}: {e}") from None
+  except ConfigError as e:
+    raise ConfigError(f"{source}: {e}") from None

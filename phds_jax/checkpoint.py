@@ -1,0 +1,72 @@
+"""Orbax model checkpoints: a directory with `model_config.json` and the params pytree under `params/`.
+
+This is the exchange format of `convert` (HF <-> orbax). Training state (optimizer, step, data iterator)
+is managed by the trainer on top of the same params layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from phds_jax.errors import CheckpointError, ConfigError
+from phds_jax.model.config import ModelConfig, config_from_dict, config_to_dict
+from phds_jax.model.transformer import init_params
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_model(cfg: ModelConfig, params: dict[str, Any], directory: str, *, overwrite: bool = False) -> str:
+  """Writes `directory/model_config.json` and `directory/params` (orbax). Returns the directory."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    if not overwrite:
+      raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    if jax.process_index() == 0:
+      shutil.rmtree(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
+  return directory
+
+
+def load_model_config(directory: str) -> ModelConfig:
+  path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} not found: {directory} is not a phds_jax model checkpoint") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: malformed JSON ({e})") from None
+  return config_from_dict(raw, source=path)
+
+
+def load_model(directory: str, dtype=None, *, sharding: Optional[jax.sharding.Sharding] = None,
+               **config_overrides) -> tuple[ModelConfig, dict[str, Any]]:
+  """Restores (ModelConfig, params) from `save_model`'s directory, optionally casting / placing them."""
+  cfg = load_model_config(directory).replace(**config_overrides)
+  params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(params_dir).item_metadata.tree
+    try:
+      target = jax.tree.map(
+          lambda a, m: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype or m.dtype), sharding=sharding),
+          abstract, stored)
+    except ValueError as e:
+      raise CheckpointError(f"{params_dir}: stored params do not match {CONFIG_FILE} ({e})") from None
+    params = checkpointer.restore(params_dir, target)
+  return cfg, params

@@ -1,0 +1,105 @@
+"""A k sweep of one model: how its next-token predictions and its forward time move as k is dialled.
+
+For each k: agreement of the greedy next token with the reference k (k_pre by default), mean KL from the
+reference distribution, routed expert parameters per token, and the median forward time after
+compilation. This is `mode="sweep"` (configs/tiny.py); full evaluation suites build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax import checkpoint
+from phds_jax import convert
+from phds_jax import hf
+from phds_jax.model.config import ModelConfig, preset
+from phds_jax.model.transformer import forward, init_params
+
+log = logging.getLogger("phds_jax")
+
+
+def active_expert_params(cfg: ModelConfig, k: int) -> int:
+  """Routed-expert parameters each token uses at top-k (all MoE layers together)."""
+  per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+  return len(cfg.moe_layer_indices) * k * per_expert
+
+
+def _time_forward(cfg, params, tokens, k, repeats: int) -> float:
+  """Median seconds per forward at static k, after one compiling call."""
+  forward(cfg, params, tokens, k=k).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    forward(cfg, params, tokens, k=k).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def k_sweep(cfg: ModelConfig, params, tokens, ks: Sequence[int], *, reference_k: Optional[int] = None,
+            repeats: int = 3) -> list[dict[str, Any]]:
+  """One row per k: top-1 agreement and KL against `reference_k` (default k_pre), latency, params."""
+  reference_k = reference_k or cfg.k_pre
+  ref_logp = jax.nn.log_softmax(forward(cfg, params, tokens, k=reference_k).astype(jnp.float32))
+  ref_top = jnp.argmax(ref_logp, axis=-1)
+  rows = []
+  for k in ks:
+    logp = jax.nn.log_softmax(forward(cfg, params, tokens, k=k).astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    seconds = _time_forward(cfg, params, tokens, k, repeats)
+    rows.append(dict(k=int(k), top1_agreement=float(jnp.mean(jnp.argmax(logp, -1) == ref_top)),
+                     mean_kl=float(jnp.mean(kl)), active_expert_params=active_expert_params(cfg, k),
+                     forward_ms=1e3 * seconds, tokens_per_s=tokens.size / seconds))
+    log.info("k=%d done", k)
+  return rows
+
+
+def format_table(rows: list[dict[str, Any]], reference_k: int) -> str:
+  header = f"{'k':>3} {'agree@k' + str(reference_k):>10} {'KL':>9} {'expert params/tok':>18} {'ms/fwd':>8} {'tok/s':>9}"
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    lines.append(f"{r['k']:>3} {r['top1_agreement']:>10.3f} {r['mean_kl']:>9.4f} "
+                 f"{r['active_expert_params']:>18,} {r['forward_ms']:>8.2f} {r['tokens_per_s']:>9.0f}")
+  return "\n".join(lines)
+
+
+def _model_for(config, workdir: str):
+  """The model to sweep: `model_path` (HF or orbax), or a random preset exported and re-read as HF."""
+  if config.model_path:
+    if convert.detect_format(config.model_path) == "hf":
+      return hf.load_pretrained(config.model_path, dtype=config.dtype)
+    return checkpoint.load_model(config.model_path, dtype=config.dtype)
+  cfg = preset(config.preset)
+  params = init_params(cfg, jax.random.key(config.seed), dtype=config.dtype)
+  hf_dir = os.path.join(workdir, "random_" + config.preset.replace("-", "_"))
+  hf.save_pretrained(cfg, params, hf_dir, overwrite=True)
+  log.info("built random %s and exported it to %s", config.preset, hf_dir)
+  return hf.load_pretrained(hf_dir, dtype=config.dtype)
+
+
+def run(config, workdir: str) -> list[dict[str, Any]]:
+  """`mode="sweep"` entry point: prints the table and writes `workdir/sweep.json`."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg, params = _model_for(config, workdir)
+  ks = sorted({int(k) for k in config.k_values if 1 <= int(k) <= cfg.num_experts})
+  if not ks:
+    raise ValueError(f"k_values={config.k_values} has no k in [1, {cfg.num_experts}]")
+  tokens = jax.random.randint(jax.random.key(config.seed + 1), (config.batch_size, config.seq_len), 0,
+                              cfg.vocab_size, jnp.int32)
+  rows = k_sweep(cfg, params, tokens, ks, repeats=config.repeats)
+  print(f"{cfg.model_type}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
+        f"{cfg.num_experts} experts, k_pre={cfg.k_pre}, device={jax.devices()[0].platform}, "
+        f"batch {config.batch_size} x {config.seq_len} tokens")
+  print(format_table(rows, cfg.k_pre))
+  out = os.path.join(workdir, "sweep.json")
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump({"model_type": cfg.model_type, "k_pre": cfg.k_pre, "rows": rows}, f, indent=2)
+  print(f"wrote {out}")
+  return rows
