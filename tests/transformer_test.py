@@ -163,3 +163,16 @@ def test_invalid_tokens_raise(tokens):
     pj.forward(cfg, params, tokens.astype(np.float32))
   with pytest.raises(ValueError, match="segment_ids must have the shape of tokens"):
     pj.forward(cfg, params, tokens, segment_ids=np.ones((1, 3), np.int32))
+
+
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step"])
+def test_expert_backends_give_the_same_model(hf_dirs, variant, tokens):
+  path, _ = hf_dirs[variant]
+  outputs = {}
+  for backend in ("reference", "sorted", "ragged"):
+    cfg, params = pj.hf.load_pretrained(path, expert_backend=backend)
+    outputs[backend] = [np.asarray(pj.forward(cfg, params, tokens, k=k)) for k in (1, cfg.k_pre)]
+    outputs[backend].append(np.asarray(pj.forward(cfg, params, tokens, k=jnp.array([1, 3]), k_max=3)))
+  for backend in ("sorted", "ragged"):
+    for ours, ref in zip(outputs[backend], outputs["reference"]):
+      np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)

@@ -24,8 +24,8 @@ from phds_jax.errors import (CheckpointError, MissingTensorError, ShapeMismatchE
                              UnexpectedTensorError)
 from phds_jax.hf import param_map
 from phds_jax.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
-from phds_jax.hf.safetensors_io import PendingTensor, write_file
-from phds_jax.hf.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, open_weights, _preview
+from phds_jax.hf.safetensors_io import PendingTensor, scratch_array, write_file
+from phds_jax.hf.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, open_weights, preview_names
 from phds_jax.model.config import ModelConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "load_config", "config_from_hf", "config_to_hf",
@@ -59,11 +59,11 @@ def _check_against_specs(cfg: ModelConfig, source) -> list[param_map.Spec]:
   missing = sorted(set(wanted) - source.names)
   if missing:
     raise MissingTensorError(f"checkpoint lacks {len(missing)} tensor(s) the {cfg.model_type} config needs: "
-                             f"{_preview(missing)}")
+                             f"{preview_names(missing)}")
   extra = sorted(n for n in source.names - set(wanted) if not param_map.is_ignorable(n, cfg))
   if extra:
     raise UnexpectedTensorError(f"checkpoint holds {len(extra)} tensor(s) this {cfg.model_type} config does "
-                                f"not use (in {source.file_of(extra[0])}): {_preview(extra)}")
+                                f"not use (in {source.file_of(extra[0])}): {preview_names(extra)}")
   for name, spec in wanted.items():
     if source.shape(name) != spec.hf_shape:
       raise ShapeMismatchError(f"tensor {name!r} in {source.file_of(name)} has shape "
@@ -95,7 +95,7 @@ def load_pretrained(path: str, dtype="float32", *, sharding: ShardingSpec = None
   total = sum(int(np.prod(s.shape)) for s in specs)
   done, next_report = 0, 0.1
   for spec in specs:
-    host = np.empty(spec.shape, target)
+    host = scratch_array(spec.shape, target)
     param_map.to_ours(spec, source.get, host)
     where = sharding(spec.path, spec.shape) if callable(sharding) else sharding
     _set_path(params, spec.path, jax.device_put(host, where) if where is not None else jnp.asarray(host))
@@ -131,10 +131,10 @@ def _pending_tensors(cfg: ModelConfig, params: Params, dtype: np.dtype) -> list[
   wanted = {spec.path: spec for spec in specs}
   missing = sorted("/".join(p) for p in set(wanted) - set(flat))
   if missing:
-    raise MissingTensorError(f"params lack {len(missing)} entries the config needs: {_preview(missing)}")
+    raise MissingTensorError(f"params lack {len(missing)} entries the config needs: {preview_names(missing)}")
   extra = sorted("/".join(p) for p in set(flat) - set(wanted))
   if extra:
-    raise UnexpectedTensorError(f"params hold {len(extra)} entries the config does not use: {_preview(extra)}")
+    raise UnexpectedTensorError(f"params hold {len(extra)} entries the config does not use: {preview_names(extra)}")
   for path, spec in wanted.items():
     if tuple(flat[path].shape) != spec.shape:
       raise ShapeMismatchError(f"param {'/'.join(path)} has shape {list(flat[path].shape)}; the config "

@@ -1,13 +1,15 @@
-"""Lazy, memory-mapped safetensors reading and streaming writing (bfloat16 included, via ml_dtypes).
+"""Lazy safetensors reading and streaming writing (bfloat16 included, via ml_dtypes).
 
-A tensor is read only when asked for, as a view into the mapped file, so converting a checkpoint holds
-at most one converted tensor in host memory beyond the file cache. The format: an 8-byte little-endian
-header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
+Only the header is parsed up front; a tensor's bytes are read when it is asked for, into a buffer the
+caller drops after converting it, so converting a checkpoint holds one raw tensor at a time on the host.
+The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then the raw bytes.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from typing import Callable, NamedTuple, Optional
@@ -59,7 +61,6 @@ class SafetensorsFile:
         raise CheckpointError(f"{path}: tensor {name!r} byte range {begin}..{end} does not fit its "
                               f"shape {shape} {entry['dtype']} or the file size")
       self._entries[name] = (dtype, shape, begin, end)
-    self._map: Optional[np.memmap] = None
 
   @property
   def names(self) -> list[str]:
@@ -72,13 +73,27 @@ class SafetensorsFile:
     return self._entries[name][0]
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor as a read-only view into the mapped file."""
+    """Reads one tensor from disk into a new scratch array (see `scratch_array`)."""
     dtype, shape, begin, end = self._entries[name]
-    if begin == end:
-      return np.zeros(shape, dtype)
-    if self._map is None:
-      self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
-    return self._map[begin:end].view(dtype).reshape(shape)
+    out = scratch_array(shape, dtype)
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      if f.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
+        raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
+    return out
+
+
+def scratch_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """A zeroed array in its own anonymous memory map, returned to the OS as soon as it is dropped.
+
+  malloc'd buffers of tensor size are often kept by the allocator after being freed, which makes a
+  checkpoint load peak near two model copies; private maps avoid that.
+  """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  if nbytes == 0:
+    return np.zeros(shape, dtype)
+  return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 class PendingTensor(NamedTuple):

@@ -73,7 +73,7 @@ def _from_index(model_dir: str) -> TensorSource:
     absent = sorted(names - stored)
     if absent:
       raise MissingTensorError(f"{path} lacks tensors that {index_path} assigns to it: "
-                               f"{_preview(absent)}")
+                               f"{preview_names(absent)}")
   return source
 
 
@@ -121,6 +121,6 @@ def open_weights(model_dir: str, allow_pickle: bool = False) -> TensorSource:
                           f"{SAFETENSORS_INDEX} with its shards)")
 
 
-def _preview(names: list[str], limit: int = 8) -> str:
+def preview_names(names: list[str], limit: int = 8) -> str:
   shown = ", ".join(names[:limit])
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -43,7 +43,6 @@ class ModelConfig:
   mlp_only_layers: tuple[int, ...] = ()
   tie_word_embeddings: bool = False
   router_aux_loss_coef: float = 0.01
-  router_z_loss_coef: float = 0.0
   initializer_range: float = 0.02
   pad_token_id: Optional[int] = None
   bos_token_id: Optional[int] = None
@@ -112,8 +111,8 @@ OLMOE_1B_7B_0125 = ModelConfig(
     model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
     num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
     moe_intermediate_size=1024, intermediate_size=1024, max_position_embeddings=4096,
-    rms_norm_eps=1e-5, rope_theta=10000.0, qk_norm=True, router_aux_loss_coef=0.01,
-    router_z_loss_coef=0.001, pad_token_id=1, eos_token_id=50279)
+    rms_norm_eps=1e-5, rope_theta=10000.0, qk_norm=True, router_aux_loss_coef=0.01, pad_token_id=1,
+    eos_token_id=50279)
 
 # Qwen1.5-MoE-A2.7B: 60 routed experts, top-4, a shared expert with a sigmoid gate, qkv bias.
 QWEN1_5_MOE_A2_7B = ModelConfig(
