@@ -93,8 +93,7 @@ class _KPlan(NamedTuple):
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
   """Random parameters (HF's init: normal(initializer_range) kernels, unit norms, zero biases)."""
   tokens = jnp.zeros((1, 2), jnp.int32)
-  plan = _KPlan(static=tuple(cfg.k_pre for _ in cfg.moe_layer_indices), traced=None,
-                widths=tuple(cfg.k_pre for _ in cfg.moe_layer_indices))
+  plan = plan_k(cfg, None, None, None, batch_size=1)
   model = Decoder(cfg, param_dtype=jnp.dtype(dtype))
 
   @jax.jit
