@@ -1,0 +1,80 @@
+"""The k schedule: distribution, anchoring, determinism across restarts."""
+
+import collections
+
+import ml_collections
+import numpy as np
+import pytest
+
+from phds_jax import sparsity
+
+
+def test_phase_one_matches_the_weights():
+  s = sparsity.KSchedule(k_values=(4, 5, 6, 7, 8), weights=(1, 1, 1, 1, 4), seed=3)
+  counts = collections.Counter(s.sample(step) for step in range(8000))
+  freq = np.array([counts[k] for k in (4, 5, 6, 7, 8)]) / 8000
+  np.testing.assert_allclose(freq, [0.125, 0.125, 0.125, 0.125, 0.5], atol=0.02)
+
+
+def test_uniform_by_default():
+  s = sparsity.KSchedule(k_values=(1, 2, 3, 4))
+  counts = collections.Counter(s.sample(step) for step in range(4000))
+  assert set(counts) == {1, 2, 3, 4} and min(counts.values()) > 850
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "step"])
+def test_anchoring_moves_all_mass_to_the_lowest_k(shape):
+  s = sparsity.KSchedule(k_values=(2, 4, 8), anchor_start=100, anchor_steps=50, anchor_shape=shape)
+  np.testing.assert_allclose(s.probabilities(0), [1 / 3] * 3)
+  np.testing.assert_allclose(s.probabilities(99), [1 / 3] * 3)
+  mid = s.probabilities(125)
+  assert mid[0] > 1 / 3 or shape == "step"
+  np.testing.assert_allclose(mid.sum(), 1.0)
+  for step in (150, 151, 10_000):
+    np.testing.assert_allclose(s.probabilities(step), [1, 0, 0])
+    assert s.sample(step) == 2
+  fractions = [s.anchor_fraction(t) for t in range(90, 160)]
+  assert fractions == sorted(fractions)  # monotone
+
+
+def test_anchor_k_override_and_validation():
+  s = sparsity.KSchedule(k_values=(2, 4, 8), anchor_start=0, anchor_k=4)
+  assert {s.sample(t) for t in range(50)} == {4}
+  with pytest.raises(ValueError, match="anchor_k=3 is not in k_values"):
+    sparsity.KSchedule(k_values=(2, 4), anchor_k=3)
+  with pytest.raises(ValueError, match="duplicates"):
+    sparsity.KSchedule(k_values=(2, 2))
+  with pytest.raises(ValueError, match="anchor_shape"):
+    sparsity.KSchedule(k_values=(2,), anchor_shape="exp")
+  with pytest.raises(ValueError, match="weights"):
+    sparsity.KSchedule(k_values=(2, 4), weights=(1.0,))
+
+
+def test_draws_depend_only_on_seed_and_step():
+  a = sparsity.KSchedule(k_values=(1, 2, 3, 4), seed=7)
+  b = sparsity.KSchedule(k_values=(1, 2, 3, 4), seed=7)
+  uninterrupted = [a.sample(t) for t in range(200)]
+  resumed = [b.sample(t) for t in range(120, 200)]  # a restart at step 120
+  assert resumed == uninterrupted[120:]
+  other = sparsity.KSchedule(k_values=(1, 2, 3, 4), seed=8)
+  assert [other.sample(t) for t in range(200)] != uninterrupted
+
+
+def test_per_layer_draws_vary_across_layers():
+  s = sparsity.KSchedule(k_values=(1, 2, 3, 4), per_layer=True)
+  draws = [s.sample(t, num_moe_layers=6) for t in range(100)]
+  assert all(len(d) == 6 for d in draws)
+  assert any(len(set(d)) > 1 for d in draws)
+
+
+def test_schedule_from_config_and_parsing():
+  phds = ml_collections.ConfigDict(dict(k_values="4,5,6,7,8", k_weights="", anchor=True, anchor_start_frac=0.8,
+                                        anchor_ramp_frac=0.1, anchor_shape="linear", anchor_k=0,
+                                        per_layer=False, seed=0))
+  s = sparsity.schedule_from_config(phds, total_steps=1000)
+  assert s.k_values == (4, 5, 6, 7, 8) and s.anchor_start == 800 and s.anchor_steps == 100
+  assert s.target_k == 4
+  assert sparsity.parse_numbers((2, 4)) == (2, 4) and sparsity.parse_numbers(3) == (3,)
+  assert sparsity.parse_numbers("0.5, 1", float) == (0.5, 1.0)
+  with pytest.raises(ValueError, match="comma-separated"):
+    sparsity.parse_numbers("2,x")
