@@ -63,6 +63,17 @@ def test_traced_k_compiles_once(hf_dirs, tokens):
   assert forward._cache_size() == 1
 
 
+def test_traced_per_layer_k_equals_static_per_layer_k(hf_dirs, tokens):
+  cfg, params, _ = _load(hf_dirs, "qwen_norm_tied")
+  static = np.asarray(pj.forward(cfg, params, tokens, k=(1, 4)))
+  traced = pj.forward(cfg, params, tokens, k=(jnp.int32(1), jnp.array([4, 4])), k_max=cfg.num_experts)
+  np.testing.assert_allclose(np.asarray(traced), static, atol=1e-5)
+  mixed = pj.forward(cfg, params, tokens, k=(1, jnp.int32(4)), k_max=cfg.num_experts)
+  np.testing.assert_allclose(np.asarray(mixed), static, atol=1e-5)
+  with pytest.raises(ValueError, match=r"k\[1\] array values must lie in \[1, k_max=4\]"):
+    pj.forward(cfg, params, tokens, k=(1, jnp.int32(5)), k_max=4)
+
+
 def test_uniform_per_layer_k_equals_global_k(hf_dirs, tokens):
   cfg, params, _ = _load(hf_dirs, "qwen_norm_tied")
   n = len(cfg.moe_layer_indices)

@@ -85,8 +85,8 @@ class Decoder(nn.Module):
 class _KPlan(NamedTuple):
   """How each MoE layer is told its k: static ints, or one traced int32 [B] array, plus compute widths."""
 
-  static: Optional[tuple[int, ...]]
-  traced: Optional[jax.Array]
+  static: Optional[tuple[int, ...]]  # one int per MoE layer
+  traced: Optional[tuple[jax.Array, ...]]  # one int32 [B] per MoE layer
   widths: tuple[int, ...]
 
 
@@ -139,28 +139,35 @@ def plan_k(cfg: ModelConfig, k, k_max: Optional[int], soft_mask_eps: Optional[fl
     if len(k) != n_moe:
       raise ValueError(f"per-layer k has {len(k)} entries; the model has {n_moe} MoE layers "
                        f"(layers {list(cfg.moe_layer_indices)})")
-    for i, value in enumerate(k):
-      if not _is_static_int(value):
-        raise ValueError(f"k[{i}]={value!r} must be a Python int (per-layer k is static)")
-      _check_range(f"k[{i}]", int(value), 1, num_experts if k_max is None else k_max)
-    static = tuple(int(v) for v in k)
-    return _KPlan(static, None, tuple(width_of(v) for v in static))
+    if all(_is_static_int(v) for v in k):
+      for i, value in enumerate(k):
+        _check_range(f"k[{i}]", int(value), 1, num_experts if k_max is None else k_max)
+      static = tuple(int(v) for v in k)
+      return _KPlan(static, None, tuple(width_of(v) for v in static))
+    traced = tuple(_traced_k(f"k[{i}]", jnp.int32(v) if _is_static_int(v) else v, k_max, batch_size)
+                   for i, v in enumerate(k))
+    return _KPlan(None, traced, tuple(width_of(None) for _ in range(n_moe)))
+  traced = _traced_k("k", k, k_max, batch_size)
+  return _KPlan(None, tuple(traced for _ in range(n_moe)), tuple(width_of(None) for _ in range(n_moe)))
+
+
+def _traced_k(name: str, k, k_max: Optional[int], batch_size: int) -> jax.Array:
+  """Validates one traced k (int array, scalar or [B]) and broadcasts it to int32 [B]."""
   if not hasattr(k, "dtype") or not hasattr(k, "shape"):
-    raise ValueError(f"k={k!r} must be None, an int, a tuple of ints (one per MoE layer), "
+    raise ValueError(f"{name}={k!r} must be None, an int, a tuple of ints (one per MoE layer), "
                      "or an int32 array (scalar or [batch]) with k_max")
   if k_max is None:
-    raise ValueError("k is an array (traced k): pass a static k_max, the largest k it may hold")
+    raise ValueError(f"{name} is an array (traced k): pass a static k_max, the largest k it may hold")
   if not jnp.issubdtype(k.dtype, jnp.integer):
-    raise ValueError(f"k array must have an integer dtype, got {k.dtype}")
+    raise ValueError(f"{name} array must have an integer dtype, got {k.dtype}")
   if k.shape not in ((), (batch_size,)):
-    raise ValueError(f"k array must be a scalar or have shape [batch]=({batch_size},), got {k.shape}")
+    raise ValueError(f"{name} array must be a scalar or have shape [batch]=({batch_size},), got {k.shape}")
   if not isinstance(k, jax.core.Tracer):
     values = np.asarray(k)
     if values.size and (values.min() < 1 or values.max() > k_max):
-      raise ValueError(f"k array values must lie in [1, k_max={k_max}], got min {values.min()} "
+      raise ValueError(f"{name} array values must lie in [1, k_max={k_max}], got min {values.min()} "
                        f"max {values.max()}")
-  traced = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch_size,))
-  return _KPlan(None, traced, tuple(width_of(None) for _ in range(n_moe)))
+  return jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch_size,))
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -178,7 +185,7 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
                  soft_mask_eps, return_aux):
   if layer_k is None:
-    layer_k = tuple(k_traced for _ in layer_width)
+    layer_k = k_traced
   logits, stats = Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                      layer_k=layer_k, layer_width=layer_width,
                                      soft_mask_eps=soft_mask_eps)
