@@ -22,6 +22,7 @@ import numpy as np
 from phds_jax.model import layers
 from phds_jax.model import routing
 from phds_jax.model.config import ModelConfig
+from phds_jax.sharding import constrain
 
 Params = dict[str, Any]
 
@@ -52,6 +53,7 @@ class Decoder(nn.Module):
 
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
+  skip_head: bool = False  # return the final-norm hidden states [B, L, H] instead of logits
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None):
@@ -59,7 +61,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(cfg.initializer_range))
-    x = embed(tokens)  # [B, L, H]
+    x = constrain(embed(tokens), ("batch", "length", "embed"))  # [B, L, H]
     cos, sin = layers.rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta, x.dtype)
     mask = layers.attention_mask(segment_ids)
     token_mask = segment_ids != 0
@@ -71,15 +73,25 @@ class Decoder(nn.Module):
       width = layer_width[moe_slot] if is_moe else None
       x, stats = DecoderLayer(cfg, is_moe, self.param_dtype, name=f"layers_{i}")(
           x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps)
+      x = constrain(x, ("batch", "length", "embed"))
       if is_moe:
         all_stats.append(stats)
         moe_slot += 1
     x = layers.RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
+    if self.skip_head:
+      return x, all_stats
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
       logits = layers.dense(cfg.vocab_size, False, cfg, self.param_dtype, "lm_head")(x)
-    return logits, all_stats
+    return constrain(logits, ("batch", "length", "vocab")), all_stats
+
+
+def project_logits(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+  """hidden [..., H] (from `forward(..., return_hidden=True)`) -> logits [..., V], as the model's head."""
+  if cfg.tie_word_embeddings:
+    return hidden @ params["embed_tokens"]["embedding"].T.astype(hidden.dtype)
+  return hidden @ params["lm_head"]["kernel"].astype(hidden.dtype)
 
 
 class _KPlan(NamedTuple):
@@ -181,14 +193,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
-                                             "return_aux"))
+                                             "return_aux", "return_hidden"))
 def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
-                 soft_mask_eps, return_aux):
+                 soft_mask_eps, return_aux, return_hidden):
   if layer_k is None:
     layer_k = k_traced
-  logits, stats = Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                     layer_k=layer_k, layer_width=layer_width,
-                                     soft_mask_eps=soft_mask_eps)
+  logits, stats = Decoder(cfg, skip_head=return_hidden).apply(
+      {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
+      soft_mask_eps=soft_mask_eps)
   if not return_aux:
     return logits
   total = routing.combine_stats(stats)
@@ -202,13 +214,14 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer
 
 def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
             soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
-            return_aux: bool = False):
+            return_aux: bool = False, return_hidden: bool = False):
   """Runs the decoder at a declared k.
 
   tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
   packed-example ids with 0 = padding (default: all ones; attention never crosses segments).
   Returns logits [B, L, V] in the params' dtype, and with `return_aux` a dict with the load-balance loss,
   the router z-loss (both float32 scalars) and per-MoE-layer expert selection counts [n_moe, E].
+  With `return_hidden` the final-norm hidden states [B, L, H] come instead of logits (see project_logits).
   """
   if not hasattr(tokens, "shape") or len(tokens.shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array of shape [batch, length], got "
@@ -225,4 +238,5 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
   eps = None if soft_mask_eps is None else float(soft_mask_eps)
   return _forward_jit(params, tokens, positions, segment_ids, plan.traced, cfg=cfg, layer_k=plan.static,
-                      layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux)
+                      layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
+                      return_hidden=return_hidden)
