@@ -54,7 +54,10 @@ def load_tokenizer(path: str):
 
 
 def _files(patterns: Sequence[str] | str) -> list[str]:
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+  """Files matching glob `patterns` (a sequence, or one string of comma-separated patterns)."""
+  patterns = [p.strip() for p in patterns.split(",") if p.strip()] if isinstance(patterns, str) else list(patterns)
+  if not patterns:
+    raise DataError("no data files configured")
   files = []
   for pattern in patterns:
     matched = sorted(glob.glob(pattern))

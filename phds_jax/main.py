@@ -1,6 +1,7 @@
 """Command-line entry point: `python -m phds_jax.main --config=configs/<name>.py [--workdir=DIR]`.
 
-The config's `mode` picks the job: "sweep" (run a model at several k), "convert" (HF <-> orbax).
+The config's `mode` picks the job: "train" (PHDS fine-tuning), "builtin" (the tiny end-to-end default),
+"sweep" (run a model at several k), "convert" (HF <-> orbax).
 Every config file's docstring holds its launch command.
 """
 
@@ -24,14 +25,20 @@ def main(argv):
   if config.get("distributed", False):
     jax.distributed.initialize()
   workdir = _WORKDIR.value or config.get("workdir", "") or os.path.join("workdir", config.mode)
-  if config.mode == "sweep":
+  if config.mode == "train":
+    from phds_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+  elif config.mode == "builtin":
+    from phds_jax import builtin  # pylint: disable=g-import-not-at-top
+    builtin.run(config, workdir)
+  elif config.mode == "sweep":
     from phds_jax import sweep  # pylint: disable=g-import-not-at-top
     sweep.run(config, workdir)
   elif config.mode == "convert":
     from phds_jax import convert  # pylint: disable=g-import-not-at-top
     print(f"wrote {convert.run(config)}")
   else:
-    raise app.UsageError(f"config.mode={config.mode!r}; expected 'sweep' or 'convert'")
+    raise app.UsageError(f"config.mode={config.mode!r}; expected train, builtin, sweep or convert")
 
 
 if __name__ == "__main__":

