@@ -48,7 +48,8 @@ def base_config(arg=None):
   c.phds.seed = 0  # k draws are seeded by (seed, step): identical after a restart
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # optimizer steps
+  c.train.steps = 1000  # optimizer steps (the lr and k schedules span them)
+  c.train.stop_at = 0  # >0: stop after this step (checkpointed), e.g. to fit a time slot; resume later
   c.train.batch_size = 32  # packed rows per step, all hosts together
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32

@@ -134,13 +134,15 @@ def _chat_example(messages: Any, tokenizer) -> Example:
 
 
 def _render_chat(messages: list[dict], tokenizer) -> list[int]:
+  """Token ids of `messages` by the tokenizer's chat template, else "<|role|>\ncontent\n" turns."""
   if getattr(tokenizer, "chat_template", None):
     out = tokenizer.apply_chat_template(messages, tokenize=True)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
-  text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-  ids = tokenizer.encode(text, add_special_tokens=False)
-  if messages[-1]["role"] == "assistant" and tokenizer.eos_token_id is not None:
-    ids = ids + [tokenizer.eos_token_id]
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+  ids = []
+  for m in messages:
+    ids += tokenizer.encode(f"<|{m['role']}|>\n{m['content']}\n", add_special_tokens=False)
+    if m["role"] == "assistant" and tokenizer.eos_token_id is not None:
+      ids.append(tokenizer.eos_token_id)  # the model learns to end its turn
   return ids
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import time
 from typing import Any, Optional
 
 import jax
@@ -229,7 +228,7 @@ class Trainer:
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state, rng=rng)
     stats = {"loss": nll_sum / jnp.maximum(weight, 1.0), "load_balance": lb / accum, "z_loss": z / accum,
-             "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"]), "tokens": weight}
+             "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]), "tokens": weight}
     return new_state, stats
 
   def train_step(self, state, batch, k):
@@ -328,6 +327,18 @@ def _restore(manager, step, abstract_state, iterator):
 # ---- the loop ------------------------------------------------------------------------------------------
 
 
+def read_history(path: str) -> list[dict[str, Any]]:
+  """Validation rows of every evaluation so far, across restarts (a re-done step keeps its last row)."""
+  if not os.path.isfile(path):
+    return []
+  by_step = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      by_step[row["step"]] = row
+  return [by_step[s] for s in sorted(by_step)]
+
+
 def eval_grid(config, cfg: ModelConfig) -> list[int]:
   ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre}
   return sorted(k for k in ks if 1 <= k <= cfg.num_experts)
@@ -369,14 +380,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.SummaryWriter(os.path.join(workdir, "tensorboard"))
   progress = metrics_lib.Progress(total)
   grid = eval_grid(config, cfg)
-  history: list[dict[str, Any]] = []
+  history_file = os.path.join(workdir, "eval_history.jsonl")
 
   def evaluate(step):
     losses = {k: trainer.eval_nll(state, val_batches, k) for k in grid}
     row = {f"val_loss_k{k}": v for k, v in losses.items()}
     writer.scalars(step, {**row, **{f"val_ppl_k{k}": float(np.exp(min(v, 50))) for k, v in losses.items()}})
     progress.log(step, {"val@k_pre": losses[cfg.k_pre], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
-    history.append({"step": step, **row})
+    with open(history_file, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, **row}) + "\n")
     if meta["best_val_loss"] is None or losses[cfg.k_pre] < meta["best_val_loss"]:
       meta.update(best_val_loss=losses[cfg.k_pre], best_step=step)
       model_checkpoint.save_model(cfg, merge_params(state["trainable"], state["frozen"]),
@@ -385,31 +397,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   if start == 0 and val_batches and config.eval.at_start:
     evaluate(0)
-  step_times = []
+  last = start
   for step in range(start, total):
     k = schedule.sample(step, trainer.n_moe)
     batch = trainer.global_batch(next(iterator))
-    t0 = time.perf_counter()
     state, stats = trainer.train_step(state, batch, k)
     last = step + 1
     if last % config.log_every == 0 or last == total:
       stats = {name: float(v) for name, v in jax.device_get(stats).items()}
-      step_times.append(time.perf_counter() - t0)
       k_mean = float(np.mean(k))
       writer.scalars(last, {**{f"train/{n}": v for n, v in stats.items()}, "train/k": k_mean})
       progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
                           "lr": stats["lr"], "gnorm": stats["grad_norm"]})
     if val_batches and (last % config.eval.every == 0 or last == total):
       evaluate(last)
-    if last % config.checkpoint.every == 0 or last == total:
+    stopping = last == config.train.stop_at
+    if last % config.checkpoint.every == 0 or last == total or stopping:
       _save(manager, last, state, iterator, dict(meta))
+    if stopping:
+      log.info("stopping at step %d (train.stop_at); run again to resume", last)
+      break
   manager.wait_until_finished()
   writer.close()
-  summary = {"workdir": workdir, "steps": total, "best_step": meta["best_step"],
-             "best_val_loss": meta["best_val_loss"], "eval_k": grid, "history": history}
+  summary = {"workdir": workdir, "steps": last, "best_step": meta["best_step"],
+             "best_val_loss": meta["best_val_loss"], "eval_k": grid, "history": read_history(history_file)}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  if config.export_hf and meta["best_step"] is not None:
+  if config.export_hf and meta["best_step"] is not None and last == total:
     best_cfg, best_params = model_checkpoint.load_model(os.path.join(workdir, "best"))
     tokenizer_dir = config.tokenizer_path or config.model_path
     hf.save_pretrained(best_cfg, best_params, os.path.join(workdir, "hf_export"), overwrite=True,

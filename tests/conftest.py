@@ -88,3 +88,71 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture
 def tokens():
   return np.random.RandomState(0).randint(0, VOCAB, size=(2, 11)).astype(np.int32)
+
+
+TOY_WORDS = [f"w{i}" for i in range(40)]
+
+
+def write_toy_tokenizer(directory):
+  """A word-level transformers tokenizer (vocab 49) for the toy tasks; returns its directory."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + TOY_WORDS +
+                                      ["say", "first", "last", "of", ":"])}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                 eos_token="<eos>", unk_token="<unk>")
+  fast.save_pretrained(str(directory))
+  return str(directory)
+
+
+def write_toy_sft(path, n=300, seed=0, bad_lines=()):
+  """JSONL of 'say first|last of : w.. w..' -> the first/last word; `bad_lines` are inserted verbatim."""
+  import json
+  import random
+
+  rng = random.Random(seed)
+  lines = []
+  for _ in range(n):
+    words = [rng.choice(TOY_WORDS) for _ in range(rng.randint(3, 8))]
+    which = rng.choice(["first", "last"])
+    lines.append(json.dumps({"prompt": f"say {which} of : " + " ".join(words),
+                             "response": words[0] if which == "first" else words[-1]}))
+  for at, text in bad_lines:
+    lines.insert(at, text)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+def toy_train_config(tmp_path, **changes):
+  """A seconds-long training config on the toy task (tiny OLMoE, float32)."""
+  from phds_jax.configs import base_config
+
+  c = base_config()
+  c.tokenizer_path = write_toy_tokenizer(tmp_path / "tok")
+  c.model.overrides = {"vocab_size": 64}
+  c.data.train_files = write_toy_sft(tmp_path / "sft.jsonl")
+  c.data.seq_len = 64
+  c.data.max_loss_tokens = 8
+  c.phds.k_values = "1,2"
+  c.eval.k_values = "1,2"
+  c.eval.every = 10
+  c.train.steps = 20
+  c.train.batch_size = 8
+  c.train.compute_dtype = "float32"
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 2
+  c.checkpoint.every = 10
+  c.checkpoint.async_save = False
+  c.log_every = 5
+  c.export_hf = False
+  for key, value in changes.items():
+    node = c
+    *parents, name = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  return c

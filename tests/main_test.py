@@ -71,8 +71,8 @@ def test_orbax_checkpoint_mismatch_is_reported(hf_dirs, tmp_path):
     checkpoint.load_model(path)
 
 
-def test_default_job_runs_end_to_end(tmp_path):
-  out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.seq_len=16",
+def test_sweep_job_runs_end_to_end(tmp_path):
+  out = _main("--config=configs/sweep.py", f"--workdir={tmp_path}", "--config.seq_len=16",
               "--config.k_values=1,2,8", "--config.repeats=1")
   rows = json.load(open(tmp_path / "sweep.json"))["rows"]
   assert [r["k"] for r in rows] == [1, 2, 8]
@@ -80,8 +80,22 @@ def test_default_job_runs_end_to_end(tmp_path):
   assert "agree@k2" in out and os.path.isdir(tmp_path / "random_tiny_olmoe")
 
 
+def test_builtin_default_runs_end_to_end_shortened(tmp_path):
+  """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
+  out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.pretrain.steps=3",
+              "--config.pretrain.batch_size=4", "--config.train.steps=4", "--config.eval.every=2",
+              "--config.checkpoint.every=2", "--config.log_every=2", "--config.builtin.text_docs=50")
+  result = json.load(open(tmp_path / "results.json"))
+  assert [r["k"] for r in result["rows"]] == [1, 2, 4]
+  assert result["heldout_items"] == 200 and result["chance"] == 0.1
+  assert "held-out acc PHDS" in out and os.path.isdir(tmp_path / "phds" / "hf_export")
+  again = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.steps=4",
+                "--config.builtin.text_docs=50")
+  assert "using the cached base model" in again
+
+
 def test_main_rejects_unknown_mode(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/tiny.py",
+  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/sweep.py",
                            "--config.mode=dance"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "config.mode='dance'" in result.stderr
 

@@ -1,0 +1,134 @@
+"""Data pipeline: SFT/LM reading, loss masks, packing, malformed lines, splits, grain iteration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from phds_jax import data
+from conftest import write_toy_sft, write_toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return data.load_tokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def test_sft_loss_is_on_the_response_only(tokenizer, tmp_path):
+  path = tmp_path / "a.jsonl"
+  path.write_text(json.dumps({"prompt": "say first of : w1 w2", "response": "w1"}) + "\n")
+  (ex,) = data.read_sft(str(path), tokenizer)
+  words = tokenizer.convert_ids_to_tokens(ex.tokens)
+  assert words == ["say", "first", "of", ":", "w1", "w2", "w1", "<eos>"]
+  assert ex.loss_mask == [False] * 6 + [True, True]
+
+
+def test_chat_messages_mask_assistant_turns(tokenizer, tmp_path):
+  path = tmp_path / "chat.jsonl"
+  messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"},
+              {"role": "user", "content": "w4"}, {"role": "assistant", "content": "w5 w6"}]
+  path.write_text(json.dumps({"messages": messages}) + "\n")
+  (ex,) = data.read_sft(str(path), tokenizer)
+  trained = [t for t, m in zip(tokenizer.convert_ids_to_tokens(ex.tokens), ex.loss_mask) if m]
+  assert "w3" in trained and "w5" in trained and "w6" in trained
+  assert not {"w1", "w2", "w4"} & set(trained)
+
+
+def test_chat_template_is_used_when_present(tokenizer, tmp_path):
+  tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+  try:
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"},
+                                             {"role": "assistant", "content": "w2"}]}) + "\n")
+    (ex,) = data.read_sft(str(path), tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ex.tokens) == ["<unk>", ":", "w1", "<unk>", ":", "w2"]
+    assert ex.loss_mask == [False, False, False, True, True, True]
+  finally:
+    tokenizer.chat_template = None
+
+
+def test_malformed_lines_are_skipped_and_counted_or_fatal(tokenizer, tmp_path):
+  path = write_toy_sft(tmp_path / "d.jsonl", n=20, bad_lines=[(3, "{not json"), (7, '{"prompt": 1}')])
+  stats = data.ReadStats()
+  examples = data.read_sft(path, tokenizer, stats=stats)
+  assert len(examples) == 20 and stats.skipped == 2
+  with pytest.raises(data.DataError, match=r"d\.jsonl:4: "):
+    data.read_sft(path, tokenizer, on_error="raise")
+
+
+def test_empty_dataset_and_missing_files_are_clear_errors(tokenizer, tmp_path):
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(data.DataError, match="no usable SFT examples"):
+    data.read_sft(str(tmp_path / "empty.jsonl"), tokenizer)
+  with pytest.raises(data.DataError, match="no file matches"):
+    data.read_sft(str(tmp_path / "nope*.jsonl"), tokenizer)
+
+
+def test_packing_builds_segments_positions_and_shifted_targets():
+  a = data.Example([1, 2, 3, 4], [False, False, True, True])
+  b = data.Example([5, 6, 7], [False, True, True])
+  (row,) = data.pack([a, b], seq_len=8)
+  np.testing.assert_array_equal(row["inputs"], [1, 2, 3, 5, 6, 0, 0, 0])
+  np.testing.assert_array_equal(row["targets"], [2, 3, 4, 6, 7, 0, 0, 0])
+  np.testing.assert_array_equal(row["weights"], [0, 1, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
+  np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
+
+
+def test_packing_respects_capacity_and_loss_cap():
+  examples = [data.Example(list(range(1, 6)), [False, False, True, True, True]) for _ in range(6)]
+  rows = data.pack(examples, seq_len=8, max_loss_tokens=3)  # 4 positions and 3 trained tokens each
+  assert len(rows) == 6  # the loss cap, not the length, allows one example per row
+  rows = data.pack(examples, seq_len=8)
+  assert len(rows) == 3
+  for row in rows:
+    assert row["weights"].sum() <= 8
+  with pytest.raises(data.DataError, match="more than max_loss_tokens=2"):
+    data.pack(examples, seq_len=8, max_loss_tokens=2)
+
+
+def test_long_examples_are_truncated_and_counted():
+  stats = data.ReadStats()
+  (row,) = data.pack([data.Example(list(range(1, 20)), [True] * 19)], seq_len=8, stats=stats)
+  assert stats.truncated == 1 and row["segment_ids"].min() == 1
+
+
+def test_text_chunks_cover_every_token(tokenizer, tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(" ".join(f"w{i % 40}" for i in range(50)) + "\n\n" + "w1 w2 w3\n")
+  examples = data.chunk_examples(data.read_text(str(path), tokenizer), 16)
+  assert sum(len(e.tokens) - 1 for e in examples) == (51 - 1) + (4 - 1)  # every next-token target once
+  assert max(len(e.tokens) for e in examples) == 17
+
+
+def test_validation_split_is_deterministic_and_disjoint(tokenizer, tmp_path):
+  examples = data.read_sft(write_toy_sft(tmp_path / "s.jsonl", n=100), tokenizer)
+  train, val = data.split_validation(examples, 0.2, seed=3)
+  train2, val2 = data.split_validation(examples, 0.2, seed=3)
+  assert len(val) == 20 and len(train) == 80
+  assert [e.tokens for e in val] == [e.tokens for e in val2]
+  assert not {id(e) for e in train} & {id(e) for e in val}
+
+
+def test_train_batches_are_seeded_resumable_and_host_disjoint():
+  rows = [{key: np.full(4, i, np.int32 if key != "weights" else np.float32) for key in data.ROW_KEYS}
+          for i in range(12)]
+  it = data.train_batches(rows, 3, seed=1)
+  first = [next(it)["inputs"][:, 0].tolist() for _ in range(3)]
+  state = it.get_state()
+  after = [next(it)["inputs"][:, 0].tolist() for _ in range(5)]
+  it.set_state(state)
+  assert [next(it)["inputs"][:, 0].tolist() for _ in range(5)] == after
+  again = data.train_batches(rows, 3, seed=1)
+  assert [next(again)["inputs"][:, 0].tolist() for _ in range(3)] == first
+  hosts = [data.train_batches(rows, 2, seed=1, process_index=i, process_count=2) for i in range(2)]
+  seen = [{v for _ in range(3) for v in next(h)["inputs"][:, 0].tolist()} for h in hosts]
+  assert not seen[0] & seen[1]
+  with pytest.raises(data.DataError, match="cannot fill one batch"):
+    data.train_batches(rows[:2], 3, seed=0)
+
+
+def test_eval_batches_pad_with_empty_rows():
+  rows = [{key: np.ones(4, np.float32 if key == "weights" else np.int32) for key in data.ROW_KEYS}] * 5
+  batches = data.eval_batches(rows, 4)
+  assert len(batches) == 2 and batches[1]["weights"].sum() == 4

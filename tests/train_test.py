@@ -1,0 +1,148 @@
+"""The trainer: loss goes down, frozen subsets stay put, resume is exact, sharding changes nothing."""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from phds_jax import checkpoint
+from phds_jax import data
+from phds_jax import metrics
+from phds_jax import sharding
+from phds_jax import train
+from conftest import toy_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_training_decreases_validation_loss_at_every_k(tmp_path):
+  summary = train.train_and_evaluate(toy_train_config(tmp_path, **{"train.steps": 30}), str(tmp_path / "w"))
+  first, last = summary["history"][0], summary["history"][-1]
+  for k in (1, 2):
+    assert last[f"val_loss_k{k}"] < 0.8 * first[f"val_loss_k{k}"]
+  assert summary["best_step"] == 30 and os.path.isdir(tmp_path / "w" / "best")
+
+
+def _trainer(tmp_path, **changes):
+  config = toy_train_config(tmp_path, **changes)
+  cfg, params = train.load_model(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  return config, cfg, params, train.Trainer(cfg, config, mesh, config.train.steps)
+
+
+def _toy_batches(tmp_path, config, n):
+  tokenizer = data.load_tokenizer(config.tokenizer_path)
+  rows, _, _ = train.build_rows(config, tokenizer)
+  it = data.train_batches(rows, config.train.batch_size, seed=0)
+  return [next(it) for _ in range(n)]
+
+
+def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(tmp_path):
+  config, cfg, params, trainer = _trainer(tmp_path, **{"train.trainable": "attention,router"})
+  paths = train.trainable_paths(params, config.train.trainable)
+  assert paths and all("/self_attn/" in p or "/mlp/gate/" in p for p in paths)
+  state = trainer.init_state(params, paths, seed=0)
+  _, frozen_before = train.split_params(params, paths)
+  frozen_before = jax.tree.map(np.array, frozen_before)
+  trainable_before = jax.tree.map(np.array, state["trainable"])
+  for batch in _toy_batches(tmp_path, config, 3):
+    state, _ = trainer.train_step(state, trainer.global_batch(batch), 1)
+  assert _leaves_equal(state["frozen"], frozen_before)
+  assert not _leaves_equal(state["trainable"], trainable_before)
+  opt_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
+               for path, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+  assert not [p for p in opt_paths if "experts" in p or "embed_tokens" in p]
+
+
+def test_unknown_trainable_subset_is_an_error(tmp_path):
+  _, _, params, _ = _trainer(tmp_path)
+  with pytest.raises(ValueError, match="unknown subset 'atention'"):
+    train.trainable_paths(params, "atention")
+  with pytest.raises(ValueError, match="selects no parameter"):
+    train.trainable_paths(params, "re:^nothing$")
+  assert train.trainable_paths(params, "re:^lm_head/") == {"lm_head/kernel"}
+
+
+@pytest.mark.parametrize("k_mode, expected_programs", [("traced", 1), ("static", 2)])
+def test_changing_k_compiles_once_per_mode(tmp_path, k_mode, expected_programs):
+  config, cfg, params, trainer = _trainer(tmp_path, **{"phds.k_mode": k_mode})
+  state = trainer.init_state(params, train.trainable_paths(params, "all"), seed=0)
+  for i, batch in enumerate(_toy_batches(tmp_path, config, 4)):
+    state, _ = trainer.train_step(state, trainer.global_batch(batch), 1 + i % 2)
+  assert len(trainer._steps) == expected_programs
+  step_fn = next(iter(trainer._steps.values()))
+  assert step_fn._cache_size() == 1
+
+
+def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
+  full = train.train_and_evaluate(toy_train_config(tmp_path / "a"), str(tmp_path / "a" / "w"))
+  os.makedirs(tmp_path / "b")
+  interrupted = toy_train_config(tmp_path / "b", **{"train.stop_at": 13})
+  first = train.train_and_evaluate(interrupted, str(tmp_path / "b" / "w"))
+  assert first["steps"] == 13
+  resumed = train.train_and_evaluate(toy_train_config(tmp_path / "b"), str(tmp_path / "b" / "w"))
+  assert resumed["steps"] == 20 and resumed["history"][-1] == full["history"][-1]
+  _, final_a = checkpoint.load_model(str(tmp_path / "a" / "w" / "best"))
+  _, final_b = checkpoint.load_model(str(tmp_path / "b" / "w" / "best"))
+  assert _leaves_equal(final_a, final_b)
+
+
+def test_tensorboard_events_are_valid_records(tmp_path):
+  train.train_and_evaluate(toy_train_config(tmp_path, **{"train.steps": 10}), str(tmp_path / "w"))
+  logdir = tmp_path / "w" / "tensorboard"
+  (name,) = os.listdir(logdir)
+  raw = open(logdir / name, "rb").read()
+  tags, at = set(), 0
+  while at < len(raw):
+    (length,) = struct.unpack("<Q", raw[at:at + 8])
+    record = raw[at + 12:at + 12 + length]
+    (crc,) = struct.unpack("<I", raw[at + 12 + length:at + 16 + length])
+    assert crc == metrics._masked_crc(record)
+    tags.update(t.decode() for t in re.findall(rb"\n[\x00-\x7f]([a-z_/0-9]+)\x15", record))
+    at += 16 + length
+  assert {"train/loss", "train/k", "val_loss_k1", "val_loss_k2"} <= tags
+  assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+_SHARDED = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import jax
+    from conftest import toy_train_config
+    from phds_jax import train
+    import pathlib
+    tmp = pathlib.Path(sys.argv[1])
+    changes = json.loads(sys.argv[3])
+    summary = train.train_and_evaluate(toy_train_config(tmp, **changes), str(tmp / "w"))
+    print(json.dumps({"devices": jax.device_count(), "history": summary["history"]}))
+""")
+
+
+def _run_sharded(tmp_path, devices, changes):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), os.path.join(ROOT, "tests"),
+                        json.dumps(changes)], capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_device_sharded_training_matches_one_device(tmp_path):
+  common = {"train.steps": 10, "eval.every": 5, "model.expert_backend": "reference"}
+  one = _run_sharded(tmp_path / "one", 1, common)
+  eight = _run_sharded(tmp_path / "eight", 8, {**common, "mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2})
+  assert one["devices"] == 1 and eight["devices"] == 8
+  for a, b in zip(one["history"], eight["history"]):
+    for key in a:
+      assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
