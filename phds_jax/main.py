@@ -25,6 +25,10 @@ def main(argv):
   if config.get("distributed", False):
     jax.distributed.initialize()
   workdir = _WORKDIR.value or config.get("workdir", "") or os.path.join("workdir", config.mode)
+  if config.mode != "convert" and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))  # the resolved config of this run
   if config.mode == "train":
     from phds_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)

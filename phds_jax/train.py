@@ -403,10 +403,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     batch = trainer.global_batch(next(iterator))
     state, stats = trainer.train_step(state, batch, k)
     last = step + 1
+    k_mean = float(np.mean(k))
+    writer.scalars(last, {"train/k": k_mean})  # the k of every step
     if last % config.log_every == 0 or last == total:
       stats = {name: float(v) for name, v in jax.device_get(stats).items()}
-      k_mean = float(np.mean(k))
-      writer.scalars(last, {**{f"train/{n}": v for n, v in stats.items()}, "train/k": k_mean})
+      writer.scalars(last, {f"train/{n}": v for n, v in stats.items()})
       progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
                           "lr": stats["lr"], "gnorm": stats["grad_norm"]})
     if val_batches and (last % config.eval.every == 0 or last == total):

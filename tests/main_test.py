@@ -130,3 +130,32 @@ def test_presets_are_valid_and_init_shapes_match_hf_map():
 def test_model_config_validation(changes, message):
   with pytest.raises(errors.ConfigError, match=message):
     pj.preset("tiny-qwen-moe").replace(**changes)
+
+
+def _load_config(name, arg=None):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_training_configs_derive_from_the_base_and_take_args():
+  olmoe, qwen, tiny = _load_config("olmoe"), _load_config("qwen_moe"), _load_config("tiny")
+  assert (olmoe.phds.k_values, olmoe.model.preset, olmoe.phds.anchor) == ("4,5,6,7,8", "olmoe-1b-7b-0125", True)
+  assert (qwen.phds.k_values, qwen.model.preset) == ("1,2,3,4", "qwen1.5-moe-a2.7b")
+  assert tiny.mode == "builtin" and tiny.phds.k_values == "1,2"
+  custom = _load_config("olmoe", "k_values=2,4,8;steps=50;mesh.fsdp=4;anchor=false")
+  assert (custom.phds.k_values, custom.train.steps, custom.mesh.fsdp, custom.phds.anchor) == ("2,4,8", 50, 4, False)
+  with pytest.raises(ValueError, match="matches 0 fields"):
+    _load_config("olmoe", "nonsense=1")
+
+
+def test_command_line_overrides_reach_the_trainer(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/olmoe.py:steps=7",
+                           "--config.phds.k_values=2,4,8", "--config.model_path=/nonexistent/model",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "/nonexistent/model" in result.stderr
+  written = json.load(open(tmp_path / "config.json"))  # main records the resolved config first
+  assert written["phds"]["k_values"] == "2,4,8" and written["train"]["steps"] == 7
