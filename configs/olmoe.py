@@ -7,18 +7,12 @@
 Paper-scale defaults for one TPU/GPU host; set `mesh` (e.g. --config.mesh.fsdp=8) for larger slices.
 """
 
-from phds_jax.configs import apply_arg, base_config
+from phds_jax.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):
-  config = base_config()
+  config = paper_scale(base_config())
   config.model.preset = "olmoe-1b-7b-0125"  # shapes only; the weights come from model_path
   config.phds.k_values = "4,5,6,7,8"
   config.eval.k_values = "1,2,4,6,8"
-  config.data.seq_len = 2048
-  config.train.steps = 2000
-  config.train.batch_size = 64
-  config.optim.lr = 1e-5
-  config.mesh.data = 1
-  config.mesh.fsdp = -1  # shard parameters and optimizer state over every device
   return apply_arg(config, arg)

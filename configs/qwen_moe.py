@@ -5,18 +5,12 @@
   python -m phds_jax.main --config=configs/qwen_moe.py:k_values=2,4 ...
 """
 
-from phds_jax.configs import apply_arg, base_config
+from phds_jax.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):
-  config = base_config()
+  config = paper_scale(base_config())
   config.model.preset = "qwen1.5-moe-a2.7b"  # shapes only; the weights come from model_path
   config.phds.k_values = "1,2,3,4"
   config.eval.k_values = "1,2,3,4"
-  config.data.seq_len = 2048
-  config.train.steps = 2000
-  config.train.batch_size = 64
-  config.optim.lr = 1e-5
-  config.mesh.data = 1
-  config.mesh.fsdp = -1
   return apply_arg(config, arg)

@@ -87,6 +87,17 @@ def base_config(arg=None):
   return c
 
 
+def paper_scale(config):
+  """Defaults for fine-tuning a released 7B-14B MoE on one accelerator host (the paper's setting)."""
+  config.data.seq_len = 2048
+  config.train.steps = 2000
+  config.train.batch_size = 64
+  config.optim.lr = 1e-5
+  config.mesh.data = 1
+  config.mesh.fsdp = -1  # shard parameters and optimizer state over every device
+  return config
+
+
 def apply_arg(config, arg):
   """Applies `key=value;key2=value2` (keys may be dotted; bare keys are searched in the blocks)."""
   if not arg:

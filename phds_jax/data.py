@@ -16,7 +16,6 @@ import dataclasses
 import glob
 import json
 import logging
-import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import grain
@@ -67,8 +66,8 @@ def _files(patterns: Sequence[str] | str) -> list[str]:
   return files
 
 
-def _read_jsonl(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str, dict]]:
-  """Yields ("file:line", record) for each JSON object line; bad lines are skipped or fatal."""
+def read_jsonl(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str, dict]]:
+  """Yields ("file:line", record) for each JSON object line; bad lines are skipped (counted) or fatal."""
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -151,7 +150,7 @@ def read_sft(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Rea
   stats = stats or ReadStats()
   examples = []
   for path in _files(patterns):
-    for where, record in _read_jsonl(path, stats, on_error):
+    for where, record in read_jsonl(path, stats, on_error):
       try:
         examples.append(_sft_example(record, tokenizer))
         stats.records += 1
@@ -169,7 +168,7 @@ def read_text(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Re
   for path in _files(patterns):
     if path.endswith((".jsonl", ".json")):
       docs = []
-      for where, record in _read_jsonl(path, stats, on_error):
+      for where, record in read_jsonl(path, stats, on_error):
         if isinstance(record.get("text"), str) and record["text"].strip():
           docs.append(record["text"])
         else:

@@ -8,42 +8,34 @@ byte of the choice (lm-evaluation-harness's length normalisation).
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward, project_logits
 
 
-class TaskFormatError(ValueError):
+class TaskFormatError(DataError):
   """A multiple-choice item is malformed; the message names the file and line."""
 
 
 def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   """Validated items from a JSONL file of {"context", "choices", "answer"}."""
   items = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise TaskFormatError(f"{where}: not JSON ({e})") from None
-      if not isinstance(item, dict) or not isinstance(item.get("context"), str):
-        raise TaskFormatError(f'{where}: expected an object with a string "context"')
-      choices = item.get("choices")
-      if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise TaskFormatError(f'{where}: "choices" must list at least two strings')
-      answer = item.get("answer")
-      if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise TaskFormatError(f'{where}: "answer"={answer!r} is not an index into its {len(choices)} choices')
-      items.append(item)
+  for where, item in read_jsonl(path, ReadStats(), on_error="raise"):
+    if not isinstance(item.get("context"), str):
+      raise TaskFormatError(f'{where}: expected an object with a string "context"')
+    choices = item.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+      raise TaskFormatError(f'{where}: "choices" must list at least two strings')
+    answer = item.get("answer")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+      raise TaskFormatError(f'{where}: "answer"={answer!r} is not an index into its {len(choices)} choices')
+    items.append(item)
   if not items:
     raise TaskFormatError(f"{path}: no items")
   return items

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

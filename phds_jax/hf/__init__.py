@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax.errors import (CheckpointError, MissingTensorError, ShapeMismatchError,
+from phds_jax.errors import (MissingTensorError, ShapeMismatchError,
                              UnexpectedTensorError)
 from phds_jax.hf import param_map
 from phds_jax.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
@@ -38,7 +38,7 @@ ShardingSpec = Union[None, jax.sharding.Sharding,
                      Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]]
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "config.json")
+_WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "config.json", "model_config.json")
 
 
 def _np_dtype(dtype) -> np.dtype:
