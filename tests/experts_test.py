@@ -49,6 +49,16 @@ def test_backend_gradients_equal_reference(backend):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens, width", [(1, 1), (1, 8), (3, 2), (2, 8)])
+def test_sorted_is_exact_for_decode_sized_inputs(tokens, width):
+  x = jax.random.normal(jax.random.key(4), (tokens, H))
+  w = _weights()
+  logits = jax.random.normal(jax.random.key(5), (tokens, E))
+  r = routing.route(routing.router_probs(logits), k=width, width=width, norm_topk_prob=True)
+  np.testing.assert_allclose(experts_lib.sorted_moe(x, r.experts, r.weights, w),
+                             experts_lib.reference_moe(x, r.experts, r.weights, w), atol=1e-5)
+
+
 def test_sorted_handles_all_tokens_on_one_expert():
   x = jax.random.normal(jax.random.key(3), (T, H))
   w = _weights()
@@ -67,6 +77,8 @@ def test_sorted_rows_scale_with_width():
     rows[width] = block * num_blocks
     assert tokens * width <= rows[width] <= tokens * width + num_experts * block + block
   assert rows[1] < 0.25 * rows[8] and rows[8] < 0.25 * tokens * num_experts
+  # decoding one token at k = 2 computes (and reads the weights of) at most 3 blocks
+  assert experts_lib.sorted_layout(2, num_experts)[1] == 3
 
 
 def test_block_size_is_a_bounded_power_of_two():

@@ -74,17 +74,21 @@ def block_size_for(num_assignments: int, num_experts: int) -> int:
 
 
 def sorted_layout(num_assignments: int, num_experts: int) -> tuple[int, int]:
-  """(block size, static block count) of the sorted backend: enough blocks for any routing."""
+  """(block size, static block count) of the sorted backend: enough blocks for any routing.
+
+  Each non-empty expert group of g rows takes ceil(g / B) <= g / B + 1 blocks, and at most
+  min(E, T*W) groups are non-empty, so decoding a few tokens touches only a few experts' weights.
+  """
   block = block_size_for(num_assignments, num_experts)
-  return block, -(-(num_assignments + num_experts * (block - 1)) // block)
+  return block, num_assignments // block + min(num_experts, num_assignments) + 1
 
 
 def sorted_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
   """x [T, H], experts/weights [T, W] -> [T, H] with FLOPs proportional to T * W.
 
   Each expert's assignments are padded to a multiple of the block size; every block then belongs to
-  one expert and is one [B, H] x [H, I] matmul. The block count is a static upper bound
-  ceil((T*W + E*(B-1)) / B); trailing unused blocks compute on zeros and are discarded.
+  one expert and is one [B, H] x [H, I] matmul. The block count is a static upper bound (see
+  sorted_layout); trailing unused blocks compute on zeros and are discarded.
   """
   num_tokens, width = experts.shape
   num_experts, hidden, _ = w.gate.shape
