@@ -9,6 +9,7 @@ Public API (see README):
 from phds_jax import errors
 from phds_jax import hf
 from phds_jax.model.config import ModelConfig, PRESETS, preset
+from phds_jax.generate import generate
 from phds_jax.model.transformer import forward, init_params
 
-__all__ = ["errors", "hf", "ModelConfig", "PRESETS", "preset", "forward", "init_params"]
+__all__ = ["errors", "hf", "ModelConfig", "PRESETS", "preset", "forward", "generate", "init_params"]

@@ -60,6 +60,14 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same)[:, None, None]
 
 
+def cache_attention_mask(kv_valid: jax.Array, cache_index, length: int) -> jax.Array:
+  """kv_valid bool [B, S] -> [B, 1, 1, L, S]: query i (slot cache_index + i) sees valid slots <= its own."""
+  slots = jnp.arange(kv_valid.shape[1])
+  query_slots = cache_index + jnp.arange(length)
+  causal = slots[None, :] <= query_slots[:, None]  # [L, S]
+  return (causal[None] & kv_valid[:, None, :])[:, None, None]
+
+
 def dense(features, use_bias, cfg: ModelConfig, param_dtype, name):
   """nn.Dense with HF's initialisation (normal(initializer_range) kernel, zero bias); kernel [in, out]."""
   return nn.Dense(features, use_bias=use_bias, param_dtype=param_dtype, name=name,
@@ -74,8 +82,12 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
-    """x [B, L, H], cos/sin [B, L, D], mask bool [B, 1, 1, L, L] -> [B, L, H]."""
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    """x [B, L, H], cos/sin [B, L, D], mask bool [B, 1, 1, L, S] -> ([B, L, H], new cache or None).
+
+    Without a cache S = L. With a KV cache {"k", "v": [B, S, KV, D]} the new keys/values are written at
+    slots cache_index .. cache_index + L - 1 and attention runs over all S slots (the mask says which).
+    """
     cfg = self.cfg
     d, n, kv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     q = dense(n * d, cfg.qkv_bias, cfg, self.param_dtype, "q_proj")(x)
@@ -90,12 +102,18 @@ class Attention(nn.Module):
     q = apply_rope(q.reshape(b, length, n, d), cos, sin)
     k = apply_rope(k.reshape(b, length, kv, d), cos, sin)
     v = v.reshape(b, length, kv, d)
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+      new_cache = {"k": k, "v": v}
     q = q.reshape(b, length, kv, n // kv, d)  # [B, L, KV, G, D]
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k) * (d ** -0.5)
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, n * d)
-    return dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")(out)
+    return dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")(out), new_cache
 
 
 class MLP(nn.Module):

@@ -35,17 +35,18 @@ class DecoderLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, token_mask, *, k, width, soft_mask_eps):
+  def __call__(self, x, cos, sin, mask, token_mask, *, k, width, soft_mask_eps, cache=None, cache_index=None):
     cfg, dt = self.cfg, self.param_dtype
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-    x = x + layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask)
+    attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+    x = x + attn
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
     if self.is_moe:
       out, stats = layers.SparseMoeBlock(cfg, dt, name="mlp")(
           h, k=k, width=width, soft_mask_eps=soft_mask_eps, token_mask=token_mask)
     else:
       out, stats = layers.MLP(cfg, cfg.intermediate_size, dt, name="mlp")(h), None
-    return x + out, stats
+    return x + out, stats, cache
 
 
 class Decoder(nn.Module):
@@ -56,35 +57,48 @@ class Decoder(nn.Module):
   skip_head: bool = False  # return the final-norm hidden states [B, L, H] instead of logits
 
   @nn.compact
-  def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None):
-    """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int)."""
+  def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
+               cache=None, cache_index=None, kv_valid=None):
+    """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int).
+
+    Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache` (one
+    {"k", "v"} per layer, [B, S, KV, D]) the tokens take slots cache_index.., attend to earlier valid
+    slots (kv_valid [B, S]), and (logits, stats, new cache) is returned.
+    """
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(cfg.initializer_range))
     x = constrain(embed(tokens), ("batch", "length", "embed"))  # [B, L, H]
     cos, sin = layers.rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta, x.dtype)
-    mask = layers.attention_mask(segment_ids)
+    if cache is None:
+      mask = layers.attention_mask(segment_ids)
+    else:
+      mask = layers.cache_attention_mask(kv_valid, cache_index, tokens.shape[1])
     token_mask = segment_ids != 0
-    all_stats = []
+    all_stats, new_cache = [], []
     moe_slot = 0
     for i in range(cfg.num_hidden_layers):
       is_moe = cfg.is_moe_layer(i)
       k = layer_k[moe_slot] if is_moe else None
       width = layer_width[moe_slot] if is_moe else None
-      x, stats = DecoderLayer(cfg, is_moe, self.param_dtype, name=f"layers_{i}")(
-          x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps)
+      x, stats, layer_cache = DecoderLayer(cfg, is_moe, self.param_dtype, name=f"layers_{i}")(
+          x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps,
+          cache=None if cache is None else cache[i], cache_index=cache_index)
       x = constrain(x, ("batch", "length", "embed"))
+      new_cache.append(layer_cache)
       if is_moe:
         all_stats.append(stats)
         moe_slot += 1
     x = layers.RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
     if self.skip_head:
-      return x, all_stats
-    if cfg.tie_word_embeddings:
-      logits = embed.attend(x)
+      out = x
+    elif cfg.tie_word_embeddings:
+      out = embed.attend(x)
     else:
-      logits = layers.dense(cfg.vocab_size, False, cfg, self.param_dtype, "lm_head")(x)
-    return constrain(logits, ("batch", "length", "vocab")), all_stats
+      out = layers.dense(cfg.vocab_size, False, cfg, self.param_dtype, "lm_head")(x)
+    if cache is None:
+      return constrain(out, ("batch", "length", "vocab")) if not self.skip_head else out, all_stats
+    return out, all_stats, new_cache
 
 
 def project_logits(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,145 @@
+"""Text generation at a declared k: one prefill, then KV-cached decoding, all in one jitted program.
+
+Prompts of different lengths are left-padded into one batch (positions count real tokens only, as
+transformers does); each prompt may get its own k (a traced int32 [B]); decoding is greedy, or samples
+with temperature and nucleus (top-p) filtering; a prompt stops at its first stop token. Shapes are
+bucketed (prompt length and new-token count rounded up) so one compiled program serves many calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import numbers
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax.model.config import ModelConfig
+from phds_jax.model.transformer import Decoder, plan_k
+
+log = logging.getLogger("phds_jax")
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _sample(logits, rng, temperature: float, top_p: float):
+  """logits [B, V] -> token ids [B]: argmax when temperature == 0, else nucleus sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p  # the top token always stays
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
+                                             "top_p", "stop_ids"))
+def _generate(params, tokens, valid, k_traced, rng, *, cfg, layer_k, layer_width, max_new, temperature,
+              top_p, stop_ids):
+  """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token."""
+  batch, prompt_len = tokens.shape
+  slots = prompt_len + max_new
+  dtype = jax.tree.leaves(params)[0].dtype
+  shape = (batch, slots, cfg.num_key_value_heads, cfg.resolved_head_dim)
+  cache = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+  kv_valid = jnp.concatenate([valid, jnp.ones((batch, max_new), jnp.bool_)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+  lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+  model = Decoder(cfg)
+  layer_k = layer_k if layer_k is not None else k_traced
+
+  def run(tokens, positions, segments, cache, index):
+    return model.apply({"params": params}, tokens, positions, segments, layer_k=layer_k,
+                       layer_width=layer_width, cache=cache, cache_index=index, kv_valid=kv_valid)
+
+  logits, _, cache = run(tokens, positions, valid.astype(jnp.int32), cache, 0)
+  rng, first = jax.random.split(rng)
+  token = _sample(logits[:, -1], first, temperature, top_p)
+  stops = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
+
+  def cond(state):
+    t, _, _, done, _, _ = state
+    return (t < max_new) & ~jnp.all(done)
+
+  def body(state):
+    t, token, cache, done, out, rng = state
+    out = out.at[:, t].set(jnp.where(done, -1, token))
+    done = done | jnp.isin(token, stops)
+    logits, _, cache = run(token[:, None], (lengths + t)[:, None], jnp.ones((batch, 1), jnp.int32), cache,
+                           prompt_len + t)
+    rng, step = jax.random.split(rng)
+    return t + 1, _sample(logits[:, 0], step, temperature, top_p), cache, done, out, rng
+
+  out = jnp.full((batch, max_new), -1, jnp.int32)
+  state = (jnp.int32(0), token, cache, jnp.zeros((batch,), jnp.bool_), out, rng)
+  return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None, temperature: float = 0.0,
+             top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
+             bucket: int = 16) -> list[list[int]]:
+  """New token ids for each prompt (ragged lists of ids), decoded at top-k.
+
+  k: None (k_pre), an int, or one int per prompt (one compiled program for the mix, computing k_max
+    = max(k) experts, the others zero-weighted). stop_tokens: default the config's eos ids; a prompt's
+    output ends with its first stop token. Prompts longer than max_position_embeddings - max_new_tokens
+    are cut from the left with a warning.
+  """
+  if not isinstance(prompts, (list, tuple)) or not prompts:
+    raise ValueError("prompts must be a non-empty list of token-id lists")
+  for i, p in enumerate(prompts):
+    if not len(p) or not all(isinstance(t, numbers.Integral) and 0 <= t < cfg.vocab_size for t in p):
+      raise ValueError(f"prompts[{i}] must be a non-empty list of token ids in [0, {cfg.vocab_size})")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+  if temperature < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+  room = cfg.max_position_embeddings - max_new_tokens
+  if room < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within "
+                     f"max_position_embeddings={cfg.max_position_embeddings}")
+  prompts = [list(p) for p in prompts]
+  for i, p in enumerate(prompts):
+    if len(p) > room:
+      log.warning("prompts[%d] has %d tokens; keeping the last %d (max_position_embeddings=%d)", i, len(p),
+                  room, cfg.max_position_embeddings)
+      prompts[i] = p[-room:]
+  batch = len(prompts)
+  if k is not None and not isinstance(k, numbers.Integral):
+    if len(k) != batch:
+      raise ValueError(f"k has {len(k)} entries; pass one int, or one per prompt ({batch})")
+    k_max = k_max or int(max(k))
+    k = jnp.asarray(np.asarray(k, np.int32))
+  plan = plan_k(cfg, k, k_max, None, batch)
+  prompt_len = _round_up(max(len(p) for p in prompts), bucket)
+  max_new = _round_up(max_new_tokens, bucket)
+  if prompt_len + max_new > cfg.max_position_embeddings:
+    prompt_len = max(len(p) for p in prompts)
+    max_new = max_new_tokens
+  tokens = np.zeros((batch, prompt_len), np.int32)
+  valid = np.zeros((batch, prompt_len), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, prompt_len - len(p):] = p
+    valid[i, prompt_len - len(p):] = True
+  if stop_tokens is None:
+    eos = cfg.eos_token_id
+    stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+  out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed), cfg=cfg,
+                  layer_k=plan.static, layer_width=plan.widths, max_new=max_new, temperature=float(temperature),
+                  top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens))
+  results = []
+  for row in np.asarray(out):
+    new = [int(t) for t in row[:max_new_tokens] if t >= 0]
+    results.append(new)
+  return results
