@@ -1,13 +1,14 @@
-"""Evaluation at a declared k: log-likelihood scoring and multiple-choice accuracy.
+"""Scoring at a declared k: token NLL (perplexity), continuation log-likelihoods, multiple choice.
 
-An item is {"context": str, "choices": [str, ...], "answer": int}. Each choice is scored by the summed
-log-probability of its tokens after the context; `acc` takes the best sum, `acc_norm` the best sum per
-byte of the choice (lm-evaluation-harness's length normalisation).
+A multiple-choice item is {"context": str, "choices": [str, ...], "answer": int}. Each choice is scored
+by the summed log-probability of its tokens after the context; `acc` takes the best sum, `acc_norm` the
+best sum per character of the choice (lm-evaluation-harness's length normalisation).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +18,10 @@ import numpy as np
 from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward, project_logits
+
+log = logging.getLogger("phds_jax")
+
+Params = dict[str, Any]
 
 
 class TaskFormatError(DataError):
@@ -41,6 +46,27 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   return items
 
 
+def token_nll(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], *, k, k_max=None,
+              soft_mask_eps=None, max_loss_tokens: int = 0):
+  """Summed next-token NLL over weighted positions, the weight sum, and the router auxiliaries.
+
+  With max_loss_tokens > 0 only that many positions per row (those with the largest weights) get
+  logits: SFT batches train on few tokens and the vocabulary projection dominates otherwise.
+  """
+  hidden, aux = forward(cfg, params, batch["inputs"], k=k, k_max=k_max, soft_mask_eps=soft_mask_eps,
+                        positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
+                        return_hidden=True)
+  targets, weights = batch["targets"], batch["weights"]
+  if max_loss_tokens:
+    _, index = jax.lax.top_k(weights, max_loss_tokens)  # [B, C]
+    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, index, axis=1)
+    weights = jnp.take_along_axis(weights, index, axis=1)
+  logits = project_logits(cfg, params, hidden).astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  return jnp.sum(nll * weights), jnp.sum(weights), aux
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
 def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k):
   """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding)."""
@@ -52,10 +78,24 @@ def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k):
 
 
 def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[int], list[int]]], *, k: int,
-                          batch_size: int = 32) -> np.ndarray:
-  """Summed log p(continuation | context) for each (context ids, continuation ids) pair, at top-k."""
-  max_len = _bucket(min(cfg.max_position_embeddings, max(len(c) + len(x) for c, x in pairs)))
-  max_cont = _bucket(max(len(x) for _, x in pairs), 4)
+                          batch_size: int = 32, truncate: bool = True) -> np.ndarray:
+  """Summed log p(continuation | context) for each (context ids, continuation ids) pair, at top-k.
+
+  A pair longer than max_position_embeddings loses context tokens from the left (logged), or raises
+  ValueError naming the pair when `truncate` is False.
+  """
+  limit = cfg.max_position_embeddings
+  for i, (context, continuation) in enumerate(pairs):
+    if not continuation:
+      raise ValueError(f"pair {i}: empty continuation")
+    if len(context) + len(continuation) > limit:
+      if not truncate:
+        raise ValueError(f"pair {i}: {len(context) + len(continuation)} tokens exceed "
+                         f"max_position_embeddings={limit}")
+      log.warning("pair %d: %d tokens; dropping context from the left to fit %d", i,
+                  len(context) + len(continuation), limit)
+  max_len = min(limit, _bucket(max(len(c) + len(x) for c, x in pairs)))
+  max_cont = min(max_len - 1, _bucket(max(len(x) for _, x in pairs), 4))
   out = np.zeros(len(pairs), np.float64)
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
@@ -84,25 +124,65 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
-                    batch_size: int = 32) -> dict[str, Any]:
-  """acc, acc_norm and the predicted choice per item at top-k."""
-  pairs, owners = [], []
-  for i, item in enumerate(items):
+                    batch_size: int = 32, truncate: bool = True) -> dict[str, Any]:
+  """acc, acc_norm and the predicted choices (raw and length-normalised) per item at top-k."""
+  pairs = []
+  for item in items:
     context = tokenizer.encode(item["context"], add_special_tokens=False)
-    for choice in item["choices"]:
-      pairs.append((context, tokenizer.encode(choice, add_special_tokens=False)))
-      owners.append(i)
-  scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size)
+    pairs += [(context, tokenizer.encode(choice, add_special_tokens=False)) for choice in item["choices"]]
+  scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size, truncate=truncate)
   predicted, predicted_norm = [], []
   at = 0
   for item in items:
-    n = len(item["choices"])
-    s = scores[at:at + n]
-    lengths = np.array([max(1, len(c.encode("utf-8"))) for c in item["choices"]])
+    s = scores[at:at + len(item["choices"])]
+    lengths = np.array([max(1, len(c)) for c in item["choices"]], np.float64)
     predicted.append(int(np.argmax(s)))
     predicted_norm.append(int(np.argmax(s / lengths)))
-    at += n
+    at += len(item["choices"])
   answers = np.array([item["answer"] for item in items])
   return {"acc": float(np.mean(np.array(predicted) == answers)),
           "acc_norm": float(np.mean(np.array(predicted_norm) == answers)),
-          "predictions": predicted, "n": len(items)}
+          "predictions": predicted, "predictions_norm": predicted_norm, "n": len(items)}
+
+
+def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
+             max_loss_tokens: int = 0) -> dict[str, float]:
+  """Mean NLL per trained token of packed rows (data.eval_batches) at top-k, its perplexity, the count."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    nll_sum, weight = _nll_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k,
+                                 max_loss_tokens)
+    total, count = total + float(nll_sum), count + float(weight)
+  nll = total / max(count, 1.0)
+  return {"nll": nll, "ppl": float(np.exp(min(nll, 80.0))), "tokens": int(count)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "max_loss_tokens"))
+def _nll_batch(cfg, params, batch, k, max_loss_tokens):
+  nll_sum, weight, _ = token_nll(cfg, params, batch, k=k, max_loss_tokens=max_loss_tokens)
+  return nll_sum, weight
+
+
+def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
+                         reference_k: int) -> dict[str, float]:
+  """Over the trained positions of `batches`: share of greedy next tokens equal to those at reference_k,
+  and the mean KL(reference || k) of the next-token distributions."""
+  same, kl, count = 0.0, 0.0, 0.0
+  for batch in batches:
+    s, d, c = _agreement_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k, reference_k)
+    same, kl, count = same + float(s), kl + float(d), count + float(c)
+  return {"top1_agreement": same / max(count, 1.0), "mean_kl": kl / max(count, 1.0)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "reference_k"))
+def _agreement_batch(cfg, params, batch, k, reference_k):
+  def logp(k_value):
+    logits = forward(cfg, params, batch["inputs"], k=k_value, positions=batch["positions"],
+                     segment_ids=batch["segment_ids"])
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  ref, cur = logp(reference_k), logp(k)
+  w = batch["weights"]
+  same = jnp.sum((jnp.argmax(ref, -1) == jnp.argmax(cur, -1)) * w)
+  kl = jnp.sum(jnp.sum(jnp.exp(ref) * (ref - cur), axis=-1) * w)
+  return same, kl, jnp.sum(w)

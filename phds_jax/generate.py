@@ -44,9 +44,12 @@ def _sample(logits, rng, temperature: float, top_p: float):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
                                              "top_p", "stop_ids"))
-def _generate(params, tokens, valid, k_traced, rng, *, cfg, layer_k, layer_width, max_new, temperature,
+def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, layer_width, max_new, temperature,
               top_p, stop_ids):
-  """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token."""
+  """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
+
+  max_new (static) sizes the cache; decoding stops after `limit` (traced) tokens or when all rows stopped.
+  """
   batch, prompt_len = tokens.shape
   slots = prompt_len + max_new
   dtype = jax.tree.leaves(params)[0].dtype
@@ -69,7 +72,7 @@ def _generate(params, tokens, valid, k_traced, rng, *, cfg, layer_k, layer_width
 
   def cond(state):
     t, _, _, done, _, _ = state
-    return (t < max_new) & ~jnp.all(done)
+    return (t < limit) & ~jnp.all(done)
 
   def body(state):
     t, token, cache, done, out, rng = state
@@ -135,7 +138,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   if stop_tokens is None:
     eos = cfg.eos_token_id
     stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-  out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed), cfg=cfg,
+  out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
+                  jnp.int32(max_new_tokens), cfg=cfg,
                   layer_k=plan.static, layer_width=plan.widths, max_new=max_new, temperature=float(temperature),
                   top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens))
   results = []

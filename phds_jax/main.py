@@ -1,7 +1,8 @@
 """Command-line entry point: `python -m phds_jax.main --config=configs/<name>.py [--workdir=DIR]`.
 
 The config's `mode` picks the job: "train" (PHDS fine-tuning), "builtin" (the tiny end-to-end default),
-"sweep" (run a model at several k), "convert" (HF <-> orbax).
+"eval" (accuracy / perplexity / agreement / latency per k), "sweep" (run a model at several k),
+"convert" (HF <-> orbax).
 Every config file's docstring holds its launch command.
 """
 
@@ -35,6 +36,9 @@ def main(argv):
   elif config.mode == "builtin":
     from phds_jax import builtin  # pylint: disable=g-import-not-at-top
     builtin.run(config, workdir)
+  elif config.mode == "eval":
+    from phds_jax import eval_job  # pylint: disable=g-import-not-at-top
+    eval_job.run(config, workdir)
   elif config.mode == "sweep":
     from phds_jax import sweep  # pylint: disable=g-import-not-at-top
     sweep.run(config, workdir)
@@ -42,7 +46,7 @@ def main(argv):
     from phds_jax import convert  # pylint: disable=g-import-not-at-top
     print(f"wrote {convert.run(config)}")
   else:
-    raise app.UsageError(f"config.mode={config.mode!r}; expected train, builtin, sweep or convert")
+    raise app.UsageError(f"config.mode={config.mode!r}; expected train, builtin, eval, sweep or convert")
 
 
 if __name__ == "__main__":

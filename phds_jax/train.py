@@ -31,7 +31,8 @@ from phds_jax import metrics as metrics_lib
 from phds_jax import sharding as sharding_lib
 from phds_jax import sparsity
 from phds_jax.model.config import ModelConfig, preset
-from phds_jax.model.transformer import forward, init_params, project_logits
+from phds_jax.evaluate import token_nll
+from phds_jax.model.transformer import init_params
 
 log = logging.getLogger("phds_jax")
 
@@ -126,27 +127,6 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
 
 
 # ---- loss and steps ----------------------------------------------------------------------------------
-
-
-def token_nll(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], *, k, k_max=None,
-              soft_mask_eps=None, max_loss_tokens: int = 0):
-  """Summed next-token NLL over weighted positions, the weight sum, and the router auxiliaries.
-
-  With max_loss_tokens > 0 only that many positions per row (those with the largest weights) get
-  logits: SFT batches train on few tokens and the vocabulary projection dominates otherwise.
-  """
-  hidden, aux = forward(cfg, params, batch["inputs"], k=k, k_max=k_max, soft_mask_eps=soft_mask_eps,
-                        positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
-                        return_hidden=True)
-  targets, weights = batch["targets"], batch["weights"]
-  if max_loss_tokens:
-    _, index = jax.lax.top_k(weights, max_loss_tokens)  # [B, C]
-    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
-    targets = jnp.take_along_axis(targets, index, axis=1)
-    weights = jnp.take_along_axis(weights, index, axis=1)
-  logits = project_logits(cfg, params, hidden).astype(jnp.float32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return jnp.sum(nll * weights), jnp.sum(weights), aux
 
 
 class Trainer:

@@ -1,0 +1,178 @@
+"""`mode="eval"` (configs/eval.py): one or more checkpoints evaluated over a grid of declared k.
+
+Per checkpoint and k: multiple-choice acc / acc_norm on OLMo suite tasks and user JSONL tasks, their
+cross-sparsity agreement with the reference k (share of items with the same predicted choice), mean NLL
+and perplexity on text / SFT data with next-token agreement and KL to the reference k, and latency.
+Writes `eval_results.json`, prints one table per checkpoint and plots accuracy against decode latency
+(`accuracy_vs_latency.png`, one curve per checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from phds_jax import checkpoint
+from phds_jax import convert
+from phds_jax import data as data_lib
+from phds_jax import evaluate
+from phds_jax import hf
+from phds_jax import latency
+from phds_jax import olmo_tasks
+from phds_jax import sparsity
+
+log = logging.getLogger("phds_jax")
+
+
+def load_any(path: str, dtype: str, **overrides):
+  """(cfg, params) from an HF directory or a phds_jax orbax checkpoint."""
+  if convert.detect_format(path) == "hf":
+    return hf.load_pretrained(path, dtype=dtype, **overrides)
+  return checkpoint.load_model(path, dtype=dtype, **overrides)
+
+
+def checkpoints(config) -> dict[str, str]:
+  """label -> path from `model_path` and `compare` ("label=path,label2=path2")."""
+  out = {}
+  if config.model_path:
+    out[config.label or "model"] = config.model_path
+  for entry in (e.strip() for e in config.compare.split(",") if e.strip()):
+    if "=" not in entry:
+      raise ValueError(f"compare entry {entry!r} must be label=path")
+    label, path = entry.split("=", 1)
+    out[label.strip()] = path.strip()
+  if not out:
+    raise ValueError("eval needs --config.model_path (and optionally --config.compare=label=path,...)")
+  return out
+
+
+def _tasks(config) -> dict[str, list[dict[str, Any]]]:
+  tasks = {}
+  for spec in (s.strip() for s in config.tasks.split(",") if s.strip()):
+    tasks[spec] = olmo_tasks.load_task(spec, limit=config.limit)
+  for path in (p.strip() for p in config.task_files.split(",") if p.strip()):
+    items = evaluate.read_multiple_choice(path)
+    tasks[os.path.basename(path)] = items[:config.limit] if config.limit else items
+  return tasks
+
+
+def _text_batches(config, tokenizer) -> list[dict[str, np.ndarray]]:
+  examples = []
+  if config.text_files:
+    examples += data_lib.chunk_examples(data_lib.read_text(config.text_files, tokenizer), config.seq_len)
+  if config.sft_files:
+    examples += data_lib.read_sft(config.sft_files, tokenizer)
+  if not examples:
+    return []
+  rows = data_lib.pack(examples, config.seq_len)
+  return data_lib.eval_batches(rows[:config.max_rows] if config.max_rows else rows, config.batch_size)
+
+
+def k_grid(config, cfg) -> list[int]:
+  ks = sparsity.parse_numbers(config.k_eval)
+  for k in ks:
+    if not 1 <= k <= cfg.num_experts:
+      raise ValueError(f"k_eval contains k={k}; this model has {cfg.num_experts} experts, so k must lie in "
+                       f"[1, {cfg.num_experts}]")
+  return sorted(set(ks))
+
+
+def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config) -> dict[int, Any]:
+  rows: dict[int, Any] = {}
+  reference = {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=reference_k,
+                                              batch_size=config.batch_size, truncate=config.truncate)
+               for name, items in tasks.items()}
+  for k in ks:
+    row: dict[str, Any] = {"tasks": {}}
+    for name, items in tasks.items():
+      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=config.batch_size,
+                                   truncate=config.truncate)
+      agree = float(np.mean(np.array(r["predictions"]) == np.array(reference[name]["predictions"])))
+      row["tasks"][name] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "agreement": agree, "n": r["n"]}
+    if tasks:
+      row["acc_mean"] = float(np.mean([t["acc"] for t in row["tasks"].values()]))
+      row["agreement_mean"] = float(np.mean([t["agreement"] for t in row["tasks"].values()]))
+    if text_batches:
+      row.update(evaluate.mean_nll(cfg, params, text_batches, k=k))
+      row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k))
+    if config.latency.enabled:
+      row["latency"] = latency.measure(cfg, params, k, batch_size=config.latency.batch_size,
+                                       prompt_len=config.latency.prompt_len,
+                                       decode_tokens=config.latency.decode_tokens, repeats=config.latency.repeats)
+    rows[k] = row
+    log.info("k=%d: %s", k, {key: v for key, v in row.items() if key != "tasks"})
+  return rows
+
+
+def format_table(label: str, rows: dict[int, Any], reference_k: int) -> str:
+  columns = [("acc", "acc_mean"), (f"agree@{reference_k}", "agreement_mean"), ("nll", "nll"), ("ppl", "ppl"),
+             (f"tok-agree@{reference_k}", "top1_agreement"), ("KL", "mean_kl")]
+  present = [(title, key) for title, key in columns if any(key in r for r in rows.values())]
+  header = f"{label}\n{'k':>3} " + " ".join(f"{t:>14}" for t, _ in present)
+  if any("latency" in r for r in rows.values()):
+    header += f" {'prefill tok/s':>14} {'decode ms/tok':>14}"
+  lines = [header, "-" * len(header.splitlines()[-1])]
+  for k, r in rows.items():
+    line = f"{k:>3} " + " ".join(f"{r[key]:>14.4f}" if key in r else f"{'-':>14}" for _, key in present)
+    if "latency" in r:
+      line += f" {r['latency']['prefill_tokens_per_s']:>14.0f} {r['latency']['decode_ms_per_token']:>14.3f}"
+    lines.append(line)
+  return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[int, Any]], path: str) -> bool:
+  """Accuracy (mean over tasks) against decode latency, one curve per checkpoint; False if nothing to plot."""
+  curves = {label: [(r["latency"]["decode_ms_per_token"], r["acc_mean"], k) for k, r in rows.items()
+                    if "latency" in r and "acc_mean" in r] for label, rows in results.items()}
+  if not any(curves.values()):
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, points in curves.items():
+    points.sort()
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for x, y, k in points:
+      ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  ax.set_xlabel("decode latency (ms / token)")
+  ax.set_ylabel("accuracy (mean over tasks)")
+  ax.set_title("accuracy vs latency across declared k")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  paths = checkpoints(config)
+  tasks = _tasks(config)
+  results: dict[str, Any] = {}
+  tokenizer = None
+  for label, path in paths.items():
+    overrides = {"expert_backend": config.expert_backend} if config.expert_backend else {}
+    cfg, params = load_any(path, config.dtype, **overrides)
+    if tokenizer is None:
+      tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
+      text_batches = _text_batches(config, tokenizer)
+    ks = k_grid(config, cfg)
+    reference_k = config.reference_k or cfg.k_pre
+    print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
+    results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config)
+    print(format_table(label, results[label], reference_k), flush=True)
+  out = os.path.join(workdir, "eval_results.json")
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump({"checkpoints": paths, "tasks": list(tasks), "results": results}, f, indent=2)
+  print(f"wrote {out}")
+  png = os.path.join(workdir, "accuracy_vs_latency.png")
+  if plot(results, png):
+    print(f"wrote {png}")
+  return results

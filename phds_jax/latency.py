@@ -1,0 +1,48 @@
+"""Latency and throughput at a declared k, measured after compilation (median of repeats).
+
+prefill: one forward over [batch, prompt_len] tokens at static k -> tokens/s.
+decode: generate() with stop tokens off; ms per new token = (time for n tokens - time for 1) / (n - 1),
+so the prefill and the program launch cancel out.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax.generate import generate
+from phds_jax.model.config import ModelConfig
+from phds_jax.model.transformer import forward
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure(cfg: ModelConfig, params, k: int, *, batch_size: int = 1, prompt_len: int = 128,
+            decode_tokens: int = 16, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+  """prefill tokens/s and decode ms/token at top-k for random prompts of `prompt_len` tokens."""
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, prompt_len)), jnp.int32)
+  prefill = _median_seconds(lambda: forward(cfg, params, tokens, k=k), repeats)
+  prompts = np.asarray(tokens).tolist()
+
+  def run(n):
+    return lambda: generate(cfg, params, prompts, max_new_tokens=n, k=k, stop_tokens=[], bucket=decode_tokens)
+
+  one, many = _median_seconds(run(1), repeats), _median_seconds(run(decode_tokens), repeats)
+  device = jax.devices()[0]
+  return {"prefill_tokens_per_s": batch_size * prompt_len / prefill, "prefill_ms": 1e3 * prefill,
+          "decode_ms_per_token": 1e3 * max(many - one, 0.0) / max(decode_tokens - 1, 1),
+          "batch_size": batch_size, "prompt_len": prompt_len, "dtype": str(jax.tree.leaves(params)[0].dtype),
+          "device": f"{device.platform}:{device.device_kind}"}

