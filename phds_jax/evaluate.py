@@ -74,13 +74,15 @@ def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k):
   hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, C, H]: logits only where scored
   logp = jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(picked * weights, axis=-1)
+  greedy = jnp.all((jnp.argmax(logp, axis=-1) == targets) | (weights == 0), axis=-1)
+  return jnp.sum(picked * weights, axis=-1), greedy
 
 
 def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[int], list[int]]], *, k: int,
-                          batch_size: int = 32, truncate: bool = True) -> np.ndarray:
+                          batch_size: int = 32, truncate: bool = True, return_greedy: bool = False):
   """Summed log p(continuation | context) for each (context ids, continuation ids) pair, at top-k.
 
+  With return_greedy also a bool per pair: every continuation token is the argmax given its prefix.
   A pair longer than max_position_embeddings loses context tokens from the left (logged), or raises
   ValueError naming the pair when `truncate` is False.
   """
@@ -97,6 +99,7 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
   max_len = min(limit, _bucket(max(len(c) + len(x) for c, x in pairs)))
   max_cont = min(max_len - 1, _bucket(max(len(x) for _, x in pairs), 4))
   out = np.zeros(len(pairs), np.float64)
+  greedy = np.zeros(len(pairs), bool)
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
     tokens = np.zeros((batch_size, max_len), np.int32)
@@ -112,10 +115,11 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
       where[row, :n] = np.arange(len(seq) - n - 1, len(seq) - 1)
       targets[row, :n] = seq[len(seq) - n:]
       weights[row, :n] = 1.0
-    scores = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(where),
-                          jnp.asarray(targets), jnp.asarray(weights), k)
+    scores, is_greedy = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments),
+                                     jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k)
     out[start:start + len(chunk)] = np.asarray(scores)[:len(chunk)]
-  return out
+    greedy[start:start + len(chunk)] = np.asarray(is_greedy)[:len(chunk)]
+  return (out, greedy) if return_greedy else out
 
 
 def _bucket(n: int, multiple: int = 16) -> int:

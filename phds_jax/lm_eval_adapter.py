@@ -1,0 +1,97 @@
+"""lm-evaluation-harness adapter: the "phds_jax" model, with `k` as a model argument.
+
+  phds-lm-eval --model phds_jax --model_args path=/ckpt/hf_export,k=4 --tasks arc_easy
+  python -c "import phds_jax.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='phds_jax', ...)"
+
+Importing this module registers the model; `phds-lm-eval` is lm-eval's own command line with it
+registered (lm-eval finds no models outside its package by itself). Model arguments: path (HF or orbax
+checkpoint), k (declared top-k; default k_pre), dtype, batch_size, tokenizer (default: path),
+max_gen_toks, expert_backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from phds_jax import data as data_lib
+from phds_jax import evaluate
+from phds_jax.generate import generate
+
+
+@register_model("phds_jax")
+class PhdsLM(LM):
+  """A phds_jax checkpoint served at a declared k."""
+
+  def __init__(self, path: str, k: Optional[int] = None, dtype: str = "float32", batch_size: int = 16,
+               tokenizer: Optional[str] = None, max_gen_toks: int = 256, expert_backend: str = "",
+               **unused: Any):
+    super().__init__()
+    from phds_jax.eval_job import load_any  # pylint: disable=g-import-not-at-top
+
+    overrides = {"expert_backend": expert_backend} if expert_backend else {}
+    self.cfg, self.params = load_any(path, dtype, **overrides)
+    self.k = int(k) if k not in (None, "") else self.cfg.k_pre
+    if not 1 <= self.k <= self.cfg.num_experts:
+      raise ValueError(f"k={self.k} must lie in [1, {self.cfg.num_experts}] for {path}")
+    self.tokenizer = data_lib.load_tokenizer(tokenizer or path)
+    self.batch_size = int(batch_size)
+    self.max_gen_toks = int(max_gen_toks)
+    eot = self.tokenizer.eos_token_id
+    self.prefix_token_id = eot if eot is not None else self.tokenizer.bos_token_id or 0
+
+  def _encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of (context, continuation), moving trailing spaces of the context into the continuation."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped):] + continuation
+    whole, head = self._encode(stripped + continuation), self._encode(stripped)
+    head = head or [self.prefix_token_id]
+    return (head, whole[len(head):]) if whole[:len(head)] == head else (head, self._encode(continuation))
+
+  def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    pairs = [self._split(*r.args) for r in requests]
+    scores, greedy = evaluate.continuation_logprobs(self.cfg, self.params, pairs, k=self.k,
+                                                    batch_size=self.batch_size, return_greedy=True)
+    return [(float(s), bool(g)) for s, g in zip(scores, greedy)]
+
+  def loglikelihood_rolling(self, requests) -> list[float]:
+    out = []
+    for request in requests:
+      windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+          self._encode(request.args[0]), self.prefix_token_id, self.cfg.max_position_embeddings, 1)]
+      scores = evaluate.continuation_logprobs(self.cfg, self.params, windows, k=self.k,
+                                              batch_size=self.batch_size) if windows else []
+      out.append(float(sum(scores)))
+    return out
+
+  def generate_until(self, requests) -> list[str]:
+    out = []
+    for request in requests:
+      context, kwargs = request.args
+      kwargs = dict(kwargs or {})
+      until = kwargs.pop("until", None) or []
+      until = [until] if isinstance(until, str) else list(until)
+      max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+      temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+      prompt = self._encode(context) or [self.prefix_token_id]
+      (new,) = generate(self.cfg, self.params, [prompt], max_new_tokens=max_new, k=self.k,
+                        temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+      text = self.tokenizer.decode(new, skip_special_tokens=True)
+      for stop in until:
+        if stop and stop in text:
+          text = text[:text.index(stop)]
+      out.append(text)
+    return out
+
+
+def cli():
+  """lm-eval's command line with the phds_jax model registered."""
+  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
+  cli_evaluate()

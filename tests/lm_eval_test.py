@@ -1,0 +1,101 @@
+"""The lm-evaluation-harness adapter on a local task (a YAML and a JSONL file the test writes)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import phds_jax as pj
+from phds_jax import data
+from phds_jax import evaluate
+from conftest import build_hf_model, write_toy_tokenizer
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TASK_YAML = """task: phds_toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lm_eval")
+  model_dir = root / "model"
+  build_hf_model("olmoe_gqa_clip_norm").save_pretrained(model_dir)
+  tok_dir = write_toy_tokenizer(root / "tok")
+  for name in os.listdir(tok_dir):
+    shutil.copy(os.path.join(tok_dir, name), model_dir / name)
+  rng = np.random.RandomState(0)
+  items = []
+  for i in range(12):
+    words = [f"w{j}" for j in rng.choice(40, 4, replace=False)]
+    items.append({"context": "say first of : " + " ".join(words), "choices": words[:3], "answer": int(i % 3)})
+  data = root / "items.jsonl"
+  data.write_text("".join(json.dumps(it) + "\n" for it in items))
+  task_dir = root / "tasks"
+  task_dir.mkdir()
+  (task_dir / "phds_toy_mc.yaml").write_text(TASK_YAML.format(data=data))
+  return {"model": str(model_dir), "items": items, "tasks": str(task_dir)}
+
+
+def test_simple_evaluate_matches_our_multiple_choice(setup):
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+
+  import phds_jax.lm_eval_adapter  # noqa: F401  (registers "phds_jax")
+
+  cfg, params = pj.hf.load_pretrained(setup["model"])
+  tokenizer = data.load_tokenizer(setup["model"])
+  for k in (1, 8):
+    out = lm_eval.simple_evaluate(model="phds_jax", model_args=f"path={setup['model']},k={k}",
+                                  tasks=["phds_toy_mc"], task_manager=TaskManager(include_path=setup["tasks"]))
+    acc = out["results"]["phds_toy_mc"]["acc,none"]
+    spaced = [dict(it, choices=[" " + c for c in it["choices"]]) for it in setup["items"]]
+    ours = evaluate.multiple_choice(cfg, params, tokenizer, spaced, k=k)
+    assert acc == pytest.approx(ours["acc"])
+
+
+def test_adapter_methods(setup):
+  from phds_jax.lm_eval_adapter import PhdsLM
+
+  class Request:
+    def __init__(self, *args):
+      self.args = args
+
+  lm = PhdsLM(path=setup["model"], k="2")
+  (score, greedy), = lm.loglikelihood([Request("say first of : w1", " w1")])
+  assert score < 0 and isinstance(greedy, bool)
+  text = "w1 w2 w3 w4 w5 w6"
+  (rolling,) = lm.loglikelihood_rolling([Request(text)])
+  ids = lm._encode(text)
+  whole = evaluate.continuation_logprobs(lm.cfg, lm.params, [([lm.prefix_token_id], ids)], k=2)[0]
+  assert rolling == pytest.approx(whole, abs=1e-4)
+  (generated,) = lm.generate_until([Request("say first of : w1 w2", {"until": ["w9"], "max_gen_toks": 5})])
+  assert isinstance(generated, str) and "w9" not in generated
+  with pytest.raises(ValueError, match="k=99 must lie in"):
+    PhdsLM(path=setup["model"], k=99)
+
+
+def test_command_line_wrapper_lists_the_model(setup):
+  out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['phds-lm-eval', '--model', 'phds_jax', "
+                        f"'--model_args', 'path={setup['model']},k=2', '--tasks', 'phds_toy_mc', '--include_path', "
+                        f"'{setup['tasks']}', '--limit', '3']; from phds_jax.lm_eval_adapter import cli; cli()"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "phds_toy_mc" in out.stdout
