@@ -1,0 +1,110 @@
+"""Evaluation metrics on hand-computable cases, agreement, the eval command end to end, bad inputs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import phds_jax as pj
+from phds_jax import data
+from phds_jax import eval_job
+from phds_jax import evaluate
+from conftest import build_hf_model, write_toy_sft, write_toy_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _WordTokenizer:
+  """One token per character 'a'..'j' (ids 3..12)."""
+
+  def encode(self, text, add_special_tokens=False):
+    return [ord(ch) - ord("a") + 3 for ch in text.replace(" ", "")]
+
+
+def test_uniform_model_log_likelihoods_are_known():
+  cfg = pj.preset("tiny-olmoe")
+  zero = jax.tree.map(np.zeros_like, pj.init_params(cfg, jax.random.key(0)))  # logits all 0: uniform
+  pairs = [([3, 4], [5]), ([3], [4, 5, 6])]
+  scores = evaluate.continuation_logprobs(cfg, zero, pairs, k=2)
+  np.testing.assert_allclose(scores, [-math.log(cfg.vocab_size), -3 * math.log(cfg.vocab_size)], rtol=1e-6)
+  # " cd": 2 tokens, 3 characters (-2 log V, -2/3 log V per char); "f": 1 token, 1 character (-log V)
+  items = [{"context": "ab", "choices": [" cd", "f"], "answer": 1},
+           {"context": "ab", "choices": [" cd", "f"], "answer": 0}]
+  result = evaluate.multiple_choice(cfg, zero, _WordTokenizer(), items, k=1)
+  assert result["predictions"] == [1, 1] and result["acc"] == 0.5  # fewer tokens: higher likelihood
+  assert result["predictions_norm"] == [0, 0] and result["acc_norm"] == 0.5  # higher per character
+
+
+def test_agreement_of_a_model_with_itself_is_one(hf_dirs, tmp_path):
+  cfg, params = pj.hf.load_pretrained(hf_dirs["olmoe_gqa_clip_norm"][0])
+  tokenizer = data.load_tokenizer(write_toy_tokenizer(tmp_path / "tok"))
+  rows = data.pack(data.read_sft(write_toy_sft(tmp_path / "s.jsonl", n=20), tokenizer), 64)
+  batches = data.eval_batches(rows, 4)
+  same = evaluate.next_token_agreement(cfg, params, batches, k=2, reference_k=2)
+  assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-6
+  other = evaluate.next_token_agreement(cfg, params, batches, k=1, reference_k=8)
+  assert other["top1_agreement"] < 1.0 and other["mean_kl"] > 0
+
+
+def test_k_grid_rejects_out_of_range_k():
+  import ml_collections
+
+  cfg = pj.preset("tiny-olmoe")
+  with pytest.raises(ValueError, match=r"k_eval contains k=9; this model has 8 experts"):
+    eval_job.k_grid(ml_collections.ConfigDict({"k_eval": "1,9"}), cfg)
+
+
+def test_too_long_items_are_cut_or_refused(caplog):
+  cfg = pj.preset("tiny-olmoe").replace(max_position_embeddings=16)
+  params = pj.init_params(cfg, jax.random.key(0))
+  pairs = [(list(range(3, 30)), [5, 6])]
+  cut = evaluate.continuation_logprobs(cfg, params, pairs, k=2)
+  assert "dropping context from the left" in caplog.text
+  np.testing.assert_allclose(cut, evaluate.continuation_logprobs(cfg, params, [(list(range(3, 30))[-14:], [5, 6])],
+                                                                 k=2), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"pair 0: 29 tokens exceed max_position_embeddings=16"):
+    evaluate.continuation_logprobs(cfg, params, pairs, k=2, truncate=False)
+
+
+def test_unknown_olmo_task_and_bad_task_files(tmp_path):
+  from phds_jax import olmo_tasks
+
+  with pytest.raises(evaluate.TaskFormatError, match="write it as task:variant"):
+    olmo_tasks.load_task("arc_easy")
+  (tmp_path / "t.jsonl").write_text('{"question": "x"}\n')
+  with pytest.raises(evaluate.TaskFormatError, match=r"t\.jsonl:1: .*context"):
+    evaluate.read_multiple_choice(str(tmp_path / "t.jsonl"))
+
+
+def test_eval_command_end_to_end(tmp_path):
+  model_dir = tmp_path / "model"
+  build_hf_model("qwen_sparse_step").save_pretrained(model_dir)
+  tok = write_toy_tokenizer(model_dir)
+  items = tmp_path / "items.jsonl"
+  items.write_text("".join(json.dumps({"context": f"say first of : w{i} w{i + 1}", "choices": [f" w{i}", f" w{i + 1}"],
+                                       "answer": 0}) + "\n" for i in range(10)))
+  sft = write_toy_sft(tmp_path / "sft.jsonl", n=30)
+  work = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/eval.py",
+                           f"--config.model_path={model_dir}", "--config.label=phds", f"--config.compare=again={model_dir}",
+                           "--config.k_eval=1,2,8", f"--config.task_files={items}", f"--config.sft_files={sft}",
+                           "--config.seq_len=64", "--config.latency.prompt_len=16", "--config.latency.decode_tokens=4",
+                           "--config.latency.repeats=1", f"--workdir={work}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.load(open(work / "eval_results.json"))
+  rows = out["results"]["phds"]
+  assert sorted(rows) == ["1", "2", "8"]
+  assert out["results"]["again"]["2"]["acc_mean"] == rows["2"]["acc_mean"]
+  ref = rows[str(2)]
+  assert ref["agreement_mean"] == 1.0 and ref["top1_agreement"] == 1.0
+  for k in ("1", "2", "8"):
+    assert {"acc_mean", "nll", "ppl", "latency"} <= set(rows[k])
+    assert rows[k]["latency"]["decode_ms_per_token"] >= 0
+  assert os.path.getsize(work / "accuracy_vs_latency.png") > 1000
+  assert "decode ms/tok" in result.stdout
