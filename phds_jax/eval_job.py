@@ -55,6 +55,9 @@ def _tasks(config) -> dict[str, list[dict[str, Any]]]:
   for spec in (s.strip() for s in config.tasks.split(",") if s.strip()):
     tasks[spec] = olmo_tasks.load_task(spec, limit=config.limit)
   for path in (p.strip() for p in config.task_files.split(",") if p.strip()):
+    if not path.endswith((".jsonl", ".json")):
+      raise evaluate.TaskFormatError(f"{path}: unknown task file format; use JSONL lines of "
+                                     '{"context": str, "choices": [str, ...], "answer": int}')
     items = evaluate.read_multiple_choice(path)
     tasks[os.path.basename(path)] = items[:config.limit] if config.limit else items
   return tasks

