@@ -114,7 +114,7 @@ def test_olmo_suite_tasks_load_from_the_wheel():
   from phds_jax import olmo_tasks
 
   arc = olmo_tasks.load_task("arc_easy:rc_0shot")
-  assert len(arc) == 570 and all(0 <= it["answer"] < len(it["choices"]) for it in arc)
+  assert len(arc) > 500 and all(0 <= it["answer"] < len(it["choices"]) for it in arc)
   assert arc[0]["context"].endswith("Answer:") and arc[0]["choices"][0].startswith(" ")
   boolq = olmo_tasks.load_task("boolq:mc_5shot", limit=4)
   assert len(boolq) == 4 and boolq[0]["choices"] == [" A", " B"]
