@@ -148,8 +148,9 @@ class Trainer:
   def init_state(self, params: Params, trainable: set[str], seed: int) -> dict[str, Any]:
     train_p, frozen_p = split_params(params, trainable)
     shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p})
-    train_p = jax.device_put(train_p, shardings["trainable"])
-    frozen_p = jax.device_put(frozen_p, shardings["frozen"])
+    # copies: the step donates the state, and the caller's arrays must survive it
+    train_p = jax.device_put(train_p, shardings["trainable"], may_alias=False)
+    frozen_p = jax.device_put(frozen_p, shardings["frozen"], may_alias=False)
     abstract_opt = jax.eval_shape(self.tx.init, train_p)
     opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt)
     opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(train_p)

@@ -61,6 +61,7 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(tmp_pa
     state, _ = trainer.train_step(state, trainer.global_batch(batch), 1)
   assert _leaves_equal(state["frozen"], frozen_before)
   assert not _leaves_equal(state["trainable"], trainable_before)
+  assert _leaves_equal(train.split_params(params, paths)[1], frozen_before)  # the caller's params survive
   opt_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
                for path, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
   assert not [p for p in opt_paths if "experts" in p or "embed_tokens" in p]
