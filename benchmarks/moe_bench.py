@@ -86,7 +86,7 @@ def torch_forward_time(model, tokens, k):
   for m in model.modules():
     if hasattr(m, "top_k") and hasattr(m, "norm_topk_prob"):
       m.top_k = k
-  ids = torch.as_tensor(np.asarray(tokens))
+  ids = torch.tensor(np.array(tokens))
   with torch.inference_mode():
     model(ids)
     times = []
@@ -112,10 +112,10 @@ def layer_rows(c):
     r = routing.route(probs, k=k, width=k, norm_topk_prob=False)
     flops = 2 * tokens * k * 3 * h * i
     # the practical limit: three plain matmuls with the same useful FLOPs ([T*k, H] x [H, I] etc.)
-    xa = jnp.ones((tokens * k, h))
-    wa, wb = jnp.ones((h, i)), jnp.ones((i, h))
-    plain = jax.jit(lambda xa, wa, wb: ((xa @ wa) * (xa @ wa)) @ wb)
-    t_plain = median_time(lambda: plain(xa, wa, wb), ARGS.repeats)
+    xa = jax.random.normal(keys[0], (tokens * k, h))
+    wa, wc, wb = (jax.random.normal(keys[j], shape) for j, shape in ((1, (h, i)), (2, (h, i)), (3, (i, h))))
+    plain = jax.jit(lambda xa, wa, wc, wb: ((xa @ wa) * (xa @ wc)) @ wb)  # distinct weights: no CSE
+    t_plain = median_time(lambda: plain(xa, wa, wc, wb), ARGS.repeats)
     row = {"k": k, "useful_gflop": flops / 1e9, "plain_matmul_gflops": flops / t_plain / 1e9}
     for backend in ARGS.backends.split(","):
       fn = jax.jit(experts_lib.BACKENDS[backend])

@@ -4,6 +4,7 @@ Public API (see README):
   cfg, params = pj.hf.load_pretrained(path, dtype="float32")
   logits = pj.forward(cfg, params, tokens, k=2)
   pj.hf.save_pretrained(cfg, params, out_dir)
+  new_ids = pj.generate(cfg, params, prompts, max_new_tokens=32, k=2)
 """
 
 from phds_jax import errors

@@ -88,7 +88,8 @@ def sorted_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWe
 
   Each expert's assignments are padded to a multiple of the block size; every block then belongs to
   one expert and is one [B, H] x [H, I] matmul. The block count is a static upper bound (see
-  sorted_layout); trailing unused blocks compute on zeros and are discarded.
+  sorted_layout); unused rows compute on token 0 and are never read back. Rows move by gathers only
+  (index arrays are built with small int scatters), which XLA runs faster than row scatters.
   """
   num_tokens, width = experts.shape
   num_experts, hidden, _ = w.gate.shape
@@ -96,25 +97,26 @@ def sorted_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWe
   block, num_blocks = sorted_layout(n, num_experts)
   s = _sort_by_expert(experts, num_experts)
 
-  padded_sizes = -(-s.group_sizes // block) * block  # [E]
-  padded_start = jnp.cumsum(padded_sizes) - padded_sizes  # [E]
+  padded_end = jnp.cumsum(-(-s.group_sizes // block) * block)  # [E]
+  padded_start = padded_end - (-(-s.group_sizes // block) * block)
   group_start = jnp.cumsum(s.group_sizes) - s.group_sizes  # [E]
   rank_in_group = jnp.arange(n, dtype=jnp.int32) - group_start[s.expert]
-  dest = padded_start[s.expert] + rank_in_group  # [T*W] row in the padded layout
-
-  tokens = s.order // width
-  xs = jnp.zeros((num_blocks * block, hidden), x.dtype).at[dest].set(x[tokens])
-  xs = xs.reshape(num_blocks, block, hidden)
+  dest = (padded_start[s.expert] + rank_in_group).astype(jnp.int32)  # [T*W] row in the padded layout
+  rows = num_blocks * block
+  row_token = jnp.zeros((rows,), jnp.int32).at[dest].set((s.order // width).astype(jnp.int32))
+  xs = x[row_token].reshape(num_blocks, block, hidden)
   block_first_row = jnp.arange(num_blocks, dtype=jnp.int32) * block
-  block_expert = jnp.searchsorted(jnp.cumsum(padded_sizes), block_first_row, side="right")
+  block_expert = jnp.searchsorted(padded_end, block_first_row, side="right")
   block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)  # [num_blocks]
 
   def one_block(args):
     xb, e = args
     return _swiglu(xb, w.gate[e], w.up[e], w.down[e])
 
-  ys = jax.lax.map(one_block, (xs, block_expert)).reshape(num_blocks * block, hidden)
-  return _combine(ys[dest], s, weights)
+  ys = jax.lax.map(one_block, (xs, block_expert)).reshape(rows, hidden)
+  assignment_row = jnp.zeros((n,), jnp.int32).at[s.order].set(dest)  # in (token, rank) order
+  y = ys[assignment_row].reshape(num_tokens, width, hidden)
+  return jnp.einsum("twh,tw->th", y, weights.astype(y.dtype))
 
 
 def ragged_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
