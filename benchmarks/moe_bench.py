@@ -179,7 +179,7 @@ def main():
   for batch in (1, 8):
     from phds_jax import latency
     for k in KS:
-      m = latency.measure(cfg, params, k, batch_size=batch, prompt_len=64, decode_tokens=16, repeats=ARGS.repeats)
+      m = latency.measure(cfg, params, k, batch_size=batch, prompt_len=32, decode_tokens=64, repeats=ARGS.repeats)
       decode.append({"batch": batch, "k": k, "decode_ms_per_token": m["decode_ms_per_token"]})
   train_stats = train_rows(cfg, params, tokens)
   result = {"config": c, "threads": ARGS.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
