@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import phds_jax as pj  # noqa: E402
+from phds_jax import latency  # noqa: E402
 from phds_jax.model import experts as experts_lib  # noqa: E402
 from phds_jax.model import routing  # noqa: E402
 
@@ -55,13 +56,7 @@ def config():
 
 
 def median_time(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return latency.median_seconds(fn, repeats)
 
 
 def build_models(c):
@@ -177,7 +172,6 @@ def main():
     r["sorted_fraction_of_plain"] = r["sorted_gflops"] / r["plain_matmul_gflops"]
   decode = []
   for batch in (1, 8):
-    from phds_jax import latency
     for k in KS:
       m = latency.measure(cfg, params, k, batch_size=batch, prompt_len=32, decode_tokens=64, repeats=ARGS.repeats)
       decode.append({"batch": batch, "k": k, "decode_ms_per_token": m["decode_ms_per_token"]})

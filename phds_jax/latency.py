@@ -19,7 +19,8 @@ from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of `fn()` (blocked until ready) over `repeats` calls after one warm-up call."""
   jax.block_until_ready(fn())  # compile and warm up
   times = []
   for _ in range(repeats):
@@ -34,13 +35,13 @@ def measure(cfg: ModelConfig, params, k: int, *, batch_size: int = 1, prompt_len
   """prefill tokens/s and decode ms/token at top-k for random prompts of `prompt_len` tokens."""
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, prompt_len)), jnp.int32)
-  prefill = _median_seconds(lambda: forward(cfg, params, tokens, k=k), repeats)
+  prefill = median_seconds(lambda: forward(cfg, params, tokens, k=k), repeats)
   prompts = np.asarray(tokens).tolist()
 
   def run(n):
     return lambda: generate(cfg, params, prompts, max_new_tokens=n, k=k, stop_tokens=[], bucket=decode_tokens)
 
-  one, many = _median_seconds(run(1), repeats), _median_seconds(run(decode_tokens), repeats)
+  one, many = median_seconds(run(1), repeats), median_seconds(run(decode_tokens), repeats)
   device = jax.devices()[0]
   return {"prefill_tokens_per_s": batch_size * prompt_len / prefill, "prefill_ms": 1e3 * prefill,
           "decode_ms_per_token": 1e3 * max(many - one, 0.0) / max(decode_tokens - 1, 1),

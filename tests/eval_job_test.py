@@ -84,7 +84,7 @@ def test_unknown_olmo_task_and_bad_task_files(tmp_path):
 def test_eval_command_end_to_end(tmp_path):
   model_dir = tmp_path / "model"
   build_hf_model("qwen_sparse_step").save_pretrained(model_dir)
-  tok = write_toy_tokenizer(model_dir)
+  write_toy_tokenizer(model_dir)  # the eval job loads the tokenizer from the model directory
   items = tmp_path / "items.jsonl"
   items.write_text("".join(json.dumps({"context": f"say first of : w{i} w{i + 1}", "choices": [f" w{i}", f" w{i + 1}"],
                                        "answer": 0}) + "\n" for i in range(10)))
