@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,12 +150,15 @@ def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[st
 
 
 def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
-             max_loss_tokens: int = 0) -> dict[str, float]:
-  """Mean NLL per trained token of packed rows (data.eval_batches) at top-k, its perplexity, the count."""
+             max_loss_tokens: int = 0, place: Optional[Callable] = None) -> dict[str, float]:
+  """Mean NLL per trained token of packed rows (data.eval_batches) at top-k, its perplexity, the count.
+
+  place: host batch -> device arrays (the trainer shards them over its mesh); default jnp.asarray.
+  """
+  place = place or (lambda batch: {key: jnp.asarray(v) for key, v in batch.items()})
   total, count = 0.0, 0.0
   for batch in batches:
-    nll_sum, weight = _nll_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k,
-                                 max_loss_tokens)
+    nll_sum, weight = _nll_batch(cfg, params, place(batch), k, max_loss_tokens)
     total, count = total + float(nll_sum), count + float(weight)
   nll = total / max(count, 1.0)
   return {"nll": nll, "ppl": float(np.exp(min(nll, 80.0))), "tokens": int(count)}

@@ -31,6 +31,7 @@ from phds_jax import metrics as metrics_lib
 from phds_jax import sharding as sharding_lib
 from phds_jax import sparsity
 from phds_jax.model.config import ModelConfig, preset
+from phds_jax import evaluate
 from phds_jax.evaluate import token_nll
 from phds_jax.model.transformer import init_params
 
@@ -141,7 +142,6 @@ class Trainer:
     self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
     self.n_moe = len(cfg.moe_layer_indices)
     self._steps: dict[Any, Any] = {}
-    self._evals: dict[Any, Any] = {}
     self.state_shardings = None
 
   # state ----------------------------------------------------------------------------------------------
@@ -228,19 +228,10 @@ class Trainer:
 
   def eval_nll(self, state, batches: list[dict[str, np.ndarray]], k: int) -> float:
     """Mean NLL per trained token over `batches` at static k (hard top-k, as served)."""
-    if k not in self._evals:
-      def one(trainable, frozen, batch):
-        params = self._params_for_compute(trainable, frozen)
-        nll_sum, weight, _ = token_nll(self.cfg, params, batch, k=k,
-                                       max_loss_tokens=self.config.data.max_loss_tokens)
-        return nll_sum, weight
-      self._evals[k] = jax.jit(one)
-    total, count = 0.0, 0.0
+    params = self._params_for_compute(state["trainable"], state["frozen"])
     with jax.set_mesh(self.mesh):
-      for batch in batches:
-        nll_sum, weight = self._evals[k](state["trainable"], state["frozen"], self.global_batch(batch))
-        total, count = total + float(nll_sum), count + float(weight)
-    return total / max(count, 1.0)
+      return evaluate.mean_nll(self.cfg, params, batches, k=k, max_loss_tokens=self.config.data.max_loss_tokens,
+                               place=self.global_batch)["nll"]
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's rows -> one global array per key, sharded over the batch axes."""
