@@ -12,7 +12,7 @@ from typing import Optional
 
 from phds_jax.errors import ConfigError
 
-EXPERT_BACKENDS = ("reference", "sorted", "ragged")
+EXPERT_BACKENDS = ("auto", "grouped", "sorted", "ragged", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class ModelConfig:
   pad_token_id: Optional[int] = None
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int | tuple[int, ...]] = None
-  expert_backend: str = "sorted"  # one of EXPERT_BACKENDS; every backend computes the same function
+  expert_backend: str = "auto"  # one of EXPERT_BACKENDS; all compute the same function ("auto": per platform)
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -6,7 +6,11 @@ with expert(x) = down(silu(gate(x)) * up(x)):
   - "sorted": tokens sorted by expert into fixed-size blocks, one matmul per block (cost proportional to
     the routed width W, plus at most one padding block per expert); works on every platform;
   - "ragged": tokens sorted by expert and `jax.lax.ragged_dot` grouped matmuls (fast where the platform
-    lowers ragged_dot natively, e.g. recent GPUs/TPUs; a dense fallback elsewhere).
+    lowers ragged_dot natively, e.g. TPUs; a dense fallback elsewhere, about 100x slower on CPU);
+  - "grouped": each expert's first C rows (C about the mean group size) as one batched matmul over
+    experts, the rows beyond C in small blocks of one expert each, looped over only the blocks in use
+    (cost proportional to W; decoding touches only the routed experts' weights);
+  - "auto": "ragged" on TPU, "grouped" elsewhere (see `default_backend`).
 """
 
 from __future__ import annotations
@@ -129,10 +133,176 @@ def ragged_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWe
   return _combine(jax.lax.ragged_dot(h, w.down, s.group_sizes), s, weights)
 
 
-BACKENDS = {"reference": reference_moe, "sorted": sorted_moe, "ragged": ragged_moe}
+class GroupedLayout(NamedTuple):
+  """Static shape plan of the grouped backend."""
+
+  capacity: int  # rows per expert in the batched matmul (a multiple of 8; 0 = none)
+  block: int  # rows per overflow block
+  num_blocks: int  # overflow blocks allocated: enough for any routing
+
+
+def grouped_layout(num_tokens: int, width: int, num_experts: int) -> GroupedLayout:
+  """Capacity = the mean group size rounded down to 8 (0 below 8, e.g. when decoding).
+
+  An expert holds at most num_tokens rows (a token picks it once), so at most `width` experts can
+  fill up and the rows beyond capacity number at most T*W - W*min(C, T); each overflowing expert
+  wastes less than one block.
+  """
+  n = num_tokens * width
+  mean = n // num_experts
+  capacity = mean // 8 * 8
+  block = 8 if mean < 64 else 16
+  overflow = n - width * min(capacity, num_tokens)
+  return GroupedLayout(capacity, block, overflow // block + min(num_experts, n) + 1)
+
+
+class _GroupedPlan(NamedTuple):
+  dense_token: jax.Array  # [E*C] token in each capacity slot (T = empty)
+  block_token: jax.Array  # [num_blocks, block] token in each overflow row (T = empty)
+  block_expert: jax.Array  # [num_blocks] expert of each overflow block
+  used_blocks: jax.Array  # [] overflow blocks in use
+  assignment_row: jax.Array  # [T, W] output row of each assignment: slot, or E*C + overflow row
+  row_assignment: jax.Array  # [E*C + num_blocks*block] flat assignment of each row (T*W = empty)
+
+
+def _grouped_plan(experts: jax.Array, num_experts: int, layout: GroupedLayout) -> _GroupedPlan:
+  num_tokens, width = experts.shape
+  n = num_tokens * width
+  capacity, block, num_blocks = layout
+  s = _sort_by_expert(experts, num_experts)
+  group_start = jnp.cumsum(s.group_sizes) - s.group_sizes
+  rank = jnp.arange(n, dtype=jnp.int32) - group_start[s.expert]
+  overflow_blocks = -(-jnp.maximum(s.group_sizes - capacity, 0) // block)  # [E]
+  block_end = jnp.cumsum(overflow_blocks)
+  dense_rows = num_experts * capacity
+  row = jnp.where(rank < capacity, s.expert * capacity + rank,
+                  dense_rows + (block_end - overflow_blocks)[s.expert] * block + rank - capacity)
+  rows = dense_rows + num_blocks * block
+  order = s.order.astype(jnp.int32)
+  row_assignment = jnp.full((rows,), n, jnp.int32).at[row].set(order)
+  row_token = jnp.where(row_assignment < n, row_assignment // width, num_tokens)
+  block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
+  block_expert = jnp.searchsorted(block_end, block_ids, side="right")
+  return _GroupedPlan(
+      dense_token=row_token[:dense_rows],
+      block_token=row_token[dense_rows:].reshape(num_blocks, block),
+      block_expert=jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32),
+      used_blocks=block_end[-1],
+      assignment_row=jnp.zeros((n,), jnp.int32).at[order].set(row.astype(jnp.int32)).reshape(num_tokens, width),
+      row_assignment=row_assignment)
+
+
+def _with_zero_row(a: jax.Array) -> jax.Array:
+  return jnp.concatenate([a, jnp.zeros_like(a[:1])])
+
+
+@jax.custom_vjp
+def _take_rows(src: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """src [S, H] -> src[index] [N, H], index == S meaning a zero row.
+
+  inverse [S, m] lists the output rows holding each source row (N = none); the gradient is a gather
+  and sum over it instead of XLA's slow row scatter-add.
+  """
+  del inverse
+  return _with_zero_row(src)[index]
+
+
+def _take_rows_fwd(src, index, inverse):
+  return _take_rows(src, index, inverse), inverse
+
+
+def _take_rows_bwd(inverse, g):
+  return _with_zero_row(g)[inverse].sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _overflow_forward(x, block_token, block_expert, used, w: ExpertWeights):
+  x = _with_zero_row(x)
+  num_blocks, block = block_token.shape
+
+  def body(j, y):
+    e = block_expert[j]
+    yb = _swiglu(x[block_token[j]], w.gate[e], w.up[e], w.down[e])
+    return jax.lax.dynamic_update_slice_in_dim(y, yb, j * block, 0)
+
+  return jax.lax.fori_loop(0, used, body, jnp.zeros((num_blocks * block, x.shape[1]), x.dtype))
+
+
+@jax.custom_vjp
+def _overflow_blocks(x, block_token, block_expert, used, w: ExpertWeights):
+  """x [T, H] -> [num_blocks * block, H]: block j is expert block_expert[j] on its tokens.
+
+  Only the first `used` blocks run (a loop with a dynamic trip count, hence the explicit gradient,
+  which recomputes the activations block by block). Empty rows (token T) read a zero row.
+  """
+  return _overflow_forward(x, block_token, block_expert, used, w)
+
+
+def _overflow_fwd(x, block_token, block_expert, used, w):
+  return _overflow_forward(x, block_token, block_expert, used, w), (x, block_token, block_expert, used, w)
+
+
+def _overflow_bwd(res, dy):
+  x, block_token, block_expert, used, w = res
+  xz = _with_zero_row(x)
+  block = block_token.shape[1]
+
+  def body(j, grads):
+    dx, dgate, dup, ddown = grads
+    e, tokens = block_expert[j], block_token[j]
+    xb, dyb = xz[tokens], jax.lax.dynamic_slice_in_dim(dy, j * block, block)
+    gate, up, down = w.gate[e], w.up[e], w.down[e]
+    a, b = xb @ gate, xb @ up
+    sig = jax.nn.sigmoid(a)
+    act = a * sig
+    dh = dyb @ down.T
+    da = dh * b * sig * (1 + a * (1 - sig))
+    db = dh * act
+    dx = dx.at[tokens].add(da @ gate.T + db @ up.T)
+    return (dx, dgate.at[e].add(xb.T @ da), dup.at[e].add(xb.T @ db), ddown.at[e].add((act * b).T @ dyb))
+
+  zeros = jax.tree.map(jnp.zeros_like, (xz, w.gate, w.up, w.down))
+  dx, dgate, dup, ddown = jax.lax.fori_loop(0, used, body, zeros)
+  return dx[:-1], None, None, None, ExpertWeights(dgate, dup, ddown)
+
+
+_overflow_blocks.defvjp(_overflow_fwd, _overflow_bwd)
+
+
+def grouped_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
+  """x [T, H], experts/weights [T, W] -> [T, H]; see `grouped_layout` for the row plan."""
+  num_tokens, width = experts.shape
+  num_experts, hidden, _ = w.gate.shape
+  layout = grouped_layout(num_tokens, width, num_experts)
+  capacity = layout.capacity
+  p = _grouped_plan(experts, num_experts, layout)
+  outputs = []
+  if capacity:
+    dense_rows = num_experts * capacity
+    slot_of_assignment = jnp.where(p.assignment_row < dense_rows, p.assignment_row, dense_rows)
+    xd = _take_rows(x, p.dense_token, slot_of_assignment).reshape(num_experts, capacity, hidden)
+    h = jax.nn.silu(jnp.einsum("ech,ehi->eci", xd, w.gate)) * jnp.einsum("ech,ehi->eci", xd, w.up)
+    outputs.append(jnp.einsum("eci,eih->ech", h, w.down).reshape(dense_rows, hidden))
+  outputs.append(_overflow_blocks(x, p.block_token, p.block_expert, p.used_blocks, w))
+  y_rows = jnp.concatenate(outputs)
+  y = _take_rows(y_rows, p.assignment_row.reshape(-1), p.row_assignment[:, None])
+  return jnp.einsum("twh,tw->th", y.reshape(num_tokens, width, hidden), weights.astype(y.dtype))
+
+
+BACKENDS = {"reference": reference_moe, "sorted": sorted_moe, "ragged": ragged_moe, "grouped": grouped_moe}
+
+
+def default_backend(platform: str) -> str:
+  """The expert backend "auto" resolves to: TPUs lower ragged_dot to grouped-matmul kernels; CPUs and
+  GPUs run it as dense matmuls over every expert, so they get the grouped backend."""
+  return "ragged" if platform == "tpu" else "grouped"
 
 
 def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights,
             backend: str) -> jax.Array:
-  """Dispatches to the named backend. x [T, H], experts/weights [T, W] -> [T, H]."""
+  """Dispatches to the named backend ("auto": `default_backend`). x [T, H], experts/weights [T, W] -> [T, H]."""
+  if backend == "auto":
+    backend = default_backend(jax.default_backend())
   return BACKENDS[backend](x, experts, weights, w)
