@@ -24,7 +24,10 @@ def _routing(width, seed=1, k=None):
   return routing.route(probs, k=width if k is None else k, width=width, norm_topk_prob=False)
 
 
-@pytest.mark.parametrize("backend", ["sorted", "ragged"])
+FAST_BACKENDS = ["grouped", "sorted", "ragged"]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("width", [1, 2, 5, E])
 def test_backend_equals_reference(backend, width):
   x = jax.random.normal(jax.random.key(2), (T, H))
@@ -34,7 +37,7 @@ def test_backend_equals_reference(backend, width):
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["sorted", "ragged"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_backend_gradients_equal_reference(backend):
   x = jax.random.normal(jax.random.key(2), (T, H))
   w = _weights()
@@ -49,23 +52,81 @@ def test_backend_gradients_equal_reference(backend):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("tokens, width", [(1, 1), (1, 8), (3, 2), (2, 8)])
-def test_sorted_is_exact_for_decode_sized_inputs(tokens, width):
+def test_backend_is_exact_for_decode_sized_inputs(backend, tokens, width):
   x = jax.random.normal(jax.random.key(4), (tokens, H))
   w = _weights()
   logits = jax.random.normal(jax.random.key(5), (tokens, E))
   r = routing.route(routing.router_probs(logits), k=width, width=width, norm_topk_prob=True)
-  np.testing.assert_allclose(experts_lib.sorted_moe(x, r.experts, r.weights, w),
+  np.testing.assert_allclose(experts_lib.BACKENDS[backend](x, r.experts, r.weights, w),
                              experts_lib.reference_moe(x, r.experts, r.weights, w), atol=1e-5)
 
 
-def test_sorted_handles_all_tokens_on_one_expert():
-  x = jax.random.normal(jax.random.key(3), (T, H))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("tokens, width", [(T, 2), (300, 3), (300, E)])
+def test_backend_handles_the_most_concentrated_routing(backend, tokens, width):
+  """Every token on the same experts: the groups exceed any capacity by the most possible."""
+  x = jax.random.normal(jax.random.key(3), (tokens, H))
   w = _weights()
-  expert_ids = jnp.zeros((T, 2), jnp.int32).at[:, 1].set(5)
-  weights = jnp.full((T, 2), 0.5)
-  np.testing.assert_allclose(experts_lib.sorted_moe(x, expert_ids, weights, w),
-                             experts_lib.reference_moe(x, expert_ids, weights, w), atol=1e-5)
+  expert_ids = jnp.tile((jnp.arange(width, dtype=jnp.int32) * 5) % E, (tokens, 1))
+  weights = jax.random.uniform(jax.random.key(6), (tokens, width))
+
+  def loss(fn):
+    return lambda x, w, weights: jnp.sum(jnp.sin(fn(x, expert_ids, weights, w)))
+
+  ref = jax.value_and_grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2))(x, w, weights)
+  out = jax.value_and_grad(loss(experts_lib.BACKENDS[backend]), argnums=(0, 1, 2))(x, w, weights)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [100, 300])
+@pytest.mark.parametrize("width", [1, 3, E])
+def test_grouped_gradients_under_jit_with_capacity_and_overflow(tokens, width):
+  x = jax.random.normal(jax.random.key(7), (tokens, H))
+  w = _weights(3)
+  logits = jax.random.normal(jax.random.key(8), (tokens, E)) * 3  # uneven groups: overflow blocks in use
+  r = routing.route(routing.router_probs(logits), k=width, width=width, norm_topk_prob=False)
+  layout = experts_lib.grouped_layout(tokens, width, E)
+  plan = experts_lib._grouped_plan(r.experts, E, layout)
+  assert layout.capacity > 0 and 0 < int(plan.used_blocks) <= layout.num_blocks
+
+  def loss(fn):
+    return lambda x, w, weights: jnp.sum(jnp.cos(fn(x, r.experts, weights, w)) * x[:, :1])
+
+  ref = jax.grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2))(x, w, r.weights)
+  out = jax.jit(jax.grad(loss(experts_lib.grouped_moe), argnums=(0, 1, 2)))(x, w, r.weights)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_decoding_touches_only_the_routed_experts():
+  """One token at k: no capacity slots, one overflow block per routed expert."""
+  for width in (1, 2, 8):
+    layout = experts_lib.grouped_layout(1, width, 64)
+    experts = jnp.arange(width, dtype=jnp.int32)[None] * 3
+    plan = experts_lib._grouped_plan(experts, 64, layout)
+    assert layout.capacity == 0 and int(plan.used_blocks) == width
+
+
+def test_grouped_layout_rows_scale_with_width():
+  tokens, num_experts = 4096, 64
+  for width in (1, 2, 4, 8):
+    c, block, num_blocks = experts_lib.grouped_layout(tokens, width, num_experts)
+    assert c % 8 == 0 and num_experts * c <= tokens * width  # capacity slots never exceed the assignments
+    # the overflow allocation covers the worst case: `width` experts holding every token
+    assert num_blocks * block >= width * (tokens - c) + block
+
+
+def test_auto_backend_is_per_platform():
+  assert experts_lib.default_backend("cpu") == "grouped"
+  assert experts_lib.default_backend("gpu") == "grouped"
+  assert experts_lib.default_backend("tpu") == "ragged"
+  x = jax.random.normal(jax.random.key(2), (T, H))
+  w, r = _weights(), _routing(3)
+  np.testing.assert_allclose(experts_lib.moe_ffn(x, r.experts, r.weights, w, "auto"),
+                             experts_lib.reference_moe(x, r.experts, r.weights, w), atol=1e-5)
 
 
 def test_sorted_rows_scale_with_width():
