@@ -125,6 +125,8 @@ def layer_rows(c):
       t = median_time(lambda: fn(x, r.experts, r.weights, w), ARGS.repeats)
       row[f"{backend}_ms"] = 1e3 * t
       row[f"{backend}_gflops"] = flops / t / 1e9
+      print(f"MoE layer k={k} {backend}: {1e3 * t:.1f} ms, {flops / t / 1e9:.1f} GFLOP/s "
+            f"(plain matmul {row['plain_matmul_gflops']:.1f})", flush=True)
     rows.append(row)
   return rows
 
@@ -154,6 +156,7 @@ def train_rows(cfg, params, tokens):
       return metrics
 
     out.append({"k_train": k, "tokens_per_s": tokens.size / median_time(step, ARGS.repeats)})
+    print(f"train step k_train={k}: {out[-1]['tokens_per_s']:,.0f} tok/s", flush=True)
   return out
 
 
@@ -183,6 +186,7 @@ def main():
     for k in KS:
       m = latency.measure(cfg, params, k, batch_size=batch, prompt_len=32, decode_tokens=64, repeats=ARGS.repeats)
       decode.append({"batch": batch, "k": k, "decode_ms_per_token": m["decode_ms_per_token"]})
+      print(f"decode batch {batch} k={k}: {m['decode_ms_per_token']:.2f} ms/token", flush=True)
   train_stats = train_rows(cfg, params, tokens)
   result = {"config": c, "threads": ARGS.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
             "device": jax.devices()[0].device_kind, "forward": full, "moe_layer": layer, "decode": decode,
