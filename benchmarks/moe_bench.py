@@ -9,7 +9,8 @@ vocab 8192; batch 2 x 512 tokens; k in {1, 2, 4, 8}. Reports, per k:
   - the MoE layer alone: useful GFLOP/s (2 * tokens * k * 3 * hidden * expert_hidden / time) for each expert
     backend, against a plain x @ W matmul of the same useful FLOPs (the practical limit), measured here;
     the ratios are for the platform's default backend (`experts.default_backend`, what "auto" runs);
-  - time(k) / time(k=8) for the MoE layer and the full model, next to the FLOP ratio;
+  - time(k) / time(k=8) for the MoE layer and the full model, next to the FLOP ratio (for the full model the
+    ratio of all useful forward FLOPs: attention, router and head included, see model_flops_per_token);
   - a training step (forward + backward + AdamW) tokens/s at k_train in {1, 8};
   - decode ms/token at batch 1 and 8.
 Both frameworks get the same number of threads (--threads, default 2). Times are medians after warm-up;
@@ -58,6 +59,14 @@ def config():
   if ARGS.small:
     return dict(hidden=64, layers=2, heads=4, experts=16, expert_hidden=32, vocab=512, batch=2, seq=64)
   return dict(hidden=512, layers=8, heads=8, experts=64, expert_hidden=256, vocab=8192, batch=2, seq=512)
+
+
+def model_flops_per_token(c, k):
+  """Useful forward FLOPs per token: projections, causal attention (mean (L+1)/2 keys), router, k experts, head."""
+  h, layers, seq = c["hidden"], c["layers"], c["seq"]
+  attention = 2 * 4 * h * h + 2 * 2 * h * (seq + 1) / 2  # q, k, v, o projections; scores and values
+  moe = 2 * h * c["experts"] + k * 3 * 2 * h * c["expert_hidden"]
+  return layers * (attention + moe) + 2 * h * c["vocab"]
 
 
 def median_time(fn, repeats):
@@ -174,6 +183,7 @@ def main():
   base = {r["k"]: r for r in full}[8]
   for r in full:
     r["time_ratio_vs_k8"] = r["phds_ms"] / base["phds_ms"]
+    r["flop_ratio_vs_k8"] = model_flops_per_token(c, r["k"]) / model_flops_per_token(c, 8)
   layer = layer_rows(c)
   base_layer = {r["k"]: r for r in layer}[8]
   for r in layer:
@@ -197,7 +207,7 @@ def main():
   print(f"{'k':>3} {'phds tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'t(k)/t(8)':>10} {'flops k/8':>10}")
   for r in full:
     print(f"{r['k']:>3} {r['phds_tokens_per_s']:>11,.0f} {r['torch_tokens_per_s']:>12,.0f} "
-          f"{r['speedup_vs_torch']:>6.2f} {r['time_ratio_vs_k8']:>10.3f} {r['k'] / 8:>10.3f}")
+          f"{r['speedup_vs_torch']:>6.2f} {r['time_ratio_vs_k8']:>10.3f} {r['flop_ratio_vs_k8']:>10.3f}")
   print("\nMoE layer alone (useful GFLOP/s)")
   names = ARGS.backends.split(",")
   print(f"{'k':>3} {'plain matmul':>12} " + " ".join(f"{n:>10}" for n in names)
