@@ -187,3 +187,20 @@ def test_expert_backends_give_the_same_model(hf_dirs, variant, tokens):
   for backend in ("auto", "grouped", "sorted", "ragged"):
     for ours, ref in zip(outputs[backend], outputs["reference"]):
       np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length, chunk", [(300, 128), (256, 64), (130, 128)])
+def test_causal_query_chunks_equal_full_attention(length, chunk):
+  """Chunked self-attention (keys up to each chunk's end) equals the full L x L product, packing included."""
+  from phds_jax.model import layers
+
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (2, 2, 3, length, 16))  # [B, KV, G, L, D]
+  k, v = (jax.random.normal(key, (2, 2, length, 16)) for key in ks[1:])
+  segments = np.ones((2, length), np.int32)
+  segments[0, length // 3:] = 2  # two packed examples
+  segments[1, -7:] = 0  # right padding
+  mask = layers.attention_mask(jnp.asarray(segments))
+  full = layers.attend(q, k, v, mask, 0.25)
+  chunked = layers.attend(q, k, v, mask, 0.25, causal_chunk=chunk)
+  np.testing.assert_allclose(chunked, full, atol=1e-6, rtol=1e-6)

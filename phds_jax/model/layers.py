@@ -68,6 +68,9 @@ def cache_attention_mask(kv_valid: jax.Array, cache_index, length: int) -> jax.A
   return (causal[None] & kv_valid[:, None, :])[:, None, None]
 
 
+ATTENTION_QUERY_CHUNK = 128  # query rows per causal chunk in self-attention (see `attend`)
+
+
 def dense(features, use_bias, cfg: ModelConfig, param_dtype, name):
   """nn.Dense with HF's initialisation (normal(initializer_range) kernel, zero bias); kernel [in, out]."""
   return nn.Dense(features, use_bias=use_bias, param_dtype=param_dtype, name=name,
@@ -111,16 +114,15 @@ class Attention(nn.Module):
     q = q.reshape(b, length, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, L, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     causal_chunk = ATTENTION_QUERY_CHUNK if cache is None else None
-    out = attend(q * jnp.asarray(d ** -0.5, q.dtype), k, v, mask, causal_chunk)  # [B, KV, G, L, D]
+    out = attend(q, k, v, mask, d ** -0.5, causal_chunk)  # [B, KV, G, L, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n * d)
     return dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")(out), new_cache
 
 
-ATTENTION_QUERY_CHUNK = 128
+def attend(q, k, v, mask, scale: float, causal_chunk: Optional[int] = None):
+  """Softmax attention. q [B, KV, G, L, D], k/v [B, KV, S, D], mask bool [B, 1, 1, L, S] -> [B, KV, G, L, D].
 
-
-def attend(q, k, v, mask, causal_chunk: Optional[int] = None):
-  """Softmax attention. q [B, KV, G, L, D] (pre-scaled), k/v [B, KV, S, D], mask bool [B, 1, 1, L, S].
+  Scores are q.k * scale (scaled after the product, as transformers does).
 
   With `causal_chunk` (self-attention under a causal mask, S == L) queries go in chunks and each chunk
   scores only the keys up to its last position: about half the work of the full L x L product.
@@ -133,8 +135,8 @@ def attend(q, k, v, mask, causal_chunk: Optional[int] = None):
   outs = []
   for start, end in bounds:
     keys = slice(0, end if causal_chunk else k.shape[2])
-    scores = jnp.einsum("bkgld,bksd->bkgls", q[:, :, :, start:end], k[:, :, keys]).astype(jnp.float32)
-    scores = jnp.where(mask[..., start:end, keys], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("bkgld,bksd->bkgls", q[:, :, :, start:end], k[:, :, keys]) * scale
+    scores = jnp.where(mask[..., start:end, keys], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     outs.append(jnp.einsum("bkgls,bksd->bkgld", probs, v[:, :, keys]))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
