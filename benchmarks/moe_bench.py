@@ -33,7 +33,7 @@ def _args():
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--small", action="store_true", help="a tiny config for a smoke run")
-  p.add_argument("--backends", default="grouped,sorted,ragged,reference", help="expert backends for the layer table")
+  p.add_argument("--backends", default="chunked,sorted,ragged,reference", help="expert backends for the layer table")
   return p.parse_args()
 
 

@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.compare = ""  # more checkpoints: "label=path,label2=path2"
   c.tokenizer_path = ""  # "" = the first checkpoint's directory
   c.dtype = "float32"  # float32 | bfloat16 | float16
-  c.expert_backend = ""  # "" keeps the default (auto); auto | grouped | sorted | ragged | reference
+  c.expert_backend = ""  # "" keeps the default (auto); auto | chunked | sorted | ragged | reference
   c.k_eval = arg or "1,2,4,8"  # declared k values (each in [1, num_experts])
   c.reference_k = 0  # agreement is measured against this k; 0 = k_pre
   c.tasks = ""  # OLMo suite tasks, comma-separated task:variant (e.g. arc_easy:rc_0shot,boolq:mc_5shot)

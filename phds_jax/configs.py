@@ -20,7 +20,7 @@ def base_config(arg=None):
   c.model.preset = "tiny-olmoe"  # phds_jax.PRESETS name, used without model_path
   c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides for the preset
   c.model.param_dtype = "float32"  # master weights (float32 keeps bf16 compute exact enough to train)
-  c.model.expert_backend = ""  # "" keeps the default (auto); auto | grouped | sorted | ragged | reference
+  c.model.expert_backend = ""  # "" keeps the default (auto); auto | chunked | sorted | ragged | reference
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "sft"  # sft: JSONL prompt/response or messages (loss on responses); text: LM

@@ -24,7 +24,7 @@ def _routing(width, seed=1, k=None):
   return routing.route(probs, k=width if k is None else k, width=width, norm_topk_prob=False)
 
 
-FAST_BACKENDS = ["grouped", "sorted", "ragged"]
+FAST_BACKENDS = ["chunked", "sorted", "ragged"]
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -81,47 +81,86 @@ def test_backend_handles_the_most_concentrated_routing(backend, tokens, width):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-5)
 
 
+def _plan_rows(group_sizes, num_assignments):
+  """(computed rows, kept rows per chunk as (start, stop, expert)) of the chunked backend's plan."""
+  sizes = experts_lib.chunk_sizes(num_assignments)
+  plans = experts_lib._chunk_plan(jnp.asarray(group_sizes, jnp.int32), sizes, num_assignments)
+  computed, kept = 0, []
+  for plan, size in zip(plans, sizes):
+    for j in range(int(plan.count)):
+      start, end, expert = int(plan.start[j]), int(plan.end[j]), int(plan.expert[j])
+      computed += size
+      kept.append((start, min(start + size, end), expert))
+  return computed, kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_plan_covers_each_row_once_with_bounded_waste(seed):
+  """Random group sizes (empty, tiny, huge): the kept rows of all chunks partition [0, n), each chunk
+  lies inside its own expert's group, and at most a third of each group plus 8 rows is wasted."""
+  rng = np.random.default_rng(seed)
+  num_experts = int(rng.choice([1, 4, 16, 64]))
+  group_sizes = rng.integers(0, [3, 40, 300, 2000][seed % 4], num_experts)
+  group_sizes[rng.random(num_experts) < 0.3] = 0
+  n = int(group_sizes.sum())
+  if n == 0:
+    group_sizes[0], n = 5, 5
+  computed, kept = _plan_rows(group_sizes, n)
+  starts = np.cumsum(group_sizes) - group_sizes
+  covered = np.zeros(n, np.int32)
+  for start, stop, expert in kept:
+    assert starts[expert] <= start < stop <= starts[expert] + group_sizes[expert]
+    covered[start:stop] += 1
+  np.testing.assert_array_equal(covered, 1)
+  assert computed <= n + n / 3 + 8 * num_experts
+
+
+def test_chunk_sizes_are_powers_of_two_up_to_256():
+  for n, largest in [(1, 8), (9, 16), (200, 256), (10**6, 256)]:
+    sizes = experts_lib.chunk_sizes(n)
+    assert sizes[0] == sizes[1] == largest  # full chunks, then the rest's chunks from the largest down
+    assert list(sizes[1:]) == [largest >> i for i in range(len(sizes) - 1)] and sizes[-1] == 8
+
+
 @pytest.mark.parametrize("tokens", [100, 300])
 @pytest.mark.parametrize("width", [1, 3, E])
-def test_grouped_gradients_under_jit_with_capacity_and_overflow(tokens, width):
+def test_chunked_gradients_under_jit_with_uneven_groups(tokens, width):
   x = jax.random.normal(jax.random.key(7), (tokens, H))
   w = _weights(3)
-  logits = jax.random.normal(jax.random.key(8), (tokens, E)) * 3  # uneven groups: overflow blocks in use
+  logits = jax.random.normal(jax.random.key(8), (tokens, E)) * 3  # uneven groups: many chunk sizes in use
   r = routing.route(routing.router_probs(logits), k=width, width=width, norm_topk_prob=False)
-  layout = experts_lib.grouped_layout(tokens, width, E)
-  plan = experts_lib._grouped_plan(r.experts, E, layout)
-  assert layout.capacity > 0 and 0 < int(plan.used_blocks) <= layout.num_blocks
+  _, kept = _plan_rows(np.bincount(np.asarray(r.experts).ravel(), minlength=E), tokens * width)
+  assert width == E or len({stop - start for start, stop, _ in kept}) > 2  # (at width E every group is T)
 
   def loss(fn):
     return lambda x, w, weights: jnp.sum(jnp.cos(fn(x, r.experts, weights, w)) * x[:, :1])
 
   ref = jax.grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2))(x, w, r.weights)
-  out = jax.jit(jax.grad(loss(experts_lib.grouped_moe), argnums=(0, 1, 2)))(x, w, r.weights)
+  out = jax.jit(jax.grad(loss(experts_lib.chunked_moe), argnums=(0, 1, 2)))(x, w, r.weights)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
-def test_grouped_decoding_touches_only_the_routed_experts():
-  """One token at k: no capacity slots, one overflow block per routed expert."""
+def test_chunked_decoding_touches_only_the_routed_experts():
+  """One token at k: one 8-row chunk per routed expert, so only their weights are read."""
   for width in (1, 2, 8):
-    layout = experts_lib.grouped_layout(1, width, 64)
-    experts = jnp.arange(width, dtype=jnp.int32)[None] * 3
-    plan = experts_lib._grouped_plan(experts, 64, layout)
-    assert layout.capacity == 0 and int(plan.used_blocks) == width
+    routed = np.arange(width) * 3
+    computed, kept = _plan_rows(np.bincount(routed, minlength=64), width)
+    assert computed == 8 * width and sorted(e for _, _, e in kept) == list(routed)
 
 
-def test_grouped_layout_rows_scale_with_width():
+def test_chunked_rows_scale_with_width():
+  """Balanced routing of 4096 tokens over 64 experts: the computed rows grow with W, never T*E."""
   tokens, num_experts = 4096, 64
   for width in (1, 2, 4, 8):
-    c, block, num_blocks = experts_lib.grouped_layout(tokens, width, num_experts)
-    assert c % 8 == 0 and num_experts * c <= tokens * width  # capacity slots never exceed the assignments
-    # the overflow allocation covers the worst case: `width` experts holding every token
-    assert num_blocks * block >= width * (tokens - c) + block
+    n = tokens * width
+    computed, _ = _plan_rows(np.full(num_experts, n // num_experts), n)
+    assert n <= computed <= 1.1 * n
 
 
 def test_auto_backend_is_per_platform():
-  assert experts_lib.default_backend("cpu") == "grouped"
-  assert experts_lib.default_backend("gpu") == "grouped"
+  assert experts_lib.default_backend("cpu") == "chunked"
+  assert experts_lib.default_backend("gpu") == "chunked"
   assert experts_lib.default_backend("tpu") == "ragged"
   x = jax.random.normal(jax.random.key(2), (T, H))
   w, r = _weights(), _routing(3)

@@ -180,11 +180,11 @@ def test_invalid_tokens_raise(tokens):
 def test_expert_backends_give_the_same_model(hf_dirs, variant, tokens):
   path, _ = hf_dirs[variant]
   outputs = {}
-  for backend in ("reference", "auto", "grouped", "sorted", "ragged"):
+  for backend in ("reference", "auto", "chunked", "sorted", "ragged"):
     cfg, params = pj.hf.load_pretrained(path, expert_backend=backend)
     outputs[backend] = [np.asarray(pj.forward(cfg, params, tokens, k=k)) for k in (1, cfg.k_pre)]
     outputs[backend].append(np.asarray(pj.forward(cfg, params, tokens, k=jnp.array([1, 3]), k_max=3)))
-  for backend in ("auto", "grouped", "sorted", "ragged"):
+  for backend in ("auto", "chunked", "sorted", "ragged"):
     for ours, ref in zip(outputs[backend], outputs["reference"]):
       np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 

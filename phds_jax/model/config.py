@@ -12,7 +12,7 @@ from typing import Optional
 
 from phds_jax.errors import ConfigError
 
-EXPERT_BACKENDS = ("auto", "grouped", "sorted", "ragged", "reference")
+EXPERT_BACKENDS = ("auto", "chunked", "sorted", "ragged", "reference")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,14 +7,15 @@ with expert(x) = down(silu(gate(x)) * up(x)):
     the routed width W, plus at most one padding block per expert); works on every platform;
   - "ragged": tokens sorted by expert and `jax.lax.ragged_dot` grouped matmuls (fast where the platform
     lowers ragged_dot natively, e.g. TPUs; a dense fallback elsewhere, about 100x slower on CPU);
-  - "grouped": each expert's first C rows (C about the mean group size) as one batched matmul over
-    experts, the rows beyond C in small blocks of one expert each, looped over only the blocks in use
-    (cost proportional to W; decoding touches only the routed experts' weights);
-  - "auto": "ragged" on TPU, "grouped" elsewhere (see `default_backend`).
+  - "chunked": tokens sorted by expert, each expert's group covered by a few chunks of one expert
+    (power-of-two row counts, 8 to 256), looped over only the chunks in use: cost proportional to W
+    however uneven the groups, and decoding reads only the routed experts' weights;
+  - "auto": "ragged" on TPU, "chunked" elsewhere (see `default_backend`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -133,65 +134,6 @@ def ragged_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWe
   return _combine(jax.lax.ragged_dot(h, w.down, s.group_sizes), s, weights)
 
 
-class GroupedLayout(NamedTuple):
-  """Static shape plan of the grouped backend."""
-
-  capacity: int  # rows per expert in the batched matmul (a multiple of 8; 0 = none)
-  block: int  # rows per overflow block
-  num_blocks: int  # overflow blocks allocated: enough for any routing
-
-
-def grouped_layout(num_tokens: int, width: int, num_experts: int) -> GroupedLayout:
-  """Capacity = the mean group size rounded down to 8 (0 below 8, e.g. when decoding).
-
-  An expert holds at most num_tokens rows (a token picks it once), so at most `width` experts can
-  fill up and the rows beyond capacity number at most T*W - W*min(C, T); each overflowing expert
-  wastes less than one block.
-  """
-  n = num_tokens * width
-  mean = n // num_experts
-  capacity = mean // 8 * 8
-  block = 8 if mean < 64 else 16
-  overflow = n - width * min(capacity, num_tokens)
-  return GroupedLayout(capacity, block, overflow // block + min(num_experts, n) + 1)
-
-
-class _GroupedPlan(NamedTuple):
-  dense_token: jax.Array  # [E*C] token in each capacity slot (T = empty)
-  block_token: jax.Array  # [num_blocks, block] token in each overflow row (T = empty)
-  block_expert: jax.Array  # [num_blocks] expert of each overflow block
-  used_blocks: jax.Array  # [] overflow blocks in use
-  assignment_row: jax.Array  # [T, W] output row of each assignment: slot, or E*C + overflow row
-  row_assignment: jax.Array  # [E*C + num_blocks*block] flat assignment of each row (T*W = empty)
-
-
-def _grouped_plan(experts: jax.Array, num_experts: int, layout: GroupedLayout) -> _GroupedPlan:
-  num_tokens, width = experts.shape
-  n = num_tokens * width
-  capacity, block, num_blocks = layout
-  s = _sort_by_expert(experts, num_experts)
-  group_start = jnp.cumsum(s.group_sizes) - s.group_sizes
-  rank = jnp.arange(n, dtype=jnp.int32) - group_start[s.expert]
-  overflow_blocks = -(-jnp.maximum(s.group_sizes - capacity, 0) // block)  # [E]
-  block_end = jnp.cumsum(overflow_blocks)
-  dense_rows = num_experts * capacity
-  row = jnp.where(rank < capacity, s.expert * capacity + rank,
-                  dense_rows + (block_end - overflow_blocks)[s.expert] * block + rank - capacity)
-  rows = dense_rows + num_blocks * block
-  order = s.order.astype(jnp.int32)
-  row_assignment = jnp.full((rows,), n, jnp.int32).at[row].set(order)
-  row_token = jnp.where(row_assignment < n, row_assignment // width, num_tokens)
-  block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
-  block_expert = jnp.searchsorted(block_end, block_ids, side="right")
-  return _GroupedPlan(
-      dense_token=row_token[:dense_rows],
-      block_token=row_token[dense_rows:].reshape(num_blocks, block),
-      block_expert=jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32),
-      used_blocks=block_end[-1],
-      assignment_row=jnp.zeros((n,), jnp.int32).at[order].set(row.astype(jnp.int32)).reshape(num_tokens, width),
-      row_assignment=row_assignment)
-
-
 def _with_zero_row(a: jax.Array) -> jax.Array:
   return jnp.concatenate([a, jnp.zeros_like(a[:1])])
 
@@ -218,86 +160,151 @@ def _take_rows_bwd(inverse, g):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def _overflow_forward(x, block_token, block_expert, used, w: ExpertWeights):
-  x = _with_zero_row(x)
-  num_blocks, block = block_token.shape
-
-  def body(j, y):
-    e = block_expert[j]
-    yb = _swiglu(x[block_token[j]], w.gate[e], w.up[e], w.down[e])
-    return jax.lax.dynamic_update_slice_in_dim(y, yb, j * block, 0)
-
-  return jax.lax.fori_loop(0, used, body, jnp.zeros((num_blocks * block, x.shape[1]), x.dtype))
+def chunk_sizes(num_assignments: int) -> tuple[int, ...]:
+  """Row counts of the chunked backend's loops, largest first: one loop of full chunks of the largest
+  size, then one loop per size (256, 128, ..., 8) for the rest of each group; capped by the assignments."""
+  largest = int(min(256, max(8, 1 << (num_assignments - 1).bit_length())))
+  descending = tuple(largest >> i for i in range(largest.bit_length() - 3))
+  return (largest,) + descending
 
 
-@jax.custom_vjp
-def _overflow_blocks(x, block_token, block_expert, used, w: ExpertWeights):
-  """x [T, H] -> [num_blocks * block, H]: block j is expert block_expert[j] on its tokens.
+class _Chunks(NamedTuple):
+  """One loop's chunks (static length, the first `count` in use)."""
 
-  Only the first `used` blocks run (a loop with a dynamic trip count, hence the explicit gradient,
-  which recomputes the activations block by block). Empty rows (token T) read a zero row.
+  start: jax.Array  # [n] first sorted row of each chunk
+  end: jax.Array  # [n] end of that expert's group: rows from here on belong to the next experts
+  expert: jax.Array  # [n]
+  count: jax.Array  # [] chunks in use
+
+
+def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments: int) -> tuple[_Chunks, ...]:
+  """group_sizes [E] of the sorted rows -> one _Chunks per loop of `chunk_sizes`.
+
+  Each group of g rows gets g // L full chunks of the largest size L; its rest, rounded up to 8 rows,
+  gets at most one chunk per size, largest first, a size being taken when the rest fills over 3/4 of it.
+  So a group wastes under a quarter of its last chunk plus 7 rows, and runs at most log2(L / 4) chunks
+  beyond its full ones.
   """
-  return _overflow_forward(x, block_token, block_expert, used, w)
+  num_experts = group_sizes.shape[0]
+  largest = sizes[0]
+  experts = jnp.arange(num_experts, dtype=jnp.int32)
+  group_end = jnp.cumsum(group_sizes).astype(jnp.int32)
+  group_start = group_end - group_sizes
+  full = group_sizes // largest
+  full_end = jnp.cumsum(full)
+  chunk = jnp.arange(max(1, num_assignments // largest), dtype=jnp.int32)
+  full_expert = jnp.minimum(jnp.searchsorted(full_end, chunk, side="right"), num_experts - 1).astype(jnp.int32)
+  full_start = group_start[full_expert] + (chunk - (full_end - full)[full_expert]) * largest
+  plans = [_Chunks(full_start, group_end[full_expert], full_expert, full_end[-1].astype(jnp.int32))]
+  row = group_start + full * largest
+  rest = -(-(group_sizes - full * largest) // 8) * 8
+  for size in sizes[1:]:
+    take = (rest >= size) | (rest > 3 * size // 4)
+    slot = jnp.where(take, jnp.cumsum(take) - 1, num_experts)  # chunks in use first; the others dropped
+    start = jnp.zeros((num_experts,), jnp.int32).at[slot].set(row, mode="drop")
+    expert = jnp.zeros((num_experts,), jnp.int32).at[slot].set(experts, mode="drop")
+    plans.append(_Chunks(start, group_end[expert], expert, take.sum().astype(jnp.int32)))
+    row = jnp.where(take, row + size, row)
+    rest = jnp.where(take, jnp.maximum(rest - size, 0), rest)
+  return tuple(plans)
 
 
-def _overflow_fwd(x, block_token, block_expert, used, w):
-  return _overflow_forward(x, block_token, block_expert, used, w), (x, block_token, block_expert, used, w)
+def _chunk_loop(body, plan: _Chunks, size: int, carry):
+  """Runs body(xs_slice_start, keep [size, 1], expert, carry) over the chunks in use."""
+  def step(j, carry):
+    start, e = plan.start[j], plan.expert[j]
+    keep = (start + jnp.arange(size) < plan.end[j])[:, None]
+    return body(start, keep, e, carry)
+  return jax.lax.fori_loop(0, plan.count, step, carry)
 
 
-def _overflow_bwd(res, dy):
-  x, block_token, block_expert, used, w = res
-  xz = _with_zero_row(x)
-  block = block_token.shape[1]
-
-  def body(j, grads):
-    dx, dgate, dup, ddown = grads
-    e, tokens = block_expert[j], block_token[j]
-    xb, dyb = xz[tokens], jax.lax.dynamic_slice_in_dim(dy, j * block, block)
-    gate, up, down = w.gate[e], w.up[e], w.down[e]
-    a, b = xb @ gate, xb @ up
-    sig = jax.nn.sigmoid(a)
-    act = a * sig
-    dh = dyb @ down.T
-    da = dh * b * sig * (1 + a * (1 - sig))
-    db = dh * act
-    dx = dx.at[tokens].add(da @ gate.T + db @ up.T)
-    return (dx, dgate.at[e].add(xb.T @ da), dup.at[e].add(xb.T @ db), ddown.at[e].add((act * b).T @ dyb))
-
-  zeros = jax.tree.map(jnp.zeros_like, (xz, w.gate, w.up, w.down))
-  dx, dgate, dup, ddown = jax.lax.fori_loop(0, used, body, zeros)
-  return dx[:-1], None, None, None, ExpertWeights(dgate, dup, ddown)
+def _write_rows(dest: jax.Array, rows: jax.Array, start, keep: jax.Array) -> jax.Array:
+  """dest with rows [start, start + len(rows)) replaced by `rows` where `keep`."""
+  old = jax.lax.dynamic_slice_in_dim(dest, start, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(dest, jnp.where(keep, rows, old), start, 0)
 
 
-_overflow_blocks.defvjp(_overflow_fwd, _overflow_bwd)
+def _chunks_forward(xs, plans, sizes, w: ExpertWeights):
+  def run(size):
+    def body(start, keep, e, y):
+      xb = jax.lax.dynamic_slice_in_dim(xs, start, size)
+      return _write_rows(y, _swiglu(xb, w.gate[e], w.up[e], w.down[e]), start, keep)
+    return body
+
+  y = jnp.zeros_like(xs)
+  for plan, size in zip(plans, sizes):
+    y = _chunk_loop(run(size), plan, size, y)
+  return y
 
 
-def grouped_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
-  """x [T, H], experts/weights [T, W] -> [T, H]; see `grouped_layout` for the row plan."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _expert_chunks(xs, plans, sizes, w):
+  """xs [n + L, H] sorted by expert (L = largest chunk, padding rows) -> expert outputs [n + L, H].
+
+  Loops have data-dependent trip counts, hence the explicit gradient, which recomputes the
+  activations chunk by chunk and masks the rows beyond each group.
+  """
+  return _chunks_forward(xs, plans, sizes, w)
+
+
+def _expert_chunks_fwd(xs, plans, sizes, w):
+  return _chunks_forward(xs, plans, sizes, w), (xs, plans, w)
+
+
+def _expert_chunks_bwd(sizes, res, dy):
+  xs, plans, w = res
+
+  def run(size):
+    def body(start, keep, e, grads):
+      dx, dgate, dup, ddown = grads
+      xb = jax.lax.dynamic_slice_in_dim(xs, start, size)
+      dyb = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dy, start, size), 0)
+      gate, up, down = w.gate[e], w.up[e], w.down[e]
+      a, b = xb @ gate, xb @ up
+      sig = jax.nn.sigmoid(a)
+      act = a * sig
+      dh = dyb @ down.T
+      da = dh * b * sig * (1 + a * (1 - sig))  # d silu(a) = sig * (1 + a * (1 - sig))
+      db = dh * act
+      dx = _write_rows(dx, da @ gate.T + db @ up.T, start, keep)
+      return dx, dgate.at[e].add(xb.T @ da), dup.at[e].add(xb.T @ db), ddown.at[e].add((act * b).T @ dyb)
+    return body
+
+  grads = (jnp.zeros_like(xs), jnp.zeros_like(w.gate), jnp.zeros_like(w.up), jnp.zeros_like(w.down))
+  for plan, size in zip(plans, sizes):
+    grads = _chunk_loop(run(size), plan, size, grads)
+  dx, dgate, dup, ddown = grads
+  return dx, jax.tree.map(lambda _: None, plans), ExpertWeights(dgate, dup, ddown)
+
+
+_expert_chunks.defvjp(_expert_chunks_fwd, _expert_chunks_bwd)
+
+
+def chunked_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights) -> jax.Array:
+  """x [T, H], experts/weights [T, W] -> [T, H]: rows sorted by expert, each group run as chunks of one
+  expert (see `_chunk_plan`); work and weight reads scale with T * W, whatever the group sizes."""
   num_tokens, width = experts.shape
   num_experts, hidden, _ = w.gate.shape
-  layout = grouped_layout(num_tokens, width, num_experts)
-  capacity = layout.capacity
-  p = _grouped_plan(experts, num_experts, layout)
-  outputs = []
-  if capacity:
-    dense_rows = num_experts * capacity
-    slot_of_assignment = jnp.where(p.assignment_row < dense_rows, p.assignment_row, dense_rows)
-    xd = _take_rows(x, p.dense_token, slot_of_assignment).reshape(num_experts, capacity, hidden)
-    h = jax.nn.silu(jnp.einsum("ech,ehi->eci", xd, w.gate)) * jnp.einsum("ech,ehi->eci", xd, w.up)
-    outputs.append(jnp.einsum("eci,eih->ech", h, w.down).reshape(dense_rows, hidden))
-  outputs.append(_overflow_blocks(x, p.block_token, p.block_expert, p.used_blocks, w))
-  y_rows = jnp.concatenate(outputs)
-  y = _take_rows(y_rows, p.assignment_row.reshape(-1), p.row_assignment[:, None])
+  n = num_tokens * width
+  sizes = chunk_sizes(n)
+  pad = sizes[0]  # chunks may read up to L rows past the last group
+  s = _sort_by_expert(experts, num_experts)
+  order = s.order.astype(jnp.int32)  # assignment at each sorted row
+  position = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # sorted row of each
+  row_token = jnp.concatenate([order // width, jnp.full((pad,), num_tokens, jnp.int32)])
+  xs = _take_rows(x, row_token, position.reshape(num_tokens, width))
+  ys = _expert_chunks(xs, _chunk_plan(s.group_sizes, sizes, n), sizes, w)
+  y = _take_rows(ys, position, jnp.concatenate([order, jnp.full((pad,), n, jnp.int32)])[:, None])
   return jnp.einsum("twh,tw->th", y.reshape(num_tokens, width, hidden), weights.astype(y.dtype))
 
 
-BACKENDS = {"reference": reference_moe, "sorted": sorted_moe, "ragged": ragged_moe, "grouped": grouped_moe}
+BACKENDS = {"reference": reference_moe, "sorted": sorted_moe, "ragged": ragged_moe, "chunked": chunked_moe}
 
 
 def default_backend(platform: str) -> str:
   """The expert backend "auto" resolves to: TPUs lower ragged_dot to grouped-matmul kernels; CPUs and
-  GPUs run it as dense matmuls over every expert, so they get the grouped backend."""
-  return "ragged" if platform == "tpu" else "grouped"
+  GPUs run it as dense matmuls over every expert, so they get the chunked backend."""
+  return "ragged" if platform == "tpu" else "chunked"
 
 
 def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeights,
@@ -306,3 +313,4 @@ def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeigh
   if backend == "auto":
     backend = default_backend(jax.default_backend())
   return BACKENDS[backend](x, experts, weights, w)
+
