@@ -182,7 +182,7 @@ def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments:
 
   Each group of g rows gets g // L full chunks of the largest size L; its rest, rounded up to 8 rows,
   gets at most one chunk per size, largest first, a size being taken when the rest fills over 3/4 of it.
-  So a group wastes under a quarter of its last chunk plus 7 rows, and runs at most log2(L / 4) chunks
+  So a group wastes under a quarter of its last chunk plus 7 rows, and runs at most log2(L / 8) chunks
   beyond its full ones.
   """
   num_experts = group_sizes.shape[0]
@@ -210,7 +210,8 @@ def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments:
 
 
 def _chunk_loop(body, plan: _Chunks, size: int, carry):
-  """Runs body(xs_slice_start, keep [size, 1], expert, carry) over the chunks in use."""
+  """carry -> body(start, keep, expert, carry) over the chunks in use; keep [size, 1] marks the chunk's
+  rows inside its expert's group."""
   def step(j, carry):
     start, e = plan.start[j], plan.expert[j]
     keep = (start + jnp.arange(size) < plan.end[j])[:, None]
@@ -313,4 +314,3 @@ def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertWeigh
   if backend == "auto":
     backend = default_backend(jax.default_backend())
   return BACKENDS[backend](x, experts, weights, w)
-
