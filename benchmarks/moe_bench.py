@@ -14,12 +14,14 @@ vocab 8192; batch 2 x 512 tokens; k in {1, 2, 4, 8}. Reports, per k:
   - a training step (forward + backward + AdamW) tokens/s at k_train in {1, 8};
   - decode ms/token at batch 1 and 8.
 Both frameworks get the same number of threads (--threads, default 2). Times are medians after warm-up;
-the two frameworks' forwards are timed alternately, so drift in the machine's speed hits both alike.
+the two frameworks' forwards are timed alternately, and the MoE layer at every k and backend in shared
+rounds, so drift in the machine's speed hits all of a table's figures alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,6 +75,20 @@ def median_time(fn, repeats):
   return latency.median_seconds(fn, repeats)
 
 
+def interleaved_medians(fns, repeats):
+  """{name: fn} -> {name: median seconds}: one warm-up call each, then `repeats` rounds calling each fn
+  once in turn, so drift in the machine's speed hits all of them alike."""
+  times = {name: [] for name in fns}
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def build_models(c):
   import torch
   import transformers
@@ -97,16 +113,10 @@ def forward_times(model, cfg, params, tokens, k):
     if hasattr(m, "top_k") and hasattr(m, "norm_topk_prob"):
       m.top_k = k
   ids = torch.tensor(np.array(tokens))
-  ours = lambda: jax.block_until_ready(pj.forward(cfg, params, tokens, k=k))  # noqa: E731
-  times = {"phds": [], "torch": []}
   with torch.inference_mode():
-    ours(), model(ids)
-    for _ in range(ARGS.repeats):
-      for name, fn in (("phds", ours), ("torch", lambda: model(ids))):
-        t = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t)
-  return float(np.median(times["phds"])), float(np.median(times["torch"]))
+    t = interleaved_medians({"phds": lambda: pj.forward(cfg, params, tokens, k=k), "torch": lambda: model(ids)},
+                            ARGS.repeats)
+  return t["phds"], t["torch"]
 
 
 def layer_rows(c):
@@ -119,22 +129,25 @@ def layer_rows(c):
                                 down=jax.random.normal(keys[2], (e, i, h)) * 0.02)
   x = jax.random.normal(keys[3], (tokens, h))
   probs = routing.router_probs(jax.random.normal(keys[4], (tokens, e)))
-  rows = []
+  fns, flops = {}, {}
   for k in KS:
     r = routing.route(probs, k=k, width=k, norm_topk_prob=False)
-    flops = 2 * tokens * k * 3 * h * i
+    flops[k] = 2 * tokens * k * 3 * h * i
     # the practical limit: three plain matmuls with the same useful FLOPs ([T*k, H] x [H, I] etc.)
     xa = jax.random.normal(keys[0], (tokens * k, h))
     wa, wc, wb = (jax.random.normal(keys[j], shape) for j, shape in ((1, (h, i)), (2, (h, i)), (3, (i, h))))
     plain = jax.jit(lambda xa, wa, wc, wb: ((xa @ wa) * (xa @ wc)) @ wb)  # distinct weights: no CSE
-    t_plain = median_time(lambda: plain(xa, wa, wc, wb), ARGS.repeats)
-    row = {"k": k, "useful_gflop": flops / 1e9, "plain_matmul_gflops": flops / t_plain / 1e9}
+    fns[k, "plain"] = functools.partial(plain, xa, wa, wc, wb)
     for backend in ARGS.backends.split(","):
-      fn = jax.jit(experts_lib.BACKENDS[backend])
-      t = median_time(lambda: fn(x, r.experts, r.weights, w), ARGS.repeats)
-      row[f"{backend}_ms"] = 1e3 * t
-      row[f"{backend}_gflops"] = flops / t / 1e9
-      print(f"MoE layer k={k} {backend}: {1e3 * t:.1f} ms, {flops / t / 1e9:.1f} GFLOP/s "
+      fns[k, backend] = functools.partial(jax.jit(experts_lib.BACKENDS[backend]), x, r.experts, r.weights, w)
+  t = interleaved_medians(fns, ARGS.repeats)  # every k and backend timed in the same rounds
+  rows = []
+  for k in KS:
+    row = {"k": k, "useful_gflop": flops[k] / 1e9, "plain_matmul_gflops": flops[k] / t[k, "plain"] / 1e9}
+    for backend in ARGS.backends.split(","):
+      row[f"{backend}_ms"] = 1e3 * t[k, backend]
+      row[f"{backend}_gflops"] = flops[k] / t[k, backend] / 1e9
+      print(f"MoE layer k={k} {backend}: {1e3 * t[k, backend]:.1f} ms, {row[f'{backend}_gflops']:.1f} GFLOP/s "
             f"(plain matmul {row['plain_matmul_gflops']:.1f})", flush=True)
     rows.append(row)
   return rows
