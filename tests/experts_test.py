@@ -116,17 +116,20 @@ def test_chunk_plan_covers_each_row_once_with_bounded_waste(seed):
 
 
 @pytest.mark.parametrize("shape, num_experts", [((1, 1), 4), ((7, 3), 5), ((1024, 8), 64), ((300, 2), 128)])
-def test_sort_by_expert_is_a_stable_sort(shape, num_experts):
+@pytest.mark.parametrize("max_key", [2 ** 31 - 1, 0])  # 0: the argsort taken where keys would overflow
+def test_sort_by_expert_is_a_stable_sort(shape, num_experts, max_key, monkeypatch):
   """The combined-key sort gives the order of a stable argsort, the sorted ids and the group sizes."""
+  monkeypatch.setattr(experts_lib, "_MAX_SORT_KEY", max_key)
   rng = np.random.default_rng(sum(shape))
   experts = rng.integers(0, num_experts, shape).astype(np.int32)
   experts[0, 0] = num_experts - 1  # the largest key
-  s = jax.jit(experts_lib._sort_by_expert, static_argnums=1)(jnp.asarray(experts), num_experts)
+  s = experts_lib._sort_by_expert(jnp.asarray(experts), num_experts)  # eager: the patched bound applies
   flat = experts.reshape(-1)
   order = np.argsort(flat, kind="stable")
   np.testing.assert_array_equal(s.order, order)
   np.testing.assert_array_equal(s.expert, flat[order])
   np.testing.assert_array_equal(s.group_sizes, np.bincount(flat, minlength=num_experts))
+
 
 def test_chunk_sizes_are_powers_of_two_up_to_256():
   for n, largest in [(1, 8), (9, 16), (200, 256), (10**6, 256)]:
