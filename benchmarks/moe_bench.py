@@ -71,10 +71,6 @@ def model_flops_per_token(c, k):
   return layers * (attention + moe) + 2 * h * c["vocab"]
 
 
-def median_time(fn, repeats):
-  return latency.median_seconds(fn, repeats)
-
-
 def interleaved_medians(fns, repeats):
   """{name: fn} -> {name: median seconds}: one warm-up call each, then `repeats` rounds calling each fn
   once in turn, so drift in the machine's speed hits all of them alike."""
@@ -181,7 +177,7 @@ def train_rows(cfg, params, tokens):
       holder["state"], metrics = trainer.train_step(holder["state"], batch, k)
       return metrics
 
-    out.append({"k_train": k, "tokens_per_s": tokens.size / median_time(step, ARGS.repeats)})
+    out.append({"k_train": k, "tokens_per_s": tokens.size / interleaved_medians({"step": step}, ARGS.repeats)["step"]})
     print(f"train step k_train={k}: {out[-1]['tokens_per_s']:,.0f} tok/s", flush=True)
   return out
 
