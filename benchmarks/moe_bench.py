@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 
 
 def _args():
@@ -71,20 +70,6 @@ def model_flops_per_token(c, k):
   return layers * (attention + moe) + 2 * h * c["vocab"]
 
 
-def interleaved_medians(fns, repeats):
-  """{name: fn} -> {name: median seconds}: one warm-up call each, then `repeats` rounds calling each fn
-  once in turn, so drift in the machine's speed hits all of them alike."""
-  times = {name: [] for name in fns}
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def build_models(c):
   import torch
   import transformers
@@ -110,7 +95,7 @@ def forward_times(model, cfg, params, tokens, k):
       m.top_k = k
   ids = torch.tensor(np.array(tokens))
   with torch.inference_mode():
-    t = interleaved_medians({"phds": lambda: pj.forward(cfg, params, tokens, k=k), "torch": lambda: model(ids)},
+    t = latency.interleaved_medians({"phds": lambda: pj.forward(cfg, params, tokens, k=k), "torch": lambda: model(ids)},
                             ARGS.repeats)
   return t["phds"], t["torch"]
 
@@ -140,7 +125,7 @@ def layer_rows(c):
   # the slow reference/ragged calls never run between two chunked calls (they change its timings)
   t = {}
   for name in ["plain"] + ARGS.backends.split(","):
-    t.update(interleaved_medians({key: fn for key, fn in fns.items() if key[1] == name}, ARGS.repeats))
+    t.update(latency.interleaved_medians({key: fn for key, fn in fns.items() if key[1] == name}, ARGS.repeats))
   rows = []
   for k in KS:
     row = {"k": k, "useful_gflop": flops[k] / 1e9, "plain_matmul_gflops": flops[k] / t[k, "plain"] / 1e9}
@@ -177,7 +162,7 @@ def train_rows(cfg, params, tokens):
       holder["state"], metrics = trainer.train_step(holder["state"], batch, k)
       return metrics
 
-    out.append({"k_train": k, "tokens_per_s": tokens.size / interleaved_medians({"step": step}, ARGS.repeats)["step"]})
+    out.append({"k_train": k, "tokens_per_s": tokens.size / latency.median_seconds(step, ARGS.repeats)})
     print(f"train step k_train={k}: {out[-1]['tokens_per_s']:,.0f} tok/s", flush=True)
   return out
 

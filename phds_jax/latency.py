@@ -19,15 +19,23 @@ from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward
 
 
+def interleaved_medians(fns: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
+  """{name: fn} -> {name: median wall seconds of fn() (blocked until ready)}: one warm-up call each, then
+  `repeats` rounds calling each fn once in turn, so drift in the machine's speed hits all of them alike."""
+  times = {name: [] for name in fns}
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # compile and warm up
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
   """Median wall time of `fn()` (blocked until ready) over `repeats` calls after one warm-up call."""
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return interleaved_medians({"fn": fn}, repeats)["fn"]
 
 
 def measure(cfg: ModelConfig, params, k: int, *, batch_size: int = 1, prompt_len: int = 128,
