@@ -151,7 +151,7 @@ def train_rows(cfg, params, tokens):
     c.phds.mask = "hard"
     mesh = sharding.make_mesh({"data": -1})
     trainer = train.Trainer(cfg, c, mesh, 100)
-    state = trainer.init_state(params, train.trainable_paths(params, "all"), seed=0)
+    state = trainer.init_state(params, train.trainable_paths(cfg, params, "all"), seed=0)
     b, l = tokens.shape
     batch = trainer.global_batch({"inputs": np.asarray(tokens), "targets": np.asarray(tokens),
                                   "weights": np.ones((b, l), np.float32), "segment_ids": np.ones((b, l), np.int32),

@@ -21,6 +21,7 @@ from phds_jax import checkpoint
 from phds_jax import data as data_lib
 from phds_jax import evaluate
 from phds_jax import train
+from phds_jax.load import load
 
 log = logging.getLogger("phds_jax")
 
@@ -50,6 +51,7 @@ def pretrain_config(config, paths: dict[str, str]):
   c = copy.deepcopy(config)
   c.unlock()
   c.mode, c.model_path, c.tokenizer_path = "train", "", paths["tokenizer"]
+  c.model.random_init = True
   c.data.format, c.data.train_files, c.data.val_files = "text", paths["text"], ""
   c.data.seq_len, c.data.max_loss_tokens = config.pretrain.seq_len, 0
   c.phds.enabled = False
@@ -97,12 +99,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   best = next(h for h in summary["history"] if h["step"] == summary["best_step"])
   tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
   items = evaluate.read_multiple_choice(paths["heldout"])
-  models = {"base": checkpoint.load_model(base_model),
-            "phds": checkpoint.load_model(os.path.join(workdir, "phds", "best"))}
+  models = {"base": load(base_model), "phds": load(os.path.join(workdir, "phds", "best"))}
   cfg = models["phds"][0]
   rows = []
   for k in summary["eval_k"]:
-    acc = {name: evaluate.multiple_choice(c, p, tokenizer, items, k=k)["acc"] for name, (c, p) in models.items()}
+    acc = {name: evaluate.multiple_choice(c, p, tokenizer, items, k=k, expert_backend=config.model.expert_backend)["acc"]
+           for name, (c, p) in models.items()}
     rows.append({"k": k, "val_loss_base": base_losses[f"val_loss_k{k}"], "val_loss_phds": best[f"val_loss_k{k}"],
                  "acc_base": acc["base"], "acc_phds": acc["phds"]})
   result = {"k_pre": cfg.k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,20 +52,24 @@ def load_model_config(directory: str) -> ModelConfig:
   return config_from_dict(raw, source=path)
 
 
-def load_model(directory: str, dtype=None, *, sharding: Optional[jax.sharding.Sharding] = None,
-               **config_overrides) -> tuple[ModelConfig, dict[str, Any]]:
-  """Restores (ModelConfig, params) from `save_model`'s directory, optionally casting / placing them."""
-  cfg = load_model_config(directory).replace(**config_overrides)
+def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfig, dict[str, Any]]:
+  """Restores (ModelConfig, params) from `save_model`'s directory, optionally casting / placing them.
+
+  sharding: None, one `jax.sharding.Sharding`, or a callable (param path, shape) -> Sharding.
+  """
+  cfg = load_model_config(directory)
   params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir).item_metadata.tree
+    def target_of(path, a, m):
+      where = sharding(tuple(p.key for p in path), a.shape) if callable(sharding) else sharding
+      return jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype or m.dtype), sharding=where)
+
     try:
-      target = jax.tree.map(
-          lambda a, m: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype or m.dtype), sharding=sharding),
-          abstract, stored)
+      target = jax.tree_util.tree_map_with_path(target_of, abstract, stored)
     except ValueError as e:
       raise CheckpointError(f"{params_dir}: stored params do not match {CONFIG_FILE} ({e})") from None
     params = checkpointer.restore(params_dir, target)

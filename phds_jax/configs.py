@@ -1,7 +1,9 @@
-"""The shared defaults of every training config (configs/*.py derive from `base_config`).
+"""The one base config every configs/*.py derives from: every field of every mode, each with one comment.
 
-Each field has a one-line comment. `arg` strings of the config files are `key=value` items separated by
-`;` (e.g. `configs/olmoe.py:k_values=2,4,8;steps=500`), applied by `apply_arg`.
+One name per concept across modes: the model to start from is always `model_path`, its dtype
+`model.param_dtype`, the declared k grid `eval.k_values`, rows of packed tokens `data.seq_len`.
+`arg` strings of the config files are `key=value` items separated by `;` (e.g.
+`configs/olmoe.py:k_values=2,4,8;steps=500`), applied by `apply_arg`.
 """
 
 import ml_collections
@@ -9,18 +11,20 @@ import ml_collections
 
 def base_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | builtin | sweep | convert
-  c.seed = 0  # parameter init (random models) and the train-state RNG
-  c.model_path = ""  # HF or orbax model directory to start from; "" builds a random `model.preset`
+  c.mode = "train"  # train | builtin | eval | sweep | convert
+  c.seed = 0  # parameter init (random models), the train-state RNG, random sweep inputs
+  c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
   c.workdir = ""  # default output directory (--workdir wins)
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.verbose = False  # show library logs (orbax, absl, transformers) and Python tracebacks of user errors
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny-olmoe"  # phds_jax.PRESETS name, used without model_path
+  c.model.random_init = False  # True: start from random weights of `model.preset` instead of model_path
+  c.model.preset = "tiny-olmoe"  # phds_jax.PRESETS name: the shapes of a random model
   c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides for the preset
-  c.model.param_dtype = "float32"  # master weights (float32 keeps bf16 compute exact enough to train)
-  c.model.expert_backend = ""  # "" keeps the default (auto); auto | chunked | sorted | ragged | reference
+  c.model.param_dtype = "float32"  # parameter dtype (training: float32 master weights; convert: "" keeps)
+  c.model.expert_backend = "auto"  # how routed experts run: auto | chunked | sorted | ragged | reference
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "sft"  # sft: JSONL prompt/response or messages (loss on responses); text: LM
@@ -55,6 +59,7 @@ def base_config(arg=None):
   c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32
   c.train.trainable = "all"  # comma-separated subsets (all, attention, experts, router, shared_expert,
   #                            embeddings, norms) and/or re:<regex>; the rest is frozen, without optimizer state
+  c.train.objective = "nll"  # phds_jax.losses.OBJECTIVES name: token NLL + router losses
   c.train.lb_coef = 0.01  # load-balance loss coefficient
   c.train.z_coef = 0.0  # router z-loss coefficient
 
@@ -70,10 +75,33 @@ def base_config(arg=None):
   c.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 100  # validation every N steps (and at the end)
-  c.eval.k_values = "1,2,4,8"  # eval grid (k_pre is always added)
-  c.eval.batch_size = 8  # rows per eval batch
-  c.eval.at_start = True  # evaluate before the first step (the starting model's losses)
+  c.eval.k_values = "1,2,4,8"  # declared k grid (training validation adds k_pre); each in [1, num_experts]
+  c.eval.batch_size = 8  # rows (or scored sequences) per eval batch
+  c.eval.every = 100  # training: validation every N steps (and at the end)
+  c.eval.at_start = True  # training: evaluate before the first step (the starting model's losses)
+  c.eval.reference_k = 0  # eval/sweep: agreement is measured against this k; 0 = k_pre
+  c.eval.label = ""  # eval: name of model_path in tables and plots ("" = "model")
+  c.eval.compare = ""  # eval: more checkpoints, "label=path,label2=path2"
+  c.eval.tasks = ""  # eval: OLMo suite tasks, comma-separated task:variant (e.g. arc_easy:rc_0shot)
+  c.eval.task_files = ""  # eval: user multiple-choice JSONL files, comma-separated
+  c.eval.limit = 0  # eval: items per task (0 = all)
+  c.eval.text_files = ""  # eval: LM text (.txt or JSONL {"text"}) for perplexity and next-token agreement
+  c.eval.sft_files = ""  # eval: SFT JSONL, perplexity on response tokens only
+  c.eval.max_rows = 0  # eval: packed text rows evaluated (0 = all)
+  c.eval.truncate = True  # eval: drop context from the left when an item exceeds max positions (False: error)
+  c.eval.latency = ml_collections.ConfigDict()
+  c.eval.latency.enabled = True  # eval: measure prefill and decode speed per k
+  c.eval.latency.batch_size = 1  # sequences per timed call
+  c.eval.latency.prompt_len = 128  # prefill tokens
+  c.eval.latency.decode_tokens = 16  # decoded tokens per timed call
+  c.eval.latency.repeats = 3  # timed calls (median reported); sweep: timed forwards per k
+
+  c.convert = ml_collections.ConfigDict()
+  c.convert.dst = ""  # convert: output directory (must not exist unless overwrite)
+  c.convert.to = ""  # convert: "hf", "orbax", or "" for the other format than model_path's
+  c.convert.overwrite = False  # convert: replace dst (atomically: the old one goes only at the end)
+  c.convert.allow_pickle = False  # convert: accept pytorch_model.bin pickles (torch.load weights_only=True)
+  c.convert.max_shard_size_gb = 5.0  # convert: safetensors shard size when writing HF
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200  # save every N steps (and at the end)
@@ -88,7 +116,8 @@ def base_config(arg=None):
 
 
 def paper_scale(config):
-  """Defaults for fine-tuning a released 7B-14B MoE on one accelerator host (the paper's setting)."""
+  """Our defaults for fine-tuning a released 7B-14B MoE on one accelerator host (the paper's
+  hyperparameters are not public; these are our choice)."""
   config.data.seq_len = 2048
   config.train.steps = 2000
   config.train.batch_size = 64

@@ -16,98 +16,93 @@ from typing import Any
 
 import numpy as np
 
-from phds_jax import checkpoint
-from phds_jax import convert
 from phds_jax import data as data_lib
 from phds_jax import evaluate
-from phds_jax import hf
 from phds_jax import latency
 from phds_jax import olmo_tasks
 from phds_jax import sparsity
+from phds_jax.load import load
 
 log = logging.getLogger("phds_jax")
 
 
-def load_any(path: str, dtype: str, **overrides):
-  """(cfg, params) from an HF directory or a phds_jax orbax checkpoint."""
-  if convert.detect_format(path) == "hf":
-    return hf.load_pretrained(path, dtype=dtype, **overrides)
-  return checkpoint.load_model(path, dtype=dtype, **overrides)
-
-
 def checkpoints(config) -> dict[str, str]:
-  """label -> path from `model_path` and `compare` ("label=path,label2=path2")."""
+  """label -> path from `model_path` and `eval.compare` ("label=path,label2=path2")."""
   out = {}
   if config.model_path:
-    out[config.label or "model"] = config.model_path
-  for entry in (e.strip() for e in config.compare.split(",") if e.strip()):
+    out[config.eval.label or "model"] = config.model_path
+  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
     if "=" not in entry:
-      raise ValueError(f"compare entry {entry!r} must be label=path")
+      raise ValueError(f"eval.compare entry {entry!r} must be label=path")
     label, path = entry.split("=", 1)
     out[label.strip()] = path.strip()
   if not out:
-    raise ValueError("eval needs --config.model_path (and optionally --config.compare=label=path,...)")
+    raise ValueError("eval needs --config.model_path (and optionally --config.eval.compare=label=path,...)")
   return out
 
 
 def _tasks(config) -> dict[str, list[dict[str, Any]]]:
-  tasks = {}
-  for spec in (s.strip() for s in config.tasks.split(",") if s.strip()):
-    tasks[spec] = olmo_tasks.load_task(spec, limit=config.limit)
-  for path in (p.strip() for p in config.task_files.split(",") if p.strip()):
+  e, tasks = config.eval, {}
+  for spec in (s.strip() for s in e.tasks.split(",") if s.strip()):
+    tasks[spec] = olmo_tasks.load_task(spec, limit=e.limit)
+  for path in (p.strip() for p in e.task_files.split(",") if p.strip()):
     if not path.endswith((".jsonl", ".json")):
       raise evaluate.TaskFormatError(f"{path}: unknown task file format; use JSONL lines of "
                                      '{"context": str, "choices": [str, ...], "answer": int}')
     items = evaluate.read_multiple_choice(path)
-    tasks[os.path.basename(path)] = items[:config.limit] if config.limit else items
+    tasks[os.path.basename(path)] = items[:e.limit] if e.limit else items
   return tasks
 
 
 def _text_batches(config, tokenizer) -> list[dict[str, np.ndarray]]:
-  examples = []
-  if config.text_files:
-    examples += data_lib.chunk_examples(data_lib.read_text(config.text_files, tokenizer), config.seq_len)
-  if config.sft_files:
-    examples += data_lib.read_sft(config.sft_files, tokenizer)
+  e, seq_len, examples = config.eval, config.data.seq_len, []
+  if e.text_files:
+    examples += data_lib.chunk_examples(data_lib.read_text(e.text_files, tokenizer), seq_len)
+  if e.sft_files:
+    examples += data_lib.read_sft(e.sft_files, tokenizer)
   if not examples:
     return []
-  rows = data_lib.pack(examples, config.seq_len)
-  return data_lib.eval_batches(rows[:config.max_rows] if config.max_rows else rows, config.batch_size)
+  rows = data_lib.pack(examples, seq_len)
+  return data_lib.eval_batches(rows[:e.max_rows] if e.max_rows else rows, e.batch_size)
 
 
 def k_grid(config, cfg) -> list[int]:
-  ks = sparsity.parse_numbers(config.k_eval)
+  ks = sparsity.parse_numbers(config.eval.k_values)
   for k in ks:
     if not 1 <= k <= cfg.num_experts:
-      raise ValueError(f"k_eval contains k={k}; this model has {cfg.num_experts} experts, so k must lie in "
-                       f"[1, {cfg.num_experts}]")
+      raise ValueError(f"eval.k_values contains k={k}; this model has {cfg.num_experts} experts, so k must lie "
+                       f"in [1, {cfg.num_experts}]")
   return sorted(set(ks))
 
 
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config) -> dict[int, Any]:
+  e, backend = config.eval, config.model.expert_backend
   rows: dict[int, Any] = {}
   reference = {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=reference_k,
-                                              batch_size=config.batch_size, truncate=config.truncate)
+                                              batch_size=e.batch_size, truncate=e.truncate,
+                                              expert_backend=backend)
                for name, items in tasks.items()}
   for k in ks:
     row: dict[str, Any] = {"tasks": {}}
     for name, items in tasks.items():
-      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=config.batch_size,
-                                   truncate=config.truncate)
+      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
+                                   truncate=e.truncate, expert_backend=backend)
       agree = float(np.mean(np.array(r["predictions"]) == np.array(reference[name]["predictions"])))
       row["tasks"][name] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "agreement": agree, "n": r["n"]}
     if tasks:
       row["acc_mean"] = float(np.mean([t["acc"] for t in row["tasks"].values()]))
       row["agreement_mean"] = float(np.mean([t["agreement"] for t in row["tasks"].values()]))
     if text_batches:
-      row.update(evaluate.mean_nll(cfg, params, text_batches, k=k))
-      row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k))
-    if config.latency.enabled:
-      row["latency"] = latency.measure(cfg, params, k, batch_size=config.latency.batch_size,
-                                       prompt_len=config.latency.prompt_len,
-                                       decode_tokens=config.latency.decode_tokens, repeats=config.latency.repeats)
+      row.update(evaluate.mean_nll(cfg, params, text_batches, k=k, expert_backend=backend))
+      row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k,
+                                               expert_backend=backend))
+    if e.latency.enabled:
+      lat = e.latency
+      row["latency"] = latency.measure(cfg, params, k, batch_size=lat.batch_size, prompt_len=lat.prompt_len,
+                                       decode_tokens=lat.decode_tokens, repeats=lat.repeats,
+                                       expert_backend=backend)
     rows[k] = row
-    log.info("k=%d: %s", k, {key: v for key, v in row.items() if key != "tasks"})
+    print(f"  k={k} done", flush=True)
   return rows
 
 
@@ -161,13 +156,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {}
   tokenizer = None
   for label, path in paths.items():
-    overrides = {"expert_backend": config.expert_backend} if config.expert_backend else {}
-    cfg, params = load_any(path, config.dtype, **overrides)
+    cfg, params = load(path, config.model.param_dtype)
     if tokenizer is None:
       tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
       text_batches = _text_batches(config, tokenizer)
     ks = k_grid(config, cfg)
-    reference_k = config.reference_k or cfg.k_pre
+    reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
     results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config)
     print(format_table(label, results[label], reference_k), flush=True)

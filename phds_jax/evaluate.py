@@ -1,4 +1,4 @@
-"""Scoring at a declared k: token NLL (perplexity), continuation log-likelihoods, multiple choice.
+"""Scoring at a declared k: mean NLL (perplexity), continuation log-likelihoods, multiple choice, agreement.
 
 A multiple-choice item is {"context": str, "choices": [str, ...], "answer": int}. Each choice is scored
 by the summed log-probability of its tokens after the context; `acc` takes the best sum, `acc_norm` the
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.data import DataError, ReadStats, read_jsonl
+from phds_jax.losses import RunSpec, token_nll
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward, project_logits
 
@@ -46,31 +47,11 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   return items
 
 
-def token_nll(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], *, k, k_max=None,
-              soft_mask_eps=None, max_loss_tokens: int = 0):
-  """Summed next-token NLL over weighted positions, the weight sum, and the router auxiliaries.
-
-  With max_loss_tokens > 0 only that many positions per row (those with the largest weights) get
-  logits: SFT batches train on few tokens and the vocabulary projection dominates otherwise.
-  """
-  hidden, aux = forward(cfg, params, batch["inputs"], k=k, k_max=k_max, soft_mask_eps=soft_mask_eps,
-                        positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
-                        return_hidden=True)
-  targets, weights = batch["targets"], batch["weights"]
-  if max_loss_tokens:
-    _, index = jax.lax.top_k(weights, max_loss_tokens)  # [B, C]
-    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
-    targets = jnp.take_along_axis(targets, index, axis=1)
-    weights = jnp.take_along_axis(weights, index, axis=1)
-  logits = project_logits(cfg, params, hidden).astype(jnp.float32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return jnp.sum(nll * weights), jnp.sum(weights), aux
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k):
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend"))
+def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend):
   """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding)."""
-  hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True)
+  hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
+                   expert_backend=expert_backend)
   hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, C, H]: logits only where scored
   logp = jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -79,7 +60,8 @@ def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k):
 
 
 def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[int], list[int]]], *, k: int,
-                          batch_size: int = 32, truncate: bool = True, return_greedy: bool = False):
+                          batch_size: int = 32, truncate: bool = True, return_greedy: bool = False,
+                          expert_backend: str = "auto"):
   """Summed log p(continuation | context) for each (context ids, continuation ids) pair, at top-k.
 
   With return_greedy also a bool per pair: every continuation token is the argmax given its prefix.
@@ -116,7 +98,8 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
       targets[row, :n] = seq[len(seq) - n:]
       weights[row, :n] = 1.0
     scores, is_greedy = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments),
-                                     jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k)
+                                     jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k,
+                                     expert_backend)
     out[start:start + len(chunk)] = np.asarray(scores)[:len(chunk)]
     greedy[start:start + len(chunk)] = np.asarray(is_greedy)[:len(chunk)]
   return (out, greedy) if return_greedy else out
@@ -128,13 +111,14 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
-                    batch_size: int = 32, truncate: bool = True) -> dict[str, Any]:
+                    batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto") -> dict[str, Any]:
   """acc, acc_norm and the predicted choices (raw and length-normalised) per item at top-k."""
   pairs = []
   for item in items:
     context = tokenizer.encode(item["context"], add_special_tokens=False)
     pairs += [(context, tokenizer.encode(choice, add_special_tokens=False)) for choice in item["choices"]]
-  scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size, truncate=truncate)
+  scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size, truncate=truncate,
+                                 expert_backend=expert_backend)
   predicted, predicted_norm = [], []
   at = 0
   for item in items:
@@ -150,7 +134,8 @@ def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[st
 
 
 def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
-             max_loss_tokens: int = 0, place: Optional[Callable] = None) -> dict[str, float]:
+             max_loss_tokens: int = 0, place: Optional[Callable] = None,
+             expert_backend: str = "auto") -> dict[str, float]:
   """Mean NLL per trained token of packed rows (data.eval_batches) at top-k, its perplexity, the count.
 
   place: host batch -> device arrays (the trainer shards them over its mesh); default jnp.asarray.
@@ -158,34 +143,36 @@ def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]],
   place = place or (lambda batch: {key: jnp.asarray(v) for key, v in batch.items()})
   total, count = 0.0, 0.0
   for batch in batches:
-    nll_sum, weight = _nll_batch(cfg, params, place(batch), k, max_loss_tokens)
+    nll_sum, weight = _nll_batch(cfg, params, place(batch), RunSpec(k, max_loss_tokens=max_loss_tokens,
+                                                                    expert_backend=expert_backend))
     total, count = total + float(nll_sum), count + float(weight)
   nll = total / max(count, 1.0)
   return {"nll": nll, "ppl": float(np.exp(min(nll, 80.0))), "tokens": int(count)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "max_loss_tokens"))
-def _nll_batch(cfg, params, batch, k, max_loss_tokens):
-  nll_sum, weight, _ = token_nll(cfg, params, batch, k=k, max_loss_tokens=max_loss_tokens)
+@functools.partial(jax.jit, static_argnames=("cfg", "run"))
+def _nll_batch(cfg, params, batch, run):
+  nll_sum, weight, _ = token_nll(cfg, params, batch, run)
   return nll_sum, weight
 
 
 def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
-                         reference_k: int) -> dict[str, float]:
+                         reference_k: int, expert_backend: str = "auto") -> dict[str, float]:
   """Over the trained positions of `batches`: share of greedy next tokens equal to those at reference_k,
   and the mean KL(reference || k) of the next-token distributions."""
   same, kl, count = 0.0, 0.0, 0.0
   for batch in batches:
-    s, d, c = _agreement_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k, reference_k)
+    s, d, c = _agreement_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k, reference_k,
+                               expert_backend)
     same, kl, count = same + float(s), kl + float(d), count + float(c)
   return {"top1_agreement": same / max(count, 1.0), "mean_kl": kl / max(count, 1.0)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "reference_k"))
-def _agreement_batch(cfg, params, batch, k, reference_k):
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "reference_k", "expert_backend"))
+def _agreement_batch(cfg, params, batch, k, reference_k, expert_backend):
   def logp(k_value):
     logits = forward(cfg, params, batch["inputs"], k=k_value, positions=batch["positions"],
-                     segment_ids=batch["segment_ids"])
+                     segment_ids=batch["segment_ids"], expert_backend=expert_backend)
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
   ref, cur = logp(reference_k), logp(k)

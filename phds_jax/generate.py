@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.transformer import Decoder, plan_k
+from phds_jax.model.transformer import Decoder, check_expert_backend, plan_k
 
 log = logging.getLogger("phds_jax")
 
@@ -43,9 +43,9 @@ def _sample(logits, rng, temperature: float, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
-                                             "top_p", "stop_ids"))
+                                             "top_p", "stop_ids", "expert_backend"))
 def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, layer_width, max_new, temperature,
-              top_p, stop_ids):
+              top_p, stop_ids, expert_backend):
   """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
 
   max_new (static) sizes the cache; decoding stops after `limit` (traced) tokens or when all rows stopped.
@@ -58,7 +58,7 @@ def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, laye
   kv_valid = jnp.concatenate([valid, jnp.ones((batch, max_new), jnp.bool_)], axis=1)
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
   lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
-  model = Decoder(cfg)
+  model = Decoder(cfg, expert_backend=expert_backend)
   layer_k = layer_k if layer_k is not None else k_traced
 
   def run(tokens, positions, segments, cache, index):
@@ -91,7 +91,7 @@ def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, laye
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
-             bucket: int = 16) -> list[list[int]]:
+             bucket: int = 16, expert_backend: str = "auto") -> list[list[int]]:
   """New token ids for each prompt (ragged lists of ids), decoded at top-k.
 
   k: None (k_pre), an int, or one int per prompt (one compiled program for the mix, computing k_max
@@ -125,6 +125,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     k_max = k_max or int(max(k))
     k = jnp.asarray(np.asarray(k, np.int32))
   plan = plan_k(cfg, k, k_max, None, batch)
+  check_expert_backend(expert_backend)
   prompt_len = _round_up(max(len(p) for p in prompts), bucket)
   max_new = _round_up(max_new_tokens, bucket)
   if prompt_len + max_new > cfg.max_position_embeddings:
@@ -141,7 +142,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
                   jnp.int32(max_new_tokens), cfg=cfg,
                   layer_k=plan.static, layer_width=plan.widths, max_new=max_new, temperature=float(temperature),
-                  top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens))
+                  top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
   results = []
   for row in np.asarray(out):
     new = [int(t) for t in row[:max_new_tokens] if t >= 0]

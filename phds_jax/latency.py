@@ -39,15 +39,16 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure(cfg: ModelConfig, params, k: int, *, batch_size: int = 1, prompt_len: int = 128,
-            decode_tokens: int = 16, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+            decode_tokens: int = 16, repeats: int = 3, seed: int = 0, expert_backend: str = "auto") -> dict[str, Any]:
   """prefill tokens/s and decode ms/token at top-k for random prompts of `prompt_len` tokens."""
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, prompt_len)), jnp.int32)
-  prefill = median_seconds(lambda: forward(cfg, params, tokens, k=k), repeats)
+  prefill = median_seconds(lambda: forward(cfg, params, tokens, k=k, expert_backend=expert_backend), repeats)
   prompts = np.asarray(tokens).tolist()
 
   def run(n):
-    return lambda: generate(cfg, params, prompts, max_new_tokens=n, k=k, stop_tokens=[], bucket=decode_tokens)
+    return lambda: generate(cfg, params, prompts, max_new_tokens=n, k=k, stop_tokens=[], bucket=decode_tokens,
+                            expert_backend=expert_backend)
 
   one, many = median_seconds(run(1), repeats), median_seconds(run(decode_tokens), repeats)
   device = jax.devices()[0]

@@ -20,6 +20,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from phds_jax import data as data_lib
 from phds_jax import evaluate
 from phds_jax.generate import generate
+from phds_jax.load import load
+from phds_jax.model.transformer import check_expert_backend
 
 
 @register_model("phds_jax")
@@ -30,10 +32,8 @@ class PhdsLM(LM):
                tokenizer: Optional[str] = None, max_gen_toks: int = 256, expert_backend: str = "",
                **unused: Any):
     super().__init__()
-    from phds_jax.eval_job import load_any  # pylint: disable=g-import-not-at-top
-
-    overrides = {"expert_backend": expert_backend} if expert_backend else {}
-    self.cfg, self.params = load_any(path, dtype, **overrides)
+    self.cfg, self.params = load(path, dtype)
+    self.expert_backend = check_expert_backend(expert_backend or "auto")
     self.k = int(k) if k not in (None, "") else self.cfg.k_pre
     if not 1 <= self.k <= self.cfg.num_experts:
       raise ValueError(f"k={self.k} must lie in [1, {self.cfg.num_experts}] for {path}")
@@ -57,7 +57,8 @@ class PhdsLM(LM):
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     pairs = [self._split(*r.args) for r in requests]
     scores, greedy = evaluate.continuation_logprobs(self.cfg, self.params, pairs, k=self.k,
-                                                    batch_size=self.batch_size, return_greedy=True)
+                                                    batch_size=self.batch_size, return_greedy=True,
+                                                    expert_backend=self.expert_backend)
     return [(float(s), bool(g)) for s, g in zip(scores, greedy)]
 
   def loglikelihood_rolling(self, requests) -> list[float]:
@@ -66,7 +67,8 @@ class PhdsLM(LM):
       windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
           self._encode(request.args[0]), self.prefix_token_id, self.cfg.max_position_embeddings, 1)]
       scores = evaluate.continuation_logprobs(self.cfg, self.params, windows, k=self.k,
-                                              batch_size=self.batch_size) if windows else []
+                                              batch_size=self.batch_size,
+                                              expert_backend=self.expert_backend) if windows else []
       out.append(float(sum(scores)))
     return out
 
@@ -81,7 +83,8 @@ class PhdsLM(LM):
       temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
       prompt = self._encode(context) or [self.prefix_token_id]
       (new,) = generate(self.cfg, self.params, [prompt], max_new_tokens=max_new, k=self.k,
-                        temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+                        temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+                        expert_backend=self.expert_backend)
       text = self.tokenizer.decode(new, skip_special_tokens=True)
       for stop in until:
         if stop and stop in text:

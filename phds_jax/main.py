@@ -2,29 +2,89 @@
 
 The config's `mode` picks the job: "train" (PHDS fine-tuning), "builtin" (the tiny end-to-end default),
 "eval" (accuracy / perplexity / agreement / latency per k), "sweep" (run a model at several k),
-"convert" (HF <-> orbax).
-Every config file's docstring holds its launch command.
+"convert" (HF <-> orbax). Every config file's docstring holds its launch command.
+
+The config is checked before any heavy work (phds_jax/config_check.py): all mistakes are reported at once,
+one line each naming the field, with exit status 2. Library logs (orbax, absl, transformers) and the
+Python traceback of a user error appear only with `--verbosity=1` or `--config.verbose=True`.
 """
 
 import logging
 import os
+import sys
 
 from absl import app
 from absl import flags
-import jax
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: the config's `workdir`).")
 
 
+def _fail(message: str, status: int):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a config file or field that cannot be read reported in one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
+    if any(a in ("--verbosity=1", "-v=1") for a in argv):
+      raise
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    detail = str(cause).strip("\"'")
+    if isinstance(cause, KeyError):
+      given = [a for a in argv if a.startswith("--config.") and f".{detail}" in a.split("=", 1)[0]]
+      detail = (f"no config field {detail!r}" + (f" (in {given[0]})" if given else "") +
+                "; every field is listed in phds_jax/configs.py")
+    _fail(detail, 2)
+
+
+def _set_log_levels(verbose: bool):
+  """Library INFO logs only when verbose; our own progress goes to stdout either way."""
+  if verbose:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger("phds_jax").setLevel(logging.INFO)
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("phds_jax").setLevel(logging.WARNING)
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # also silences "PyTorch was not found"
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("phds_jax").setLevel(logging.INFO)
   config = _CONFIG.value
+  verbose = flags.FLAGS.verbosity >= 1 or bool(config.get("verbose", False))
+  _set_log_levels(verbose)
+  from phds_jax import config_check  # pylint: disable=g-import-not-at-top
+  from phds_jax.errors import PhdsError  # pylint: disable=g-import-not-at-top
+
   if config.get("distributed", False):
+    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
+  problems = config_check.problems(config)
+  if problems:
+    listed = "\n".join(f"  - {p}" for p in problems)
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    _fail(f"{name}: {len(problems)} problem(s) to fix before anything runs:\n{listed}", 2)
+  try:
+    _run(config)
+  except (PhdsError, ValueError, FileNotFoundError, FileExistsError) as e:
+    if verbose:
+      raise
+    _fail(f"{e}\n(run again with --verbosity=1 for the traceback)", 1)
+
+
+def _run(config):
+  import jax  # pylint: disable=g-import-not-at-top
+
   workdir = _WORKDIR.value or config.get("workdir", "") or os.path.join("workdir", config.mode)
   if config.mode != "convert" and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -42,13 +102,11 @@ def main(argv):
   elif config.mode == "sweep":
     from phds_jax import sweep  # pylint: disable=g-import-not-at-top
     sweep.run(config, workdir)
-  elif config.mode == "convert":
+  else:
     from phds_jax import convert  # pylint: disable=g-import-not-at-top
     print(f"wrote {convert.run(config)}")
-  else:
-    raise app.UsageError(f"config.mode={config.mode!r}; expected train, builtin, eval, sweep or convert")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,13 +1,12 @@
 """Device mesh, the one logical-axis rules table, and the helpers that apply it.
 
-Layers and parameters name logical axes ("batch", "embed", "exp", ...); `RULES` maps each to mesh axes
-("data", "fsdp", "expert", "tensor"). A dimension that the mapped mesh axes do not divide evenly stays
+Activations and parameters name logical axes ("batch", "embed", "exp", ...; parameters in
+model/layout.py); `RULES` maps each to mesh axes ("data", "fsdp", "expert", "tensor"). A dimension that the mapped mesh axes do not divide evenly stays
 replicated, so any mesh shape is valid for any model.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -29,26 +28,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "router": (),
 }
 
-# parameter path (joined with "/") -> logical axes of its dimensions; first match wins.
-PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
-    (r"embed_tokens/embedding$", ("vocab", "embed")),
-    (r"lm_head/kernel$", ("embed", "vocab")),
-    (r"self_attn/[qkv]_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/[qkv]_proj/bias$", ("heads",)),
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"mlp/experts/(gate|up)_proj$", ("exp", "embed", "mlp")),
-    (r"mlp/experts/down_proj$", ("exp", "mlp", "embed")),
-    (r"mlp/gate/kernel$", ("embed", "router")),
-    (r"shared_expert_gate/kernel$", ("embed", "router")),
-    (r"(gate|up)_proj/kernel$", ("embed", "mlp")),
-    (r"down_proj/kernel$", ("mlp", "embed")),
-    (r"(scale|bias)$", ("norm",)),
-)
-
-
-def make_mesh(shape: dict[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Mesh over `devices` (default all) with MESH_AXES sizes from `shape`; one size may be -1 (the rest)."""
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
+  """MESH_AXES sizes from `shape` (one size may be -1: the rest) for `num_devices`, or ValueError."""
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
@@ -57,13 +38,20 @@ def make_mesh(shape: dict[str, int], devices: Optional[Sequence[jax.Device]] = N
     raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: positive, with at most one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"have {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+                     f"have {num_devices}")
+  return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(shape: dict[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Mesh over `devices` (default all) with MESH_AXES sizes from `shape`; one size may be -1 (the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes(shape, len(devices))
+  return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 
 def logical_to_spec(mesh_shape: dict[str, int], axes: Sequence[Optional[str]],
@@ -82,25 +70,31 @@ def logical_to_spec(mesh_shape: dict[str, int], axes: Sequence[Optional[str]],
   return P(*spec)
 
 
-def param_axes(path: str, ndim: int) -> tuple[Optional[str], ...]:
-  for pattern, axes in PARAM_AXES:
-    if re.search(pattern, path) and len(axes) == ndim:
-      return axes
-  return (None,) * ndim
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+def param_shardings(mesh: Mesh, tree: Any, axes_by_path: dict[tuple[str, ...], tuple[Optional[str], ...]]) -> Any:
+  """NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs): params, or optimizer state holding them.
 
-
-def param_shardings(mesh: Mesh, params: Any) -> Any:
-  """NamedSharding per parameter (params may be arrays or ShapeDtypeStructs)."""
+  A leaf whose key path ends with a parameter path of `axes_by_path` (model.layout.axes_by_path) is
+  sharded by that parameter's logical axes; scalars (step counts) are replicated; any other leaf is an error.
+  """
   shape = dict(mesh.shape)
+  longest = max(len(p) for p in axes_by_path)
 
   def one(path, leaf):
-    return NamedSharding(mesh, logical_to_spec(shape, param_axes(_path_str(path), leaf.ndim), leaf.shape))
+    keys = _path_keys(path)
+    for n in range(min(longest, len(keys)), 0, -1):
+      axes = axes_by_path.get(keys[-n:])
+      if axes is not None and len(axes) == leaf.ndim:
+        return NamedSharding(mesh, logical_to_spec(shape, axes, leaf.shape))
+    if leaf.ndim == 0:
+      return NamedSharding(mesh, P())
+    raise ValueError(f"{'/'.join(keys)} {tuple(leaf.shape)} is no parameter of the model layout; "
+                     "it has no logical axes to shard it by")
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:

@@ -8,22 +8,18 @@ compilation. This is `mode="sweep"` (configs/tiny.py); full evaluation suites bu
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from phds_jax import checkpoint
-from phds_jax import convert
 from phds_jax import hf
-from phds_jax.model.config import ModelConfig, preset
+from phds_jax import sparsity
+from phds_jax.latency import median_seconds
+from phds_jax.load import load
+from phds_jax.model.config import ModelConfig
+from phds_jax.model.families import preset
 from phds_jax.model.transformer import forward, init_params
-
-log = logging.getLogger("phds_jax")
 
 
 def active_expert_params(cfg: ModelConfig, k: int) -> int:
@@ -32,32 +28,25 @@ def active_expert_params(cfg: ModelConfig, k: int) -> int:
   return len(cfg.moe_layer_indices) * k * per_expert
 
 
-def _time_forward(cfg, params, tokens, k, repeats: int) -> float:
-  """Median seconds per forward at static k, after one compiling call."""
-  forward(cfg, params, tokens, k=k).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(cfg, params, tokens, k=k).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def k_sweep(cfg: ModelConfig, params, tokens, ks: Sequence[int], *, reference_k: Optional[int] = None,
-            repeats: int = 3) -> list[dict[str, Any]]:
+            repeats: int = 3, expert_backend: str = "auto") -> list[dict[str, Any]]:
   """One row per k: top-1 agreement and KL against `reference_k` (default k_pre), latency, params."""
   reference_k = reference_k or cfg.k_pre
-  ref_logp = jax.nn.log_softmax(forward(cfg, params, tokens, k=reference_k).astype(jnp.float32))
+
+  def run(k):
+    return forward(cfg, params, tokens, k=k, expert_backend=expert_backend)
+
+  ref_logp = jax.nn.log_softmax(run(reference_k).astype(jnp.float32))
   ref_top = jnp.argmax(ref_logp, axis=-1)
   rows = []
   for k in ks:
-    logp = jax.nn.log_softmax(forward(cfg, params, tokens, k=k).astype(jnp.float32))
+    logp = jax.nn.log_softmax(run(k).astype(jnp.float32))
     kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-    seconds = _time_forward(cfg, params, tokens, k, repeats)
+    seconds = median_seconds(lambda k=k: run(k), repeats)
     rows.append(dict(k=int(k), top1_agreement=float(jnp.mean(jnp.argmax(logp, -1) == ref_top)),
                      mean_kl=float(jnp.mean(kl)), active_expert_params=active_expert_params(cfg, k),
                      forward_ms=1e3 * seconds, tokens_per_s=tokens.size / seconds))
-    log.info("k=%d done", k)
+    print(f"  k={k} done", flush=True)
   return rows
 
 
@@ -72,31 +61,32 @@ def format_table(rows: list[dict[str, Any]], reference_k: int) -> str:
 
 def _model_for(config, workdir: str):
   """The model to sweep: `model_path` (HF or orbax), or a random preset exported and re-read as HF."""
+  dtype = config.model.param_dtype
   if config.model_path:
-    if convert.detect_format(config.model_path) == "hf":
-      return hf.load_pretrained(config.model_path, dtype=config.dtype)
-    return checkpoint.load_model(config.model_path, dtype=config.dtype)
-  cfg = preset(config.preset)
-  params = init_params(cfg, jax.random.key(config.seed), dtype=config.dtype)
-  hf_dir = os.path.join(workdir, "random_" + config.preset.replace("-", "_"))
+    return load(config.model_path, dtype=dtype)
+  name = config.model.preset
+  cfg = preset(name).replace(**dict(config.model.overrides))
+  params = init_params(cfg, jax.random.key(config.seed), dtype=dtype)
+  hf_dir = os.path.join(workdir, "random_" + name.replace("-", "_"))
   hf.save_pretrained(cfg, params, hf_dir, overwrite=True)
-  log.info("built random %s and exported it to %s", config.preset, hf_dir)
-  return hf.load_pretrained(hf_dir, dtype=config.dtype)
+  print(f"built a random {name} and exported it to {hf_dir}", flush=True)
+  return load(hf_dir, dtype=dtype)
 
 
 def run(config, workdir: str) -> list[dict[str, Any]]:
   """`mode="sweep"` entry point: prints the table and writes `workdir/sweep.json`."""
   os.makedirs(workdir, exist_ok=True)
   cfg, params = _model_for(config, workdir)
-  ks = sorted({int(k) for k in config.k_values if 1 <= int(k) <= cfg.num_experts})
+  ks = sorted({k for k in sparsity.parse_numbers(config.eval.k_values) if 1 <= k <= cfg.num_experts})
   if not ks:
-    raise ValueError(f"k_values={config.k_values} has no k in [1, {cfg.num_experts}]")
-  tokens = jax.random.randint(jax.random.key(config.seed + 1), (config.batch_size, config.seq_len), 0,
-                              cfg.vocab_size, jnp.int32)
-  rows = k_sweep(cfg, params, tokens, ks, repeats=config.repeats)
+    raise ValueError(f"eval.k_values={config.eval.k_values!r} has no k in [1, {cfg.num_experts}]")
+  batch, seq_len = config.eval.batch_size, config.data.seq_len
+  tokens = jax.random.randint(jax.random.key(config.seed + 1), (batch, seq_len), 0, cfg.vocab_size, jnp.int32)
+  rows = k_sweep(cfg, params, tokens, ks, reference_k=config.eval.reference_k or None,
+                 repeats=config.eval.latency.repeats, expert_backend=config.model.expert_backend)
   print(f"{cfg.model_type}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
         f"{cfg.num_experts} experts, k_pre={cfg.k_pre}, device={jax.devices()[0].platform}, "
-        f"batch {config.batch_size} x {config.seq_len} tokens")
+        f"batch {batch} x {seq_len} tokens")
   print(format_table(rows, cfg.k_pre))
   out = os.path.join(workdir, "sweep.json")
   with open(out, "w", encoding="utf-8") as f:

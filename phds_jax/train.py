@@ -24,68 +24,57 @@ import optax
 import orbax.checkpoint as ocp
 import grain
 
+from flax import traverse_util
+
 from phds_jax import checkpoint as model_checkpoint
 from phds_jax import data as data_lib
+from phds_jax import evaluate
 from phds_jax import hf
+from phds_jax import losses
 from phds_jax import metrics as metrics_lib
 from phds_jax import sharding as sharding_lib
 from phds_jax import sparsity
-from phds_jax.model.config import ModelConfig, preset
-from phds_jax import evaluate
-from phds_jax.evaluate import token_nll
+from phds_jax.load import load
+from phds_jax.model import layout
+from phds_jax.model.config import ModelConfig
+from phds_jax.model.families import preset
 from phds_jax.model.transformer import init_params
 
 log = logging.getLogger("phds_jax")
 
 Params = dict[str, Any]
 
-# Named trainable subsets (regexes over "/"-joined parameter paths); the paper's ablations use these.
-SUBSETS = {
-    "all": r".",
-    "attention": r"/self_attn/",
-    "experts": r"/mlp/experts/",
-    "router": r"/mlp/gate/",
-    "shared_expert": r"/mlp/shared_expert",
-    "embeddings": r"^(embed_tokens|lm_head)/",
-    "norms": r"(layernorm|norm)/scale$",
-}
-
-
 # ---- parameters: trainable subsets ---------------------------------------------------------------------
 
 
-def _flat(tree: Params, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    out.update(_flat(value, path) if isinstance(value, dict) else {path: value})
-  return out
+def _flat(tree: Params) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflat(flat: dict[str, Any]) -> Params:
-  tree: Params = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def trainable_paths(params: Params, spec: str) -> set[str]:
-  """Paths selected by `spec`: comma-separated SUBSETS names and/or `re:<regex>` entries."""
-  patterns = []
+def trainable_paths(cfg: ModelConfig, params: Params, spec: str) -> set[str]:
+  """Paths selected by `spec`: comma-separated groups of model/layout.py (attention, experts, router,
+  shared_expert, dense_mlp, embeddings, norms, or all) and/or `re:<regex>` entries over "/"-joined paths."""
+  groups = {s.name: s.groups for s in layout.param_layout(cfg)}
+  selected: set[str] = set()
   for entry in (e.strip() for e in spec.split(",") if e.strip()):
     if entry.startswith("re:"):
-      patterns.append(entry[3:])
-    elif entry in SUBSETS:
-      patterns.append(SUBSETS[entry])
+      selected |= {p for p in groups if re.search(entry[3:], p)}
+    elif entry == "all":
+      selected |= set(groups)
+    elif entry in layout.GROUPS:
+      selected |= {p for p, g in groups.items() if entry in g}
     else:
-      raise ValueError(f"trainable={spec!r}: unknown subset {entry!r}; use {sorted(SUBSETS)} or re:<regex>")
-  selected = {p for p in _flat(params) if any(re.search(pattern, p) for pattern in patterns)}
+      raise ValueError(f"trainable={spec!r}: unknown subset {entry!r}; use all, {', '.join(layout.GROUPS)} "
+                       "or re:<regex>")
   if not selected:
     raise ValueError(f"trainable={spec!r} selects no parameter")
+  unknown = set(_flat(params)) - set(groups)
+  if unknown:
+    raise ValueError(f"params hold entries the {cfg.model_type} layout does not know: {sorted(unknown)[:4]}")
   return selected
 
 
@@ -141,18 +130,21 @@ class Trainer:
     self.traced = config.phds.k_mode == "traced"
     self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
     self.n_moe = len(cfg.moe_layer_indices)
+    self.expert_backend = config.model.expert_backend
+    self.objective = losses.OBJECTIVES[config.train.objective]
     self._steps: dict[Any, Any] = {}
     self.state_shardings = None
 
   # state ----------------------------------------------------------------------------------------------
   def init_state(self, params: Params, trainable: set[str], seed: int) -> dict[str, Any]:
     train_p, frozen_p = split_params(params, trainable)
-    shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p})
+    axes = layout.axes_by_path(self.cfg)
+    shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p}, axes)
     # copies: the step donates the state, and the caller's arrays must survive it
     train_p = jax.device_put(train_p, shardings["trainable"], may_alias=False)
     frozen_p = jax.device_put(frozen_p, shardings["frozen"], may_alias=False)
     abstract_opt = jax.eval_shape(self.tx.init, train_p)
-    opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt)
+    opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt, axes)
     opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(train_p)
     repl = sharding_lib.replicated(self.mesh)
     self.state_shardings = {"step": repl, "trainable": shardings["trainable"], "frozen": shardings["frozen"],
@@ -181,17 +173,16 @@ class Trainer:
 
   def _train_step(self, state, batch, k_traced, *, k_static):
     config, accum = self.config, self.config.train.grad_accum
-    k = k_static if k_static is not None else k_traced
+    run = losses.RunSpec(k_static if k_static is not None else k_traced, self.k_max, self.soft_eps,
+                         config.data.max_loss_tokens, self.expert_backend)
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def loss_fn(trainable, micro):
       params = self._params_for_compute(trainable, state["frozen"])
-      nll_sum, weight, aux = token_nll(self.cfg, params, micro, k=k, k_max=self.k_max,
-                                       soft_mask_eps=self.soft_eps,
-                                       max_loss_tokens=config.data.max_loss_tokens)
-      router = (config.train.lb_coef * aux["load_balance_loss"] + config.train.z_coef * aux["router_z_loss"])
-      return nll_sum / total_weight + router / accum, (nll_sum, weight, aux["load_balance_loss"],
-                                                       aux["router_z_loss"])
+      terms = self.objective(self.cfg, params, micro, run, lb_coef=config.train.lb_coef,
+                             z_coef=config.train.z_coef)
+      return (terms.token_loss_sum / total_weight + terms.extra_loss / accum,
+              (terms.token_loss_sum, terms.weight, terms.metrics))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -202,13 +193,15 @@ class Trainer:
 
     zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
     micro_batches = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-    (grads, (nll_sum, weight, lb, z)), _ = jax.lax.scan(
-        micro_step, (zeros, (jnp.zeros(()),) * 4), micro_batches)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                              jax.eval_shape(lambda m: loss_fn(state["trainable"], m)[1], first))
+    (grads, (token_loss, weight, sums)), _ = jax.lax.scan(micro_step, (zeros, zero_stats), micro_batches)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state, rng=rng)
-    stats = {"loss": nll_sum / jnp.maximum(weight, 1.0), "load_balance": lb / accum, "z_loss": z / accum,
+    stats = {"loss": token_loss / jnp.maximum(weight, 1.0), **{n: v / accum for n, v in sums.items()},
              "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]), "tokens": weight}
     return new_state, stats
 
@@ -231,7 +224,7 @@ class Trainer:
     params = self._params_for_compute(state["trainable"], state["frozen"])
     with jax.set_mesh(self.mesh):
       return evaluate.mean_nll(self.cfg, params, batches, k=k, max_loss_tokens=self.config.data.max_loss_tokens,
-                               place=self.global_batch)["nll"]
+                               place=self.global_batch, expert_backend=self.expert_backend)["nll"]
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's rows -> one global array per key, sharded over the batch axes."""
@@ -244,14 +237,9 @@ class Trainer:
 
 def load_model(config) -> tuple[ModelConfig, Params]:
   """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`."""
-  from phds_jax import convert  # pylint: disable=g-import-not-at-top
-
-  overrides = {"expert_backend": config.model.expert_backend} if config.model.expert_backend else {}
   if config.model_path:
-    if convert.detect_format(config.model_path) == "hf":
-      return hf.load_pretrained(config.model_path, dtype=config.model.param_dtype, **overrides)
-    return model_checkpoint.load_model(config.model_path, dtype=config.model.param_dtype, **overrides)
-  cfg = preset(config.model.preset).replace(**dict(config.model.overrides), **overrides)
+    return load(config.model_path, dtype=config.model.param_dtype)
+  cfg = preset(config.model.preset).replace(**dict(config.model.overrides))
   return cfg, init_params(cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
 
 
@@ -330,7 +318,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if global_batch % (config.train.grad_accum * jax.process_count()):
     raise ValueError(f"train.batch_size={global_batch} must divide by grad_accum x processes")
   trainer = Trainer(cfg, config, mesh, total)
-  trainable = trainable_paths(params, config.train.trainable)
+  trainable = trainable_paths(cfg, params, config.train.trainable)
   state = trainer.init_state(params, trainable, config.seed)
   del params
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))

@@ -31,6 +31,21 @@ HF_VARIANTS = {
         shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
         num_experts=6, num_experts_per_tok=4, mlp_only_layers=[0], norm_topk_prob=True,
         tie_word_embeddings=True)),
+    # Qwen3-MoE: per-head q/k norm, head_dim != hidden / heads, GQA, sparse step 2 and an mlp-only layer
+    # (dense layers 0, 2), renormalised top-k.
+    "qwen3_sparse_step": ("Qwen3MoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, head_dim=12,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+        decoder_sparse_step=2, mlp_only_layers=[2], norm_topk_prob=True)),
+    # Qwen3-MoE: every layer MoE, plain top-k weights, attention bias, tied embeddings.
+    "qwen3_bias_tied": ("Qwen3MoeConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=6, num_experts_per_tok=2, attention_bias=True,
+        tie_word_embeddings=True)),
+    # Mixtral: GQA, top-2 of 6, always renormalised.
+    "mixtral_gqa": ("MixtralConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, sliding_window=None)),
 }
 
 
@@ -58,7 +73,7 @@ def build_hf_model(variant: str, seed: int = 0, dtype=None):
 
 def set_hf_k(model, k):
   """Sets every router of a transformers MoE to top-k (an int, or a list with one entry per MoE layer)."""
-  routers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "norm_topk_prob")]
+  routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
   ks = k if isinstance(k, (list, tuple)) else [k] * len(routers)
   assert len(ks) == len(routers)
   for router, value in zip(routers, ks):
@@ -132,6 +147,7 @@ def toy_train_config(tmp_path, **changes):
   from phds_jax.configs import base_config
 
   c = base_config()
+  c.model.random_init = True
   c.tokenizer_path = write_toy_tokenizer(tmp_path / "tok")
   c.model.overrides = {"vocab_size": 64}
   c.data.train_files = write_toy_sft(tmp_path / "sft.jsonl")

@@ -55,8 +55,8 @@ def test_k_grid_rejects_out_of_range_k():
   import ml_collections
 
   cfg = pj.preset("tiny-olmoe")
-  with pytest.raises(ValueError, match=r"k_eval contains k=9; this model has 8 experts"):
-    eval_job.k_grid(ml_collections.ConfigDict({"k_eval": "1,9"}), cfg)
+  with pytest.raises(ValueError, match=r"eval.k_values contains k=9; this model has 8 experts"):
+    eval_job.k_grid(ml_collections.ConfigDict({"eval": {"k_values": "1,9"}}), cfg)
 
 
 def test_too_long_items_are_cut_or_refused(caplog):

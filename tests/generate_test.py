@@ -25,7 +25,8 @@ def _hf_greedy(model, prompts, k, max_new, eos=None):
   return rows
 
 
-@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen_norm_tied"])
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen_norm_tied",
+                                     "qwen3_sparse_step", "mixtral_gqa"])
 def test_greedy_generation_matches_transformers(hf_dirs, variant):
   path, model = hf_dirs[variant]
   cfg, params = pj.hf.load_pretrained(path)

@@ -50,15 +50,59 @@ def test_transformers_reads_our_config_json():
     assert hf_cfg.rope_parameters["rope_theta"] == raw["rope_parameters"]["rope_theta"]
 
 
-def test_expert_backend_override_and_num_local_experts_alias():
+def test_num_local_experts_alias():
   raw = dict(OLMOE_0125)
   raw["num_local_experts"] = raw.pop("num_experts")
-  cfg = pj.hf.config_from_hf(raw, expert_backend="reference")
-  assert cfg.num_experts == 64 and cfg.expert_backend == "reference"
+  assert pj.hf.config_from_hf(raw).num_experts == 64
 
 
 def test_configs_with_no_family_equivalent_cannot_be_written():
-  with pytest.raises(errors.UnsupportedModelError, match="no Qwen2-MoE config.json equivalent"):
-    pj.hf.config_to_hf(pj.preset("tiny-qwen-moe").replace(qk_norm=True), "float32")
-  with pytest.raises(errors.UnsupportedModelError, match="no OLMoE config.json equivalent"):
-    pj.hf.config_to_hf(pj.preset("tiny-olmoe").replace(qk_norm=False), "float32")
+  with pytest.raises(errors.UnsupportedModelError, match="no Qwen2MoeForCausalLM config.json equivalent"):
+    pj.hf.config_to_hf(pj.preset("tiny-qwen-moe").replace(qk_norm="projection"), "float32")
+  with pytest.raises(errors.UnsupportedModelError, match="no OlmoeForCausalLM config.json equivalent"):
+    pj.hf.config_to_hf(pj.preset("tiny-olmoe").replace(qk_norm="none"), "float32")
+  with pytest.raises(errors.UnsupportedModelError, match="no MixtralForCausalLM config.json equivalent"):
+    pj.hf.config_to_hf(pj.preset("tiny-mixtral").replace(norm_topk_prob=False), "float32")
+  with pytest.raises(errors.UnsupportedModelError, match="no Qwen3MoeForCausalLM config.json equivalent"):
+    pj.hf.config_to_hf(pj.preset("tiny-qwen3-moe").replace(qk_norm="projection"), "float32")
+
+
+def test_unregistered_family_lists_the_supported_ones():
+  raw = dict(OLMOE_0125, model_type="deepseek_v3")
+  with pytest.raises(errors.UnsupportedModelError,
+                     match=r"model_type='deepseek_v3' is not supported; supported: \['mixtral', 'olmoe', "
+                           r"'qwen2_moe', 'qwen3_moe'\]"):
+    pj.hf.config_from_hf(raw)
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("mixtral", dict(sliding_window=4096), "sliding_window=4096 is not supported"),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4096), "use_sliding_window=true is not supported"),
+])
+def test_sliding_windows_are_refused(model_type, changes, message):
+  import transformers
+
+  raw = transformers.AutoConfig.for_model(model_type, **changes).to_dict()
+  with pytest.raises(errors.UnsupportedModelError, match=message):
+    pj.hf.config_from_hf(raw)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "tiny-qwen3-moe", "tiny-mixtral"])
+def test_new_family_presets_round_trip_through_transformers_configs(name):
+  import transformers
+
+  cfg = pj.preset(name)
+  raw = pj.hf.config_to_hf(cfg, "bfloat16")
+  hf_cfg = transformers.AutoConfig.for_model(**raw)
+  assert type(hf_cfg).__name__ == {"qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}[cfg.model_type]
+  assert pj.hf.config_from_hf(hf_cfg.to_dict()) == cfg
+
+
+def test_old_checkpoint_configs_with_expert_backend_still_load():
+  from phds_jax.model.config import config_from_dict, config_to_dict
+
+  raw = config_to_dict(pj.preset("tiny-olmoe"))
+  assert "expert_backend" not in raw and raw["qk_norm"] == "projection"
+  old = dict(raw, expert_backend="ragged", qk_norm=True)
+  assert config_from_dict(old) == pj.preset("tiny-olmoe")
+  assert config_from_dict(dict(raw, qk_norm=False)).qk_norm == "none"

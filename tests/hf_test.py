@@ -129,8 +129,9 @@ def _rewrite_weights(path, edit):
 
 def test_unsupported_model_type(hf_dirs, tmp_path):
   path = _copy(hf_dirs["olmoe_plain_bias"][0], tmp_path / "m")
-  _edit_config(path, model_type="mixtral")
-  with pytest.raises(errors.UnsupportedModelError, match=r"config.json: model_type='mixtral' is not supported"):
+  _edit_config(path, model_type="deepseek_v3")
+  with pytest.raises(errors.UnsupportedModelError, match=r"config.json: model_type='deepseek_v3' is not supported; "
+                                                         r"supported: \['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"):
     pj.hf.load_pretrained(path)
 
 

@@ -108,7 +108,7 @@ def test_presets_are_valid_and_init_shapes_match_hf_map():
     shapes = jax.eval_shape(lambda cfg=cfg: pj.init_params(cfg, jax.random.key(0)))
     flat = {tuple(p.key for p in path): leaf.shape
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    specs = {s.path: s.shape for s in param_map.param_specs(cfg)}
+    specs = {m.spec.path: m.spec.shape for m in param_map.param_specs(cfg)}
     assert flat == specs, name
     json.dumps(pj.hf.config_to_hf(cfg, "bfloat16"))  # every preset has an HF config.json
   olmoe = pj.preset("olmoe-1b-7b-0125")
@@ -122,7 +122,7 @@ def test_presets_are_valid_and_init_shapes_match_hf_map():
 @pytest.mark.parametrize("changes, message", [
     (dict(num_experts_per_tok=0), "num_experts_per_tok must be a positive int"),
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
-    (dict(expert_backend="magic"), "expert_backend='magic'"),
+    (dict(qk_norm="sometimes"), "qk_norm='sometimes'"),
     (dict(mlp_only_layers=(7,)), "mlp_only_layers has indices outside"),
     (dict(decoder_sparse_step=5), "no MoE layer"),
 ])

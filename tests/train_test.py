@@ -51,7 +51,7 @@ def _toy_batches(tmp_path, config, n):
 
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(tmp_path):
   config, cfg, params, trainer = _trainer(tmp_path, **{"train.trainable": "attention,router"})
-  paths = train.trainable_paths(params, config.train.trainable)
+  paths = train.trainable_paths(cfg, params, config.train.trainable)
   assert paths and all("/self_attn/" in p or "/mlp/gate/" in p for p in paths)
   state = trainer.init_state(params, paths, seed=0)
   _, frozen_before = train.split_params(params, paths)
@@ -68,18 +68,18 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(tmp_pa
 
 
 def test_unknown_trainable_subset_is_an_error(tmp_path):
-  _, _, params, _ = _trainer(tmp_path)
+  _, cfg, params, _ = _trainer(tmp_path)
   with pytest.raises(ValueError, match="unknown subset 'atention'"):
-    train.trainable_paths(params, "atention")
+    train.trainable_paths(cfg, params, "atention")
   with pytest.raises(ValueError, match="selects no parameter"):
-    train.trainable_paths(params, "re:^nothing$")
-  assert train.trainable_paths(params, "re:^lm_head/") == {"lm_head/kernel"}
+    train.trainable_paths(cfg, params, "re:^nothing$")
+  assert train.trainable_paths(cfg, params, "re:^lm_head/") == {"lm_head/kernel"}
 
 
 @pytest.mark.parametrize("k_mode, expected_programs", [("traced", 1), ("static", 2)])
 def test_changing_k_compiles_once_per_mode(tmp_path, k_mode, expected_programs):
   config, cfg, params, trainer = _trainer(tmp_path, **{"phds.k_mode": k_mode})
-  state = trainer.init_state(params, train.trainable_paths(params, "all"), seed=0)
+  state = trainer.init_state(params, train.trainable_paths(cfg, params, "all"), seed=0)
   for i, batch in enumerate(_toy_batches(tmp_path, config, 4)):
     state, _ = trainer.train_step(state, trainer.global_batch(batch), 1 + i % 2)
   assert len(trainer._steps) == expected_programs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from conftest import HF_VARIANTS, hf_logits
+from conftest import HF_VARIANTS, hf_logits, set_hf_k
 
 TOL = 1e-4
 
@@ -32,7 +32,7 @@ def test_logits_match_transformers_at_every_k(hf_dirs, variant, tokens):
   assert np.abs(hf_logits(model, tokens, 1) - hf_logits(model, tokens, cfg.num_experts)).max() > 100 * TOL
 
 
-@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step"])
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen3_sparse_step", "mixtral_gqa"])
 def test_per_layer_k_matches_transformers(hf_dirs, variant, tokens):
   cfg, params, model = _load(hf_dirs, variant)
   ks = tuple(range(1, len(cfg.moe_layer_indices) + 1))
@@ -42,7 +42,7 @@ def test_per_layer_k_matches_transformers(hf_dirs, variant, tokens):
   assert np.abs(ours - hf_logits(model, tokens, list(ks))).max() <= TOL
 
 
-@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_norm_tied"])
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_norm_tied", "qwen3_bias_tied", "mixtral_gqa"])
 def test_traced_k_equals_static_k(hf_dirs, variant, tokens):
   cfg, params, _ = _load(hf_dirs, variant)
   k_max = cfg.num_experts
@@ -98,14 +98,13 @@ def test_soft_mask_with_large_eps_differs(hf_dirs, tokens):
   assert np.abs(hard - soft).max() > 1e-2
 
 
-@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step"])
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen3_sparse_step", "mixtral_gqa"])
 def test_load_balance_loss_matches_transformers(hf_dirs, variant, tokens):
   import torch
 
   cfg, params, model = _load(hf_dirs, variant)
   for k in (1, cfg.k_pre):
-    for router in (m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "norm_topk_prob")):
-      router.top_k = k
+    set_hf_k(model, k)
     model.num_experts_per_tok = k
     with torch.no_grad():
       out = model(torch.as_tensor(tokens), output_router_logits=True)
@@ -167,6 +166,15 @@ def test_invalid_k_raises_value_error(kwargs, message, tokens):
     pj.forward(cfg, params, tokens, **kwargs)
 
 
+def test_unknown_expert_backend_is_refused_before_compiling(tokens):
+  cfg = pj.preset("tiny-olmoe")
+  params = jax.eval_shape(lambda: pj.init_params(cfg, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"expert_backend='magic'; choose one of \('auto', 'reference'"):
+    pj.forward(cfg, params, tokens, expert_backend="magic")
+  with pytest.raises(ValueError, match="expert_backend='magic'"):
+    pj.generate(cfg, params, [[3, 4]], max_new_tokens=2, expert_backend="magic")
+
+
 def test_invalid_tokens_raise(tokens):
   cfg = pj.preset("tiny-olmoe")
   params = jax.eval_shape(lambda: pj.init_params(cfg, jax.random.key(0)))
@@ -176,14 +184,16 @@ def test_invalid_tokens_raise(tokens):
     pj.forward(cfg, params, tokens, segment_ids=np.ones((1, 3), np.int32))
 
 
-@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step"])
+@pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen3_sparse_step"])
 def test_expert_backends_give_the_same_model(hf_dirs, variant, tokens):
   path, _ = hf_dirs[variant]
   outputs = {}
+  cfg, params = pj.load(path)
   for backend in ("reference", "auto", "chunked", "sorted", "ragged"):
-    cfg, params = pj.hf.load_pretrained(path, expert_backend=backend)
-    outputs[backend] = [np.asarray(pj.forward(cfg, params, tokens, k=k)) for k in (1, cfg.k_pre)]
-    outputs[backend].append(np.asarray(pj.forward(cfg, params, tokens, k=jnp.array([1, 3]), k_max=3)))
+    outputs[backend] = [np.asarray(pj.forward(cfg, params, tokens, k=k, expert_backend=backend))
+                        for k in (1, cfg.k_pre)]
+    outputs[backend].append(np.asarray(pj.forward(cfg, params, tokens, k=jnp.array([1, 3]), k_max=3,
+                                                  expert_backend=backend)))
   for backend in ("auto", "chunked", "sorted", "ragged"):
     for ours, ref in zip(outputs[backend], outputs["reference"]):
       np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)

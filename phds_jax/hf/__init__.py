@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from typing import Any, Callable, Optional, Union
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ from phds_jax.hf.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, open_weig
 from phds_jax.model.config import ModelConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "load_config", "config_from_hf", "config_to_hf",
-           "read_config_json"]
+           "read_config_json", "declared_dtype"]
 
 log = logging.getLogger("phds_jax")
 
@@ -52,10 +53,17 @@ def _np_dtype(dtype) -> np.dtype:
   return dt
 
 
-def _check_against_specs(cfg: ModelConfig, source) -> list[param_map.Spec]:
-  """Raises if the checkpoint lacks, adds or mis-shapes any tensor; returns the specs to load."""
+def declared_dtype(path: str) -> str:
+  """The weight dtype `path/config.json` declares, if we support it, else "float32"."""
+  raw = read_config_json(os.path.join(path, "config.json"))
+  declared = raw.get("dtype", raw.get("torch_dtype"))
+  return declared if declared in _DTYPE_NAMES else "float32"
+
+
+def _check_against_specs(cfg: ModelConfig, source) -> list[param_map.Mapped]:
+  """Raises if the checkpoint lacks, adds or mis-shapes any tensor; returns the parameters to load."""
   specs = param_map.param_specs(cfg)
-  wanted = {name: spec for spec in specs for name in spec.hf_names}
+  wanted = {name: m.spec for m in specs for name in m.hf_names}
   missing = sorted(set(wanted) - source.names)
   if missing:
     raise MissingTensorError(f"checkpoint lacks {len(missing)} tensor(s) the {cfg.model_type} config needs: "
@@ -71,49 +79,34 @@ def _check_against_specs(cfg: ModelConfig, source) -> list[param_map.Spec]:
   return specs
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
 def load_pretrained(path: str, dtype="float32", *, sharding: ShardingSpec = None,
-                    allow_pickle: bool = False, **config_overrides) -> tuple[ModelConfig, Params]:
+                    allow_pickle: bool = False) -> tuple[ModelConfig, Params]:
   """Loads an HF model directory (config.json + safetensors) into (ModelConfig, params).
 
   dtype: "float32" | "bfloat16" | "float16" (or the jnp dtype): every parameter is cast to it.
   sharding: None (default device), one `jax.sharding.Sharding` for every parameter, or a callable
     (param path, shape) -> Sharding. Each tensor is placed as soon as it is converted.
   allow_pickle: load `.bin` pickle weights with torch.load(weights_only=True); refused otherwise.
-  config_overrides: non-HF ModelConfig fields, e.g. expert_backend="reference".
   """
   target = _np_dtype(dtype)
-  cfg = load_config(path, **config_overrides)
+  cfg = load_config(path)
   source = open_weights(path, allow_pickle=allow_pickle)
-  specs = _check_against_specs(cfg, source)
-  params: Params = {}
-  total = sum(int(np.prod(s.shape)) for s in specs)
+  mapped = _check_against_specs(cfg, source)
+  flat: dict[tuple[str, ...], Any] = {}
+  total = sum(int(np.prod(m.spec.shape)) for m in mapped)
   done, next_report = 0, 0.1
-  for spec in specs:
+  for m in mapped:
+    spec = m.spec
     host = scratch_array(spec.shape, target)
-    param_map.to_ours(spec, source.get, host)
+    param_map.to_ours(m, source.get, host)
     where = sharding(spec.path, spec.shape) if callable(sharding) else sharding
-    _set_path(params, spec.path, jax.device_put(host, where) if where is not None else jnp.asarray(host))
+    flat[spec.path] = jax.device_put(host, where) if where is not None else jnp.asarray(host)
     del host
     done += int(np.prod(spec.shape))
     if done / total >= next_report:
       log.info("loaded %.0f%% of %s parameters from %s", 100 * done / total, f"{total:,}", path)
       next_report += 0.1
-  return cfg, params
-
-
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, (*prefix, key)))
-    return out
-  return {prefix: tree}
+  return cfg, traverse_util.unflatten_dict(flat)
 
 
 def _to_host(x) -> np.ndarray:
@@ -126,9 +119,9 @@ def _to_host(x) -> np.ndarray:
 
 def _pending_tensors(cfg: ModelConfig, params: Params, dtype: np.dtype) -> list[PendingTensor]:
   """Checks `params` against the config and lists the HF tensors to write, each converted lazily."""
-  flat = _flatten(params)
+  flat = traverse_util.flatten_dict(params)
   specs = param_map.param_specs(cfg)
-  wanted = {spec.path: spec for spec in specs}
+  wanted = {m.spec.path: m.spec for m in specs}
   missing = sorted("/".join(p) for p in set(wanted) - set(flat))
   if missing:
     raise MissingTensorError(f"params lack {len(missing)} entries the config needs: {preview_names(missing)}")
@@ -141,14 +134,15 @@ def _pending_tensors(cfg: ModelConfig, params: Params, dtype: np.dtype) -> list[
                                f"implies {list(spec.shape)}")
   cache: dict[tuple[str, ...], np.ndarray] = {}
 
-  def produce(spec, index):
-    if spec.path not in cache:
+  def produce(m, index):
+    path = m.spec.path
+    if path not in cache:
       cache.clear()  # hold one parameter on the host at a time
-      cache[spec.path] = _to_host(flat[spec.path])
-    return param_map.to_hf(spec, cache[spec.path], index).astype(dtype)
+      cache[path] = _to_host(flat[path])
+    return param_map.to_hf(m, cache[path], index).astype(dtype)
 
-  return [PendingTensor(name, spec.hf_shape, dtype, lambda s=spec, i=i: produce(s, i))
-          for spec in specs for i, name in enumerate(spec.hf_names)]
+  return [PendingTensor(name, m.spec.hf_shape, dtype, lambda m=m, i=i: produce(m, i))
+          for m in specs for i, name in enumerate(m.hf_names)]
 
 
 def _shard(tensors: list[PendingTensor], max_bytes: int) -> list[list[PendingTensor]]:
@@ -177,7 +171,7 @@ def save_pretrained(cfg: ModelConfig, params: Params, out_dir: str, *, dtype=Non
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-  dtype = _np_dtype(dtype if dtype is not None else _flatten(params)[("embed_tokens", "embedding")].dtype)
+  dtype = _np_dtype(dtype if dtype is not None else params["embed_tokens"]["embedding"].dtype)
   hf_config = config_to_hf(cfg, dtype.name)
   tensors = _pending_tensors(cfg, params, dtype)
   shards = _shard(tensors, max_shard_size)

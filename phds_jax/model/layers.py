@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, RoPE, attention (GQA, qk-norm, qkv bias, clip_qkv), SwiGLU, MoE.
+"""Decoder building blocks: RMSNorm, RoPE, attention (GQA, q/k norm, qkv bias, clip_qkv), SwiGLU, MoE.
 
 Flax linen modules whose parameters keep transformers' module names (q_proj, gate, experts, ...), so the
 HF name map is nearly mechanical. Kernels are stored [in, out] (HF Linear weights are [out, in]).
@@ -82,7 +82,8 @@ def dense(features, use_bias, cfg: ModelConfig, param_dtype, name):
 
 
 class Attention(nn.Module):
-  """Causal self-attention with grouped KV heads; OLMoE qk-norm / clip_qkv and Qwen qkv bias by config."""
+  """Causal self-attention with grouped KV heads; q/k RMSNorm over the whole projection (OLMoE) or per head
+  (Qwen3), clip_qkv and q/k/v/o biases by config."""
 
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
@@ -99,14 +100,17 @@ class Attention(nn.Module):
     q = dense(n * d, cfg.qkv_bias, cfg, self.param_dtype, "q_proj")(x)
     k = dense(kv * d, cfg.qkv_bias, cfg, self.param_dtype, "k_proj")(x)
     v = dense(kv * d, cfg.qkv_bias, cfg, self.param_dtype, "v_proj")(x)
-    if cfg.qk_norm:
+    if cfg.qk_norm == "projection":
       q = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
     if cfg.clip_qkv is not None:
       q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     b, length, _ = x.shape
-    q = apply_rope(q.reshape(b, length, n, d), cos, sin)
-    k = apply_rope(k.reshape(b, length, kv, d), cos, sin)
+    q, k = q.reshape(b, length, n, d), k.reshape(b, length, kv, d)
+    if cfg.qk_norm == "head":  # [B, L, N, D]: one RMSNorm over each head's D
+      q = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, length, kv, d)
     new_cache = None
     if cache is not None:
@@ -165,6 +169,7 @@ class RoutedExperts(nn.Module):
 
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
+  backend: str = "auto"  # experts.BACKENDS name or "auto"
 
   @nn.compact
   def __call__(self, x, experts, weights):
@@ -177,7 +182,7 @@ class RoutedExperts(nn.Module):
         up=self.param("up_proj", init, (e, h, i), self.param_dtype),
         down=self.param("down_proj", init, (e, i, h), self.param_dtype))
     w = jax.tree.map(lambda p: p.astype(x.dtype), w)
-    return experts_lib.moe_ffn(x, experts, weights, w, cfg.expert_backend)
+    return experts_lib.moe_ffn(x, experts, weights, w, self.backend)
 
 
 class SparseMoeBlock(nn.Module):
@@ -185,6 +190,7 @@ class SparseMoeBlock(nn.Module):
 
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
+  expert_backend: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, k, width: int, soft_mask_eps: Optional[float], token_mask):
@@ -198,7 +204,7 @@ class SparseMoeBlock(nn.Module):
     routed = routing.route(probs, k=k_tok, width=width, norm_topk_prob=cfg.norm_topk_prob,
                            soft_mask_eps=soft_mask_eps)
     weights = routed.weights.astype(router_logits.dtype)  # transformers casts to the hidden dtype
-    out = RoutedExperts(cfg, self.param_dtype, name="experts")(flat, routed.experts, weights)
+    out = RoutedExperts(cfg, self.param_dtype, self.expert_backend, name="experts")(flat, routed.experts, weights)
     if cfg.shared_expert_intermediate_size:
       shared = MLP(cfg, cfg.shared_expert_intermediate_size, self.param_dtype, name="shared_expert")(flat)
       gate = dense(1, False, cfg, self.param_dtype, "shared_expert_gate")(flat)

@@ -19,12 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phds_jax.model import experts as experts_lib
 from phds_jax.model import layers
 from phds_jax.model import routing
 from phds_jax.model.config import ModelConfig
 from phds_jax.sharding import constrain
 
 Params = dict[str, Any]
+
+EXPERT_BACKENDS = ("auto", *experts_lib.BACKENDS)
 
 
 class DecoderLayer(nn.Module):
@@ -33,6 +36,7 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
   is_moe: bool
   param_dtype: jnp.dtype = jnp.float32
+  expert_backend: str = "auto"
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, token_mask, *, k, width, soft_mask_eps, cache=None, cache_index=None):
@@ -42,7 +46,7 @@ class DecoderLayer(nn.Module):
     x = x + attn
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
     if self.is_moe:
-      out, stats = layers.SparseMoeBlock(cfg, dt, name="mlp")(
+      out, stats = layers.SparseMoeBlock(cfg, dt, self.expert_backend, name="mlp")(
           h, k=k, width=width, soft_mask_eps=soft_mask_eps, token_mask=token_mask)
     else:
       out, stats = layers.MLP(cfg, cfg.intermediate_size, dt, name="mlp")(h), None
@@ -55,6 +59,7 @@ class Decoder(nn.Module):
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
   skip_head: bool = False  # return the final-norm hidden states [B, L, H] instead of logits
+  expert_backend: str = "auto"  # how routed experts are computed (model/experts.py); all give the same function
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
@@ -81,7 +86,7 @@ class Decoder(nn.Module):
       is_moe = cfg.is_moe_layer(i)
       k = layer_k[moe_slot] if is_moe else None
       width = layer_width[moe_slot] if is_moe else None
-      x, stats, layer_cache = DecoderLayer(cfg, is_moe, self.param_dtype, name=f"layers_{i}")(
+      x, stats, layer_cache = DecoderLayer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
           x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps,
           cache=None if cache is None else cache[i], cache_index=cache_index)
       x = constrain(x, ("batch", "length", "embed"))
@@ -206,13 +211,20 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return index - start_index
 
 
+def check_expert_backend(expert_backend: str) -> str:
+  """Returns `expert_backend` if it names a backend (or "auto"), else raises ValueError listing them."""
+  if expert_backend != "auto" and expert_backend not in experts_lib.BACKENDS:
+    raise ValueError(f"expert_backend={expert_backend!r}; choose one of {EXPERT_BACKENDS}")
+  return expert_backend
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
-                                             "return_aux", "return_hidden"))
+                                             "return_aux", "return_hidden", "expert_backend"))
 def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
-                 soft_mask_eps, return_aux, return_hidden):
+                 soft_mask_eps, return_aux, return_hidden, expert_backend):
   if layer_k is None:
     layer_k = k_traced
-  logits, stats = Decoder(cfg, skip_head=return_hidden).apply(
+  logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
       soft_mask_eps=soft_mask_eps)
   if not return_aux:
@@ -228,7 +240,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer
 
 def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
             soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
-            return_aux: bool = False, return_hidden: bool = False):
+            return_aux: bool = False, return_hidden: bool = False, expert_backend: str = "auto"):
   """Runs the decoder at a declared k.
 
   tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
@@ -236,7 +248,10 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   Returns logits [B, L, V] in the params' dtype, and with `return_aux` a dict with the load-balance loss,
   the router z-loss (both float32 scalars) and per-MoE-layer expert selection counts [n_moe, E].
   With `return_hidden` the final-norm hidden states [B, L, H] come instead of logits (see project_logits).
+  expert_backend: how the routed experts are computed ("auto", "chunked", "sorted", "ragged", "reference";
+  see model/experts.py): an execution choice, every backend computes the same function.
   """
+  check_expert_backend(expert_backend)
   if not hasattr(tokens, "shape") or len(tokens.shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array of shape [batch, length], got "
                      f"{getattr(tokens, 'dtype', type(tokens))} {getattr(tokens, 'shape', '')}")
@@ -253,4 +268,4 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   eps = None if soft_mask_eps is None else float(soft_mask_eps)
   return _forward_jit(params, tokens, positions, segment_ids, plan.traced, cfg=cfg, layer_k=plan.static,
                       layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
-                      return_hidden=return_hidden)
+                      return_hidden=return_hidden, expert_backend=expert_backend)

@@ -1,0 +1,220 @@
+"""Checks a run's config before any heavy work: no model built, nothing compiled, no data read.
+
+`problems(config)` returns one line per mistake, each naming the field and what to pass, so the command
+line can report them all at once. It reads only small files (a model directory's config.json or
+model_config.json) and glob patterns; it never opens weights or data.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Optional
+
+from phds_jax import errors
+from phds_jax import sparsity
+
+MODES = ("train", "builtin", "eval", "sweep", "convert")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_dir_problem(field: str, path: str) -> Optional[str]:
+  from phds_jax.load import detect_format  # pylint: disable=g-import-not-at-top
+
+  try:
+    detect_format(path)
+  except errors.CheckpointError:
+    if not os.path.isdir(path):
+      return f"{field}={path!r}: no such directory; pass an HF model directory or a phds_jax checkpoint"
+    return (f"{field}={path!r}: neither an HF model directory (config.json) nor a phds_jax checkpoint "
+            "(model_config.json)")
+  return None
+
+
+def _model_config(path: str):
+  """The ModelConfig of a model directory from its small config file, or None if it cannot be read."""
+  from phds_jax import checkpoint, hf  # pylint: disable=g-import-not-at-top
+  from phds_jax.load import detect_format  # pylint: disable=g-import-not-at-top
+
+  try:
+    if detect_format(path) == "hf":
+      return hf.load_config(path)
+    return checkpoint.load_model_config(path)
+  except errors.PhdsError:
+    return None
+
+
+def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
+  patterns = [p.strip() for p in value.split(",") if p.strip()]
+  if not patterns:
+    return [f"{field}: required; pass comma-separated files or glob patterns"] if required else []
+  return [f"{field}: {p!r} matches no file" for p in patterns if not glob.glob(p)]
+
+
+def _k_problems(field: str, value: str, num_experts: Optional[int]) -> list[str]:
+  try:
+    ks = sparsity.parse_numbers(value)
+  except ValueError as e:
+    return [f"{field}={value!r}: {e}"]
+  if not ks:
+    return [f"{field}: required; pass comma-separated k values"]
+  high = num_experts or max(ks)
+  bad = [k for k in ks if not 1 <= k <= high]
+  if bad:
+    where = f"the model has {num_experts} experts" if num_experts else "k counts experts"
+    return [f"{field}={value!r}: k={bad[0]} is outside [1, {high}] ({where})"]
+  return []
+
+
+def _choice(config, dotted: str, allowed) -> list[str]:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return [] if value in allowed else [f"{dotted}={value!r}; choose one of {', '.join(map(str, allowed))}"]
+
+
+def _mesh_and_batch(config) -> list[str]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  try:
+    sizes = sharding.mesh_sizes(dict(config.mesh), jax.device_count())
+  except ValueError as e:
+    return [f"mesh: {e}"]
+  out = []
+  batch, accum = config.train.batch_size, config.train.grad_accum
+  data_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  if accum < 1 or batch % accum:
+    out.append(f"train.batch_size={batch} must be a multiple of train.grad_accum={accum}")
+  elif (batch // accum) % (data_parallel * jax.process_count()):
+    out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
+               f"{data_parallel} data-parallel devices (mesh data x fsdp x expert) and {jax.process_count()} "
+               "process(es); pass a multiple")
+  return out
+
+
+def _trainable_problems(spec: str) -> list[str]:
+  from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for entry in (e.strip() for e in spec.split(",") if e.strip()):
+    if entry.startswith("re:"):
+      try:
+        re.compile(entry[3:])
+      except re.error as e:
+        out.append(f"train.trainable: bad regex {entry[3:]!r} ({e})")
+    elif entry != "all" and entry not in layout.GROUPS:
+      out.append(f"train.trainable: unknown subset {entry!r}; use all, {', '.join(layout.GROUPS)} or re:<regex>")
+  return out
+
+
+def _start_model(config) -> tuple[list[str], Optional[int]]:
+  """Problems with where training starts (model_path or a random preset), and the model's expert count."""
+  from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
+
+  if config.model.random_init:
+    try:
+      cfg = preset(config.model.preset).replace(**dict(config.model.overrides))
+    except (errors.ConfigError, TypeError) as e:
+      return [f"model.preset / model.overrides: {e}"], None
+    problems = [] if config.tokenizer_path or config.model_path else [
+        "tokenizer_path: required with model.random_init=True (a directory holding a tokenizer)"]
+    return problems, cfg.num_experts
+  if not config.model_path:
+    return [("model_path: required; pass an HF model directory or a phds_jax checkpoint "
+             "(--config.model_path=/models/NAME), or set model.random_init=True to start from random weights "
+             "of model.preset")], None
+  problem = _model_dir_problem("model_path", config.model_path)
+  if problem:
+    return [problem], None
+  cfg = _model_config(config.model_path)
+  return [], cfg.num_experts if cfg else None
+
+
+def _train(config) -> list[str]:
+  out, num_experts = _start_model(config)
+  if config.tokenizer_path and not os.path.isdir(config.tokenizer_path):
+    out.append(f"tokenizer_path={config.tokenizer_path!r}: no such directory")
+  out += _pattern_problems("data.train_files", config.data.train_files, required=True)
+  out += _pattern_problems("data.val_files", config.data.val_files, required=False)
+  out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
+  out += _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
+  out += _choice(config, "phds.anchor_shape", sparsity.SHAPES)
+  out += _choice(config, "optim.decay", ("cosine", "linear", "constant"))
+  out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
+  out += _k_problems("eval.k_values", config.eval.k_values, num_experts)
+  out += _trainable_problems(config.train.trainable)
+  out += _mesh_and_batch(config)
+  return out
+
+
+def _eval(config) -> list[str]:
+  out = []
+  paths = {}
+  if config.model_path:
+    paths["model_path"] = config.model_path
+  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
+    if "=" not in entry:
+      out.append(f"eval.compare: entry {entry!r} must be label=path")
+    else:
+      paths[f"eval.compare[{entry.split('=', 1)[0]}]"] = entry.split("=", 1)[1].strip()
+  if not paths:
+    out.append("model_path: required; pass the checkpoint to evaluate (HF directory or phds_jax checkpoint)")
+  for field, path in paths.items():
+    problem = _model_dir_problem(field, path)
+    if problem:
+      out.append(problem)
+      continue
+    cfg = _model_config(path)
+    out += _k_problems("eval.k_values", config.eval.k_values, cfg.num_experts if cfg else None)
+  for path in (p.strip() for p in config.eval.task_files.split(",") if p.strip()):
+    if not os.path.isfile(path):
+      out.append(f"eval.task_files: {path!r} does not exist")
+  out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
+  out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
+  return list(dict.fromkeys(out))
+
+
+def _sweep(config) -> list[str]:
+  """k values above the model's expert count are dropped by the sweep, so only their form is checked."""
+  out = _k_problems("eval.k_values", config.eval.k_values, None)
+  if config.model_path:
+    problem = _model_dir_problem("model_path", config.model_path)
+    return out + ([problem] if problem else [])
+  from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
+
+  try:
+    preset(config.model.preset).replace(**dict(config.model.overrides))
+  except (errors.ConfigError, TypeError) as e:
+    out.append(f"model.preset / model.overrides: {e}")
+  return out
+
+
+def _convert(config) -> list[str]:
+  out = []
+  if not config.model_path:
+    out.append("model_path: required; pass the checkpoint to convert (HF directory or phds_jax checkpoint)")
+  else:
+    problem = _model_dir_problem("model_path", config.model_path)
+    out += [problem] if problem else []
+  if not config.convert.dst:
+    out.append("convert.dst: required; pass the output directory")
+  elif os.path.exists(config.convert.dst) and not config.convert.overwrite:
+    out.append(f"convert.dst={config.convert.dst!r} exists; pass --config.convert.overwrite=True to replace it")
+  out += _choice(config, "convert.to", ("", "hf", "orbax"))
+  return out
+
+
+def problems(config) -> list[str]:
+  """Every mistake in `config` that can be found without reading weights or data, one line each."""
+  if config.mode not in MODES:
+    return [f"mode={config.mode!r}; choose one of {', '.join(MODES)}"]
+  from phds_jax.model.transformer import EXPERT_BACKENDS  # pylint: disable=g-import-not-at-top
+
+  out = _choice(config, "model.expert_backend", EXPERT_BACKENDS)
+  dtypes = DTYPES + (("",) if config.mode == "convert" else ())
+  out += _choice(config, "model.param_dtype", dtypes)
+  checks = {"train": _train, "eval": _eval, "sweep": _sweep, "convert": _convert,
+            "builtin": lambda c: _k_problems("eval.k_values", c.eval.k_values, None)}
+  return out + checks[config.mode](config)

@@ -1,0 +1,67 @@
+"""Training objectives: token NLL and the router losses, behind one pluggable signature.
+
+An objective maps (model, params, a micro-batch, how to run the model) to `LossTerms`; the trainer sums
+them over micro-batches and minimises token_loss_sum / (trained tokens in the step) + extra_loss / micro-
+batches. `OBJECTIVES` names them for `train.objective`; a new objective (say, distillation from k_pre to
+k_train) is one function registered there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from phds_jax.model.config import ModelConfig
+from phds_jax.model.transformer import forward, project_logits
+
+
+class RunSpec(NamedTuple):
+  """How the objective runs the model: the declared k and the execution choices (all static but k)."""
+
+  k: Any  # static ints (one per MoE layer) or traced int32 scalars
+  k_max: Any = None
+  soft_mask_eps: Any = None
+  max_loss_tokens: int = 0
+  expert_backend: str = "auto"
+
+
+class LossTerms(NamedTuple):
+  token_loss_sum: jax.Array  # summed over trained tokens (normalised by the step's token count)
+  weight: jax.Array  # trained tokens in this micro-batch
+  extra_loss: jax.Array  # per-micro-batch mean terms (router losses)
+  metrics: dict[str, jax.Array]  # per-micro-batch scalars to log (averaged over micro-batches)
+
+
+def token_nll(cfg: ModelConfig, params, batch: dict[str, jax.Array], run: RunSpec):
+  """Summed next-token NLL over weighted positions, the weight sum, and the router auxiliaries.
+
+  With run.max_loss_tokens > 0 only that many positions per row (those with the largest weights) get
+  logits: SFT batches train on few tokens and the vocabulary projection dominates otherwise.
+  """
+  hidden, aux = forward(cfg, params, batch["inputs"], k=run.k, k_max=run.k_max, soft_mask_eps=run.soft_mask_eps,
+                        positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
+                        return_hidden=True, expert_backend=run.expert_backend)
+  targets, weights = batch["targets"], batch["weights"]
+  if run.max_loss_tokens:
+    _, index = jax.lax.top_k(weights, run.max_loss_tokens)  # [B, C]
+    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, index, axis=1)
+    weights = jnp.take_along_axis(weights, index, axis=1)
+  logits = project_logits(cfg, params, hidden).astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  return jnp.sum(nll * weights), jnp.sum(weights), aux
+
+
+def nll_and_router_losses(cfg: ModelConfig, params, batch, run: RunSpec, *, lb_coef: float,
+                          z_coef: float) -> LossTerms:
+  """The PHDS objective: token NLL on trained tokens plus lb_coef x load-balance + z_coef x router z-loss."""
+  nll_sum, weight, aux = token_nll(cfg, params, batch, run)
+  router = lb_coef * aux["load_balance_loss"] + z_coef * aux["router_z_loss"]
+  return LossTerms(nll_sum, weight, router, {"load_balance": aux["load_balance_loss"],
+                                             "z_loss": aux["router_z_loss"]})
+
+
+Objective = Callable[..., LossTerms]
+OBJECTIVES: dict[str, Objective] = {"nll": nll_and_router_losses}
