@@ -9,6 +9,15 @@ class ConfigError(PhdsError, ValueError):
   """A model configuration (config.json or ModelConfig) is malformed or inconsistent."""
 
 
+class ConfigProblems(ConfigError):
+  """A run's config has mistakes found before any work started; `problems` lists them, one line each."""
+
+  def __init__(self, source: str, problems: list[str]):
+    self.problems = list(problems)
+    listed = "\n".join(f"  - {p}" for p in self.problems)
+    super().__init__(f"{source}: {len(self.problems)} problem(s) to fix before anything runs:\n{listed}")
+
+
 class UnsupportedModelError(ConfigError):
   """The checkpoint's `model_type` or one of its options is not implemented here."""
 

@@ -63,48 +63,54 @@ def main(argv):
   config = _CONFIG.value
   verbose = flags.FLAGS.verbosity >= 1 or bool(config.get("verbose", False))
   _set_log_levels(verbose)
-  from phds_jax import config_check  # pylint: disable=g-import-not-at-top
-  from phds_jax.errors import PhdsError  # pylint: disable=g-import-not-at-top
+  from phds_jax.errors import ConfigProblems, PhdsError  # pylint: disable=g-import-not-at-top
 
-  if config.get("distributed", False):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-  problems = config_check.problems(config)
-  if problems:
-    listed = "\n".join(f"  - {p}" for p in problems)
-    name = config_flags.get_config_filename(flags.FLAGS["config"])
-    _fail(f"{name}: {len(problems)} problem(s) to fix before anything runs:\n{listed}", 2)
   try:
-    _run(config)
+    run(config, _WORKDIR.value, source=config_flags.get_config_filename(flags.FLAGS["config"]))
+  except ConfigProblems as e:
+    _fail(str(e), 2)
   except (PhdsError, ValueError, FileNotFoundError, FileExistsError) as e:
     if verbose:
       raise
     _fail(f"{e}\n(run again with --verbosity=1 for the traceback)", 1)
 
 
-def _run(config):
-  import jax  # pylint: disable=g-import-not-at-top
+def run(config, workdir=None, source: str = "config"):
+  """Checks `config` (raising ConfigProblems listing every mistake) and runs its job in this process.
 
-  workdir = _WORKDIR.value or config.get("workdir", "") or os.path.join("workdir", config.mode)
+  This is what the command line does after parsing its flags; tests and notebooks call it directly.
+  workdir: output directory (default: the config's `workdir`, else workdir/<mode>).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from phds_jax import config_check  # pylint: disable=g-import-not-at-top
+  from phds_jax.errors import ConfigProblems  # pylint: disable=g-import-not-at-top
+
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  problems = config_check.problems(config)
+  if problems:
+    raise ConfigProblems(source, problems)
+  workdir = workdir or config.get("workdir", "") or os.path.join("workdir", config.mode)
   if config.mode != "convert" and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json(indent=2))  # the resolved config of this run
   if config.mode == "train":
     from phds_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
-  elif config.mode == "builtin":
+    return train.train_and_evaluate(config, workdir)
+  if config.mode == "builtin":
     from phds_jax import builtin  # pylint: disable=g-import-not-at-top
-    builtin.run(config, workdir)
-  elif config.mode == "eval":
+    return builtin.run(config, workdir)
+  if config.mode == "eval":
     from phds_jax import eval_job  # pylint: disable=g-import-not-at-top
-    eval_job.run(config, workdir)
-  elif config.mode == "sweep":
+    return eval_job.run(config, workdir)
+  if config.mode == "sweep":
     from phds_jax import sweep  # pylint: disable=g-import-not-at-top
-    sweep.run(config, workdir)
-  else:
-    from phds_jax import convert  # pylint: disable=g-import-not-at-top
-    print(f"wrote {convert.run(config)}")
+    return sweep.run(config, workdir)
+  from phds_jax import convert  # pylint: disable=g-import-not-at-top
+  out = convert.run(config)
+  print(f"wrote {out}")
+  return out
 
 
 if __name__ == "__main__":

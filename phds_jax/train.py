@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import re
 from typing import Any
@@ -40,7 +39,6 @@ from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import preset
 from phds_jax.model.transformer import init_params
 
-log = logging.getLogger("phds_jax")
 
 Params = dict[str, Any]
 
@@ -307,11 +305,12 @@ def eval_grid(config, cfg: ModelConfig) -> list[int]:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`; returns a summary with the best validation loss at k_pre."""
   os.makedirs(workdir, exist_ok=True)
+  _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} ...")
   cfg, params = load_model(config)
   tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
   train_rows, val_rows, stats = build_rows(config, tokenizer)
-  log.info("data: %d records (%d skipped, %d truncated); train %s; validation %s", stats.records,
-           stats.skipped, stats.truncated, data_lib.describe(train_rows), data_lib.describe(val_rows))
+  _say(f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
+       f"train {data_lib.describe(train_rows)}; validation {data_lib.describe(val_rows)}")
   total = config.train.steps
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   global_batch = config.train.batch_size
@@ -323,8 +322,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   del params
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["frozen"]))
-  log.info("model %s: %s trainable, %s frozen parameters; mesh %s", cfg.model_type, f"{n_train:,}",
-           f"{n_frozen:,}", dict(mesh.shape))
+  _say(f"model {cfg.model_type}: {n_train:,} trainable, {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}")
   iterator = data_lib.train_batches(train_rows, global_batch // jax.process_count(), seed=config.data.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
   val_batches = data_lib.eval_batches(val_rows, config.eval.batch_size)
@@ -336,9 +334,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if manager.latest_step() is not None:
     start = int(manager.latest_step())
     state, meta = _restore(manager, start, trainer.abstract_state(state), iterator)
-    log.info("resumed from %s at step %d", manager.directory, start)
+    _say(f"resumed from {manager.directory} at step {start}")
   writer = metrics_lib.SummaryWriter(os.path.join(workdir, "tensorboard"))
-  progress = metrics_lib.Progress(total)
+  progress = metrics_lib.Progress(total, start_step=start)
+  _say(f"training {total - start} steps (the first ones compile) ...")
   grid = eval_grid(config, cfg)
   history_file = os.path.join(workdir, "eval_history.jsonl")
 
@@ -376,7 +375,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if last % config.checkpoint.every == 0 or last == total or stopping:
       _save(manager, last, state, iterator, dict(meta))
     if stopping:
-      log.info("stopping at step %d (train.stop_at); run again to resume", last)
+      _say(f"stopping at step {last} (train.stop_at); run again to resume")
       break
   manager.wait_until_finished()
   writer.close()
@@ -389,6 +388,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     tokenizer_dir = config.tokenizer_path or config.model_path
     hf.save_pretrained(best_cfg, best_params, os.path.join(workdir, "hf_export"), overwrite=True,
                        copy_files_from=tokenizer_dir or None)
-    log.info("exported the selected checkpoint (step %s) to %s", meta["best_step"],
-             os.path.join(workdir, "hf_export"))
+    _say(f"exported the selected checkpoint (step {meta['best_step']}) to {os.path.join(workdir, 'hf_export')}")
+  _say(f"best validation loss at k_pre={cfg.k_pre}: {meta['best_val_loss']} (step {meta['best_step']}); "
+       f"outputs in {workdir}")
   return summary
+
+
+def _say(message: str):
+  """What a person running the job reads: one line on stdout, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)

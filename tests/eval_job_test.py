@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,7 +12,8 @@ import phds_jax as pj
 from phds_jax import data
 from phds_jax import eval_job
 from phds_jax import evaluate
-from conftest import build_hf_model, write_toy_sft, write_toy_tokenizer
+from phds_jax import main
+from conftest import build_hf_model, load_config, write_toy_sft, write_toy_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +80,7 @@ def test_unknown_olmo_task_and_bad_task_files(tmp_path):
     evaluate.read_multiple_choice(str(tmp_path / "t.jsonl"))
 
 
-def test_eval_command_end_to_end(tmp_path):
+def test_eval_command_end_to_end(tmp_path, capsys):
   model_dir = tmp_path / "model"
   build_hf_model("qwen_sparse_step").save_pretrained(model_dir)
   write_toy_tokenizer(model_dir)  # the eval job loads the tokenizer from the model directory
@@ -90,13 +89,11 @@ def test_eval_command_end_to_end(tmp_path):
                                        "answer": 0}) + "\n" for i in range(10)))
   sft = write_toy_sft(tmp_path / "sft.jsonl", n=30)
   work = tmp_path / "out"
-  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/eval.py",
-                           f"--config.model_path={model_dir}", "--config.label=phds", f"--config.compare=again={model_dir}",
-                           "--config.k_eval=1,2,8", f"--config.task_files={items}", f"--config.sft_files={sft}",
-                           "--config.seq_len=64", "--config.latency.prompt_len=16", "--config.latency.decode_tokens=4",
-                           "--config.latency.repeats=1", f"--workdir={work}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  config = load_config("eval", "1,2,8", **{
+      "model_path": str(model_dir), "eval.label": "phds", "eval.compare": f"again={model_dir}",
+      "eval.task_files": str(items), "eval.sft_files": sft, "data.seq_len": 64, "eval.latency.prompt_len": 16,
+      "eval.latency.decode_tokens": 4, "eval.latency.repeats": 1})
+  main.run(config, str(work))
   out = json.load(open(work / "eval_results.json"))
   rows = out["results"]["phds"]
   assert sorted(rows) == ["1", "2", "8"]
@@ -107,7 +104,7 @@ def test_eval_command_end_to_end(tmp_path):
     assert {"acc_mean", "nll", "ppl", "latency"} <= set(rows[k])
     assert rows[k]["latency"]["decode_ms_per_token"] >= 0
   assert os.path.getsize(work / "accuracy_vs_latency.png") > 1000
-  assert "decode ms/tok" in result.stdout
+  assert "decode ms/tok" in capsys.readouterr().out
 
 
 def test_olmo_suite_tasks_load_from_the_wheel():
@@ -131,6 +128,6 @@ def test_unknown_task_file_format(tmp_path):
   import ml_collections
 
   (tmp_path / "items.csv").write_text("context,choices,answer\n")
-  config = ml_collections.ConfigDict({"tasks": "", "task_files": str(tmp_path / "items.csv"), "limit": 0})
+  config = ml_collections.ConfigDict({"eval": {"tasks": "", "task_files": str(tmp_path / "items.csv"), "limit": 0}})
   with pytest.raises(evaluate.TaskFormatError, match=r"items\.csv: unknown task file format"):
     eval_job._tasks(config)

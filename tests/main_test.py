@@ -11,15 +11,15 @@ import phds_jax as pj
 from phds_jax import checkpoint
 from phds_jax import convert
 from phds_jax import errors
+from phds_jax import main
+from conftest import ROOT, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _main(*args, cwd=ROOT):
+def _cli(*args, cwd=ROOT):
+  """The real command line in a subprocess: (exit status, stdout, stderr)."""
   result = subprocess.run([sys.executable, "-m", "phds_jax.main", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  return result.returncode, result.stdout, result.stderr
 
 
 def _tensor_bytes(model_dir):
@@ -33,13 +33,16 @@ def _tensor_bytes(model_dir):
   return out
 
 
-def test_convert_command_round_trip(hf_dirs, tmp_path):
+def test_convert_command_round_trip_is_quiet(hf_dirs, tmp_path):
   src, _ = hf_dirs["qwen_sparse_step"]
   orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
-  _main("--config=configs/convert.py", f"--config.src={src}", f"--config.dst={orbax_dir}")
+  status, out, err = _cli("--config=configs/convert.py", f"--config.model_path={src}",
+                          f"--config.convert.dst={orbax_dir}")
+  assert status == 0, err[-3000:]
   assert os.path.isfile(os.path.join(orbax_dir, checkpoint.CONFIG_FILE))
-  out = _main("--config=configs/convert.py", f"--config.src={orbax_dir}", f"--config.dst={back}")
-  assert back in out
+  # what a person reads: the one line saying where the output went, no library logs
+  assert out.strip().splitlines() == [f"wrote {orbax_dir}"] and not err.strip(), (out, err)
+  main.run(load_config("convert", **{"model_path": orbax_dir, "convert.dst": back}))
   assert _tensor_bytes(back) == _tensor_bytes(src)
 
 
@@ -70,33 +73,70 @@ def test_orbax_checkpoint_mismatch_is_reported(hf_dirs, tmp_path):
     checkpoint.load_model(path)
 
 
-def test_sweep_job_runs_end_to_end(tmp_path):
-  out = _main("--config=configs/sweep.py", f"--workdir={tmp_path}", "--config.seq_len=16",
-              "--config.k_values=1,2,8", "--config.repeats=1")
-  rows = json.load(open(tmp_path / "sweep.json"))["rows"]
+def test_sweep_job_runs_end_to_end(tmp_path, capsys):
+  rows = main.run(load_config("sweep", **{"data.seq_len": 16, "eval.k_values": "1,2,8",
+                                          "eval.latency.repeats": 1}), str(tmp_path))
   assert [r["k"] for r in rows] == [1, 2, 8]
+  assert json.load(open(tmp_path / "sweep.json"))["rows"] == rows
   assert rows[1]["top1_agreement"] == 1.0  # k=2 is k_pre, the reference
-  assert "agree@k2" in out and os.path.isdir(tmp_path / "random_tiny_olmoe")
+  assert "agree@k2" in capsys.readouterr().out and os.path.isdir(tmp_path / "random_tiny_olmoe")
 
 
-def test_builtin_default_runs_end_to_end_shortened(tmp_path):
+def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
-  out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.pretrain.steps=3",
-              "--config.pretrain.batch_size=4", "--config.train.steps=4", "--config.eval.every=2",
-              "--config.checkpoint.every=2", "--config.log_every=2", "--config.builtin.text_docs=50")
-  result = json.load(open(tmp_path / "results.json"))
+  tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,
+                                                          intermediate_size=32, num_hidden_layers=2).items()}
+  short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "train.steps": 4, "eval.every": 2,
+           "checkpoint.every": 2, "log_every": 2, "builtin.text_docs": 50, **tiniest}
+  result = main.run(load_config("tiny", **short), str(tmp_path))
+  assert json.load(open(tmp_path / "results.json")) == result
   assert [r["k"] for r in result["rows"]] == [1, 2, 4]
   assert result["heldout_items"] == 200 and result["chance"] == 0.1
-  assert "held-out acc PHDS" in out and os.path.isdir(tmp_path / "phds" / "hf_export")
-  again = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.steps=4",
-                "--config.builtin.text_docs=50")
-  assert "using the cached base model" in again
+  assert "held-out acc PHDS" in capsys.readouterr().out and os.path.isdir(tmp_path / "phds" / "hf_export")
+  main.run(load_config("tiny", **short), str(tmp_path))
+  assert "using the cached base model" in capsys.readouterr().out
 
 
-def test_main_rejects_unknown_mode(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/sweep.py",
-                           "--config.mode=dance"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "config.mode='dance'" in result.stderr
+def test_user_errors_are_one_message_before_any_work(tmp_path):
+  """The bare design-card command names exactly the two missing fields; typos and bad values are listed
+  together, with exit status 2 and no traceback; nothing is written."""
+  status, out, err = _cli("--config=configs/qwen_moe.py", f"--workdir={tmp_path / 'w'}")
+  assert status == 2 and "Traceback" not in err
+  assert err.startswith("error: configs/qwen_moe.py: 2 problem(s)")
+  assert "- model_path: required" in err and "- data.train_files: required" in err
+  status, _, err = _cli("--config=configs/olmoe.py:steps=7", "--config.trian.steps=3")
+  assert status == 2 and "Traceback" not in err and "no config field 'trian'" in err
+  status, _, err = _cli("--config=configs/sweep.py", "--config.mode=dance")
+  assert status == 2 and "mode='dance'; choose one of train, builtin, eval, sweep, convert" in err
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_config_problems_are_all_listed(hf_dirs, tmp_path):
+  src, _ = hf_dirs["olmoe_gqa_clip_norm"]  # 8 experts
+  config = load_config("olmoe", "steps=7", **{
+      "model_path": src, "data.train_files": str(tmp_path / "none*.jsonl"), "phds.k_values": "2,4,9",
+      "mesh.data": 3, "model.expert_backend": "magic", "train.trainable": "atention"})
+  with pytest.raises(errors.ConfigProblems) as info:
+    main.run(config, str(tmp_path / "w"))
+  problems = info.value.problems
+  assert len(problems) == 5, problems
+  assert "model.expert_backend='magic'" in problems[0]
+  assert any("data.train_files" in p and "matches no file" in p for p in problems)
+  assert any(p.startswith("phds.k_values='2,4,9': k=9 is outside [1, 8]") for p in problems)
+  assert any("unknown subset 'atention'" in p for p in problems)
+  assert any(p.startswith("mesh: 1 devices cannot fill mesh") for p in problems)
+  config = load_config("olmoe", **{"model_path": src, "data.train_files": src + "/config.json",
+                                   "train.batch_size": 6, "train.grad_accum": 4})
+  with pytest.raises(errors.ConfigProblems, match="train.batch_size=6 must be a multiple of train.grad_accum=4"):
+    main.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+  for name, changes, message in [
+      ("eval", {"model_path": str(tmp_path / "missing")}, "model_path='.*missing': no such directory"),
+      ("eval", {"model_path": src, "eval.k_values": "0,2"}, r"eval.k_values='0,2': k=0 is outside \[1, 8\]"),
+      ("convert", {"model_path": src}, "convert.dst: required"),
+      ("sweep", {"model_path": str(tmp_path)}, "neither an HF model directory")]:
+    with pytest.raises(errors.ConfigProblems, match=message):
+      main.run(load_config(name, **changes), str(tmp_path / "w"))
 
 
 def test_presets_are_valid_and_init_shapes_match_hf_map():
@@ -131,30 +171,34 @@ def test_model_config_validation(changes, message):
     pj.preset("tiny-qwen-moe").replace(**changes)
 
 
-def _load_config(name, arg=None):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_training_configs_derive_from_the_base_and_take_args():
-  olmoe, qwen, tiny = _load_config("olmoe"), _load_config("qwen_moe"), _load_config("tiny")
+  olmoe, qwen, tiny = load_config("olmoe"), load_config("qwen_moe"), load_config("tiny")
   assert (olmoe.phds.k_values, olmoe.model.preset, olmoe.phds.anchor) == ("4,5,6,7,8", "olmoe-1b-7b-0125", True)
   assert (qwen.phds.k_values, qwen.model.preset) == ("1,2,3,4", "qwen1.5-moe-a2.7b")
   assert tiny.mode == "builtin" and tiny.phds.k_values == "1,2"
-  custom = _load_config("olmoe", "k_values=2,4,8;steps=50;mesh.fsdp=4;anchor=false")
+  custom = load_config("olmoe", "k_values=2,4,8;steps=50;mesh.fsdp=4;anchor=false")
   assert (custom.phds.k_values, custom.train.steps, custom.mesh.fsdp, custom.phds.anchor) == ("2,4,8", 50, 4, False)
   with pytest.raises(ValueError, match="matches 0 fields"):
-    _load_config("olmoe", "nonsense=1")
+    load_config("olmoe", "nonsense=1")
 
 
-def test_command_line_overrides_reach_the_trainer(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/olmoe.py:steps=7",
-                           "--config.phds.k_values=2,4,8", "--config.model_path=/nonexistent/model",
-                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "/nonexistent/model" in result.stderr
-  written = json.load(open(tmp_path / "config.json"))  # main records the resolved config first
-  assert written["phds"]["k_values"] == "2,4,8" and written["train"]["steps"] == 7
+def _fields(config, prefix=""):
+  out = set()
+  for key, value in config.items():
+    out |= _fields(value, f"{prefix}{key}.") if hasattr(value, "items") and key != "overrides" else {prefix + key}
+  return out
+
+
+def test_every_config_file_speaks_the_base_configs_language():
+  from phds_jax.configs import base_config
+
+  base = _fields(base_config())
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+  assert {"convert", "eval", "mixtral", "olmoe", "qwen3_moe", "qwen_moe", "sweep", "tiny"} <= set(names)
+  for name in names:
+    config = load_config(name)
+    assert base <= _fields(config), (name, sorted(base - _fields(config)))
+    doc = open(os.path.join(ROOT, "configs", f"{name}.py")).read()
+    assert f"--config=configs/{name}.py" in doc, name  # the launch command is in the docstring
+  assert (load_config("qwen3_moe").model.preset, load_config("mixtral").model.preset) == ("qwen3-30b-a3b",
+                                                                                        "mixtral-8x7b")
