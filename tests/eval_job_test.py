@@ -15,7 +15,6 @@ from phds_jax import evaluate
 from phds_jax import main
 from conftest import build_hf_model, load_config, write_toy_sft, write_toy_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _WordTokenizer:
