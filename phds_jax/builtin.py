@@ -82,24 +82,30 @@ def format_table(rows: list[dict[str, Any]], k_pre: int) -> str:
   return "\n".join(lines)
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
-  paths = prepare_data(config)
+def base_model(config, paths: dict[str, str], workdir: str) -> str:
+  """The base model's checkpoint: `workdir/base/best`, pre-trained here unless a previous run left it."""
   base_dir = os.path.join(workdir, "base")
-  base_model = os.path.join(base_dir, "best")
-  if os.path.isfile(os.path.join(base_model, checkpoint.CONFIG_FILE)):
-    print(f"using the cached base model in {base_model}", flush=True)
+  path = os.path.join(base_dir, "best")
+  if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+    print(f"using the cached base model in {path}", flush=True)
   else:
     print(f"pre-training a base MoE at k_pre on English text ({config.pretrain.steps} steps) ...", flush=True)
     train.train_and_evaluate(pretrain_config(config, paths), base_dir)
+  return path
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  paths = prepare_data(config)
+  base = base_model(config, paths, workdir)
   print(f"PHDS fine-tuning (k_train in {{{config.phds.k_values}}}, anchoring "
         f"{'on' if config.phds.anchor else 'off'}) for {config.train.steps} steps ...", flush=True)
-  summary = train.train_and_evaluate(phds_config(config, paths, base_model), os.path.join(workdir, "phds"))
+  summary = train.train_and_evaluate(phds_config(config, paths, base), os.path.join(workdir, "phds"))
   base_losses = summary["history"][0]
   best = next(h for h in summary["history"] if h["step"] == summary["best_step"])
   tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
   items = evaluate.read_multiple_choice(paths["heldout"])
-  models = {"base": load(base_model), "phds": load(os.path.join(workdir, "phds", "best"))}
+  models = {"base": load(base), "phds": load(os.path.join(workdir, "phds", "best"))}
   cfg = models["phds"][0]
   rows = []
   for k in summary["eval_k"]:

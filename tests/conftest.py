@@ -13,7 +13,11 @@ import tempfile
 _FAST_COMPILE = ("--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0 "
                  "--xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="phds_jax_test_xla_cache_"))
+# one cache per test run, shared by pytest-xdist's workers (they share PYTEST_XDIST_TESTRUNUID)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE = (os.path.join(tempfile.gettempdir(), f"phds_jax_test_xla_cache_{_RUN}") if _RUN
+          else tempfile.mkdtemp(prefix="phds_jax_test_xla_cache_"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

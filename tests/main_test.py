@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import phds_jax as pj
+from phds_jax import builtin
 from phds_jax import checkpoint
 from phds_jax import convert
 from phds_jax import errors
@@ -93,8 +94,12 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   assert [r["k"] for r in result["rows"]] == [1, 2, 4]
   assert result["heldout_items"] == 200 and result["chance"] == 0.1
   assert "held-out acc PHDS" in capsys.readouterr().out and os.path.isdir(tmp_path / "phds" / "hf_export")
-  main.run(load_config("tiny", **short), str(tmp_path))
+  # a second run reuses the base model: the same checkpoint, not trained again
+  config = load_config("tiny", **short)
+  before = os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE)
+  assert builtin.base_model(config, builtin.prepare_data(config), str(tmp_path)) == str(tmp_path / "base" / "best")
   assert "using the cached base model" in capsys.readouterr().out
+  assert os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE) == before
 
 
 def test_user_errors_are_one_message_before_any_work(tmp_path):

@@ -155,7 +155,8 @@ _SHARDED = textwrap.dedent("""
 
 
 def _run_sharded(tmp_path, devices, changes):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), os.path.join(ROOT, "tests"),
                         json.dumps(changes)], capture_output=True, text=True, env=env, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -164,9 +165,10 @@ def _run_sharded(tmp_path, devices, changes):
 
 def test_eight_device_sharded_training_matches_one_device(tmp_path):
   common = {"train.steps": 10, "eval.every": 5, "model.expert_backend": "reference"}
-  one = _run_sharded(tmp_path / "one", 1, common)
+  assert jax.device_count() == 1  # this process: the one-device run
+  one = train.train_and_evaluate(toy_train_config(tmp_path / "one", **common), str(tmp_path / "one" / "w"))
   eight = _run_sharded(tmp_path / "eight", 8, {**common, "mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2})
-  assert one["devices"] == 1 and eight["devices"] == 8
+  assert eight["devices"] == 8 and len(one["history"]) == len(eight["history"]) == 3
   for a, b in zip(one["history"], eight["history"]):
     for key in a:
       assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
