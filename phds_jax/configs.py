@@ -68,9 +68,9 @@ def base_config(arg=None):
   c.optim.warmup_steps = 50  # linear warmup
   c.optim.decay = "cosine"  # cosine | linear | constant after warmup
   c.optim.end_lr_frac = 0.1  # final lr as a fraction of the peak
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
+  c.optim.b1 = 0.9  # AdamW first-moment decay
+  c.optim.b2 = 0.95  # AdamW second-moment decay
+  c.optim.eps = 1e-8  # AdamW epsilon
   c.optim.weight_decay = 0.0  # decoupled, on matrices only
   c.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
 
@@ -108,7 +108,7 @@ def base_config(arg=None):
   c.checkpoint.keep = 2  # latest checkpoints kept for resuming (the best by val loss at k_pre is kept apart)
   c.checkpoint.async_save = True  # write in the background while training continues
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # device mesh; -1: the rest
   c.log_every = 10  # train metrics every N steps
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
