@@ -17,7 +17,10 @@ def model():
 
 
 def _direct_logprob(cfg, params, context, continuation, k):
-  tokens = np.array([context + continuation], np.int32)
+  """log p(continuation | context) from one plain forward. The row is right-padded to 32 tokens (causal:
+  padding changes no earlier position), so every pair reuses one compiled forward per k."""
+  tokens = np.zeros((1, 32), np.int32)
+  tokens[0, :len(context) + len(continuation)] = context + continuation
   logp = jax.nn.log_softmax(np.asarray(pj.forward(cfg, params, tokens, k=k))[0], axis=-1)
   return sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
 

@@ -62,7 +62,7 @@ def test_simple_evaluate_matches_our_multiple_choice(setup):
                                   tasks=["phds_toy_mc"], task_manager=TaskManager(include_path=setup["tasks"]))
     acc = out["results"]["phds_toy_mc"]["acc,none"]
     spaced = [dict(it, choices=[" " + c for c in it["choices"]]) for it in setup["items"]]
-    ours = evaluate.multiple_choice(cfg, params, tokenizer, spaced, k=k)
+    ours = evaluate.multiple_choice(cfg, params, tokenizer, spaced, k=k, batch_size=16)  # the adapter's batch
     assert acc == pytest.approx(ours["acc"])
 
 
