@@ -19,7 +19,7 @@ from phds_jax.errors import CheckpointError, ConfigError
 from phds_jax.model.config import ModelConfig, config_from_dict, config_to_dict
 from phds_jax.model.transformer import init_params
 
-CONFIG_FILE = "model_config.json"
+CONFIG_FILE = "model_config.json"  # load.ORBAX_CONFIG_FILE
 PARAMS_DIR = "params"
 
 

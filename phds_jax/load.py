@@ -10,23 +10,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from phds_jax import checkpoint
 from phds_jax import hf
 from phds_jax.errors import CheckpointError
 
 FORMATS = ("hf", "orbax")
+ORBAX_CONFIG_FILE = "model_config.json"  # checkpoint.CONFIG_FILE; orbax is imported only to read one
 
 
 def detect_format(path: str) -> str:
   """'orbax' for a directory with model_config.json, 'hf' for one with config.json."""
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such model directory")
-  if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+  if os.path.isfile(os.path.join(path, ORBAX_CONFIG_FILE)):
     return "orbax"
   if os.path.isfile(os.path.join(path, "config.json")):
     return "hf"
   raise CheckpointError(f"{path}: neither an HF model directory (config.json) nor a phds_jax checkpoint "
-                        f"({checkpoint.CONFIG_FILE})")
+                        f"({ORBAX_CONFIG_FILE})")
 
 
 def load(path: str, dtype: Any = "float32", *, sharding: hf.ShardingSpec = None,
@@ -42,4 +42,6 @@ def load(path: str, dtype: Any = "float32", *, sharding: hf.ShardingSpec = None,
   if detect_format(path) == "hf":
     return hf.load_pretrained(path, dtype=dtype or hf.declared_dtype(path), sharding=sharding,
                               allow_pickle=allow_pickle)
+  from phds_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: heavy to import)
+
   return checkpoint.load_model(path, dtype=dtype, sharding=sharding)
