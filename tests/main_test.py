@@ -61,9 +61,9 @@ def test_convert_library_dtype_and_errors(hf_dirs, tmp_path):
 
 
 def test_orbax_checkpoint_mismatch_is_reported(hf_dirs, tmp_path):
-  from phds_jax import load
+  from phds_jax.load import ORBAX_CONFIG_FILE
 
-  assert load.ORBAX_CONFIG_FILE == checkpoint.CONFIG_FILE  # pj.load detects orbax without importing it
+  assert ORBAX_CONFIG_FILE == checkpoint.CONFIG_FILE  # pj.load detects orbax without importing it
   cfg, params = pj.hf.load_pretrained(hf_dirs["olmoe_gqa_clip_norm"][0])
   path = checkpoint.save_model(cfg, params, str(tmp_path / "m"))
   raw = json.load(open(os.path.join(path, checkpoint.CONFIG_FILE)))
