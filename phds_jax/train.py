@@ -22,7 +22,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import grain
-
 from flax import traverse_util
 
 from phds_jax import checkpoint as model_checkpoint
