@@ -109,18 +109,23 @@ def _trainable_problems(spec: str) -> list[str]:
   return out
 
 
-def _start_model(config) -> tuple[list[str], Optional[int]]:
-  """Problems with where training starts (model_path or a random preset), and the model's expert count."""
+def _random_model(config):
+  """(problems, ModelConfig or None) of the random model `model.preset` + `model.overrides`."""
   from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
 
+  try:
+    return [], preset(config.model.preset).replace(**dict(config.model.overrides))
+  except (errors.ConfigError, TypeError) as e:
+    return [f"model.preset / model.overrides: {e}"], None
+
+
+def _start_model(config) -> tuple[list[str], Optional[int]]:
+  """Problems with where training starts (model_path or a random preset), and the model's expert count."""
   if config.model.random_init:
-    try:
-      cfg = preset(config.model.preset).replace(**dict(config.model.overrides))
-    except (errors.ConfigError, TypeError) as e:
-      return [f"model.preset / model.overrides: {e}"], None
-    problems = [] if config.tokenizer_path or config.model_path else [
-        "tokenizer_path: required with model.random_init=True (a directory holding a tokenizer)"]
-    return problems, cfg.num_experts
+    problems, cfg = _random_model(config)
+    if not (config.tokenizer_path or config.model_path):
+      problems.append("tokenizer_path: required with model.random_init=True (a directory holding a tokenizer)")
+    return problems, cfg.num_experts if cfg else None
   if not config.model_path:
     return [("model_path: required; pass an HF model directory or a phds_jax checkpoint "
              "(--config.model_path=/models/NAME), or set model.random_init=True to start from random weights "
@@ -182,13 +187,7 @@ def _sweep(config) -> list[str]:
   if config.model_path:
     problem = _model_dir_problem("model_path", config.model_path)
     return out + ([problem] if problem else [])
-  from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
-
-  try:
-    preset(config.model.preset).replace(**dict(config.model.overrides))
-  except (errors.ConfigError, TypeError) as e:
-    out.append(f"model.preset / model.overrides: {e}")
-  return out
+  return out + _random_model(config)[0]
 
 
 def _convert(config) -> list[str]:
