@@ -7,17 +7,19 @@ identical programs built by different Trainer or jit instances compile once. The
 temporary directory, so every run starts cold, as CI does.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _FAST_COMPILE = ("--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0 "
                  "--xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
-# one cache per test run, shared by pytest-xdist's workers (they share PYTEST_XDIST_TESTRUNUID)
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_CACHE = (os.path.join(tempfile.gettempdir(), f"phds_jax_test_xla_cache_{_RUN}") if _RUN
-          else tempfile.mkdtemp(prefix="phds_jax_test_xla_cache_"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# One cache per test run: the process that starts pytest makes it (and removes it at exit); pytest-xdist's
+# workers and the tests' subprocesses inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phds_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
