@@ -11,13 +11,14 @@ import os
 import shutil
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from phds_jax.errors import CheckpointError, ConfigError
 from phds_jax.model.config import ModelConfig, config_from_dict, config_to_dict
-from phds_jax.model.transformer import init_params
+from phds_jax.model.layout import param_layout
 
 CONFIG_FILE = "model_config.json"  # load.ORBAX_CONFIG_FILE
 PARAMS_DIR = "params"
@@ -61,7 +62,8 @@ def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfi
   params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
-  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  abstract = traverse_util.unflatten_dict(  # the shapes the config implies, from the layout (no tracing)
+      {spec.path: jax.ShapeDtypeStruct(spec.shape, jnp.float32) for spec in param_layout(cfg)})
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir).item_metadata.tree
     def target_of(path, a, m):
