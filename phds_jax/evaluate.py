@@ -18,7 +18,7 @@ import numpy as np
 from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.losses import RunSpec, token_nll
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.transformer import forward, project_logits
+from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
 
@@ -68,6 +68,7 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
   A pair longer than max_position_embeddings loses context tokens from the left (logged), or raises
   ValueError naming the pair when `truncate` is False.
   """
+  expert_backend = resolve_expert_backend(expert_backend)
   limit = cfg.max_position_embeddings
   for i, (context, continuation) in enumerate(pairs):
     if not continuation:
@@ -141,6 +142,7 @@ def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]],
   place: host batch -> device arrays (the trainer shards them over its mesh); default jnp.asarray.
   """
   place = place or (lambda batch: {key: jnp.asarray(v) for key, v in batch.items()})
+  expert_backend = resolve_expert_backend(expert_backend)
   total, count = 0.0, 0.0
   for batch in batches:
     nll_sum, weight = _nll_batch(cfg, params, place(batch), RunSpec(k, max_loss_tokens=max_loss_tokens,
@@ -160,6 +162,7 @@ def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, n
                          reference_k: int, expert_backend: str = "auto") -> dict[str, float]:
   """Over the trained positions of `batches`: share of greedy next tokens equal to those at reference_k,
   and the mean KL(reference || k) of the next-token distributions."""
+  expert_backend = resolve_expert_backend(expert_backend)
   same, kl, count = 0.0, 0.0, 0.0
   for batch in batches:
     s, d, c = _agreement_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k, reference_k,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.transformer import Decoder, check_expert_backend, plan_k
+from phds_jax.model.transformer import Decoder, plan_k, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
 
@@ -125,7 +125,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     k_max = k_max or int(max(k))
     k = jnp.asarray(np.asarray(k, np.int32))
   plan = plan_k(cfg, k, k_max, None, batch)
-  check_expert_backend(expert_backend)
+  expert_backend = resolve_expert_backend(expert_backend)
   prompt_len = _round_up(max(len(p) for p in prompts), bucket)
   max_new = _round_up(max_new_tokens, bucket)
   if prompt_len + max_new > cfg.max_position_embeddings:

@@ -21,7 +21,7 @@ from phds_jax import data as data_lib
 from phds_jax import evaluate
 from phds_jax.generate import generate
 from phds_jax.load import load
-from phds_jax.model.transformer import check_expert_backend
+from phds_jax.model.transformer import resolve_expert_backend
 
 
 @register_model("phds_jax")
@@ -33,7 +33,7 @@ class PhdsLM(LM):
                **unused: Any):
     super().__init__()
     self.cfg, self.params = load(path, dtype)
-    self.expert_backend = check_expert_backend(expert_backend or "auto")
+    self.expert_backend = resolve_expert_backend(expert_backend or "auto")
     self.k = int(k) if k not in (None, "") else self.cfg.k_pre
     if not 1 <= self.k <= self.cfg.num_experts:
       raise ValueError(f"k={self.k} must lie in [1, {self.cfg.num_experts}] for {path}")

@@ -36,7 +36,7 @@ from phds_jax.load import load
 from phds_jax.model import layout
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import preset
-from phds_jax.model.transformer import init_params
+from phds_jax.model.transformer import init_params, resolve_expert_backend
 
 
 Params = dict[str, Any]
@@ -127,7 +127,7 @@ class Trainer:
     self.traced = config.phds.k_mode == "traced"
     self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
     self.n_moe = len(cfg.moe_layer_indices)
-    self.expert_backend = config.model.expert_backend
+    self.expert_backend = resolve_expert_backend(config.model.expert_backend)
     self.objective = losses.OBJECTIVES[config.train.objective]
     self._steps: dict[Any, Any] = {}
     self.state_shardings = None

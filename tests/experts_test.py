@@ -132,10 +132,13 @@ def test_sort_by_expert_is_a_stable_sort(shape, num_experts, max_key, monkeypatc
 
 
 def test_chunk_sizes_are_powers_of_two_up_to_256():
-  for n, largest in [(1, 8), (9, 16), (200, 256), (10**6, 256)]:
+  """A loop of full 256-row chunks only where a group can exceed 256 rows, then the rest's sizes down to 8."""
+  for n, largest, full_loop in [(1, 8, False), (9, 16, False), (200, 256, False), (256, 256, False),
+                                (257, 256, True), (10**6, 256, True)]:
     sizes = experts_lib.chunk_sizes(n)
-    assert sizes[0] == sizes[1] == largest  # full chunks, then the rest's chunks from the largest down
-    assert list(sizes[1:]) == [largest >> i for i in range(len(sizes) - 1)] and sizes[-1] == 8
+    rest = sizes[1:] if full_loop else sizes
+    assert (sizes[:2] == (largest, largest)) == full_loop
+    assert list(rest) == [largest >> i for i in range(len(rest))] and rest[-1] == 8
 
 
 @pytest.mark.parametrize("tokens", [100, 300])

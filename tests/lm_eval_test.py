@@ -57,9 +57,11 @@ def test_simple_evaluate_matches_our_multiple_choice(setup):
 
   cfg, params = pj.load(setup["model"])
   tokenizer = data.load_tokenizer(setup["model"])
+  # only our task: indexing lm-eval's thousands of built-in task YAMLs takes ~25 s and tests nothing of ours
+  tasks = TaskManager(include_path=setup["tasks"], include_defaults=False)
   for k in (1, 8):
     out = lm_eval.simple_evaluate(model="phds_jax", model_args=f"path={setup['model']},k={k}",
-                                  tasks=["phds_toy_mc"], task_manager=TaskManager(include_path=setup["tasks"]))
+                                  tasks=["phds_toy_mc"], task_manager=tasks)
     acc = out["results"]["phds_toy_mc"]["acc,none"]
     spaced = [dict(it, choices=[" " + c for c in it["choices"]]) for it in setup["items"]]
     ours = evaluate.multiple_choice(cfg, params, tokenizer, spaced, k=k, batch_size=16)  # the adapter's batch
@@ -88,8 +90,14 @@ def test_adapter_methods(setup):
 
 
 def test_command_line_wrapper_lists_the_model(setup, monkeypatch, capsys):
+  import functools
+
+  from lm_eval.tasks import TaskManager
+
   from phds_jax.lm_eval_adapter import cli
 
+  # lm-eval's command line indexes its built-in tasks (~25 s) before it runs ours; skip that
+  monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
   monkeypatch.setattr(sys, "argv", ["phds-lm-eval", "--model", "phds_jax", "--model_args", f"path={setup['model']},k=2",
                                     "--tasks", "phds_toy_mc", "--include_path", setup["tasks"], "--limit", "3"])
   cli()

@@ -91,11 +91,11 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,
                                                           intermediate_size=32, num_hidden_layers=2).items()}
   short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "train.steps": 4, "eval.every": 2,
-           "checkpoint.every": 2, "log_every": 2, "builtin.text_docs": 50, **tiniest}
+           "checkpoint.every": 2, "log_every": 2, "builtin.text_docs": 50, "builtin.train_objects": 96, **tiniest}
   result = main.run(load_config("tiny", **short), str(tmp_path))
   assert json.load(open(tmp_path / "results.json")) == result
   assert [r["k"] for r in result["rows"]] == [1, 2, 4]
-  assert result["heldout_items"] == 200 and result["chance"] == 0.1
+  assert result["heldout_items"] == 40 and result["chance"] == 0.1  # 4 held-out objects x 10 items
   assert "held-out acc PHDS" in capsys.readouterr().out and os.path.isdir(tmp_path / "phds" / "hf_export")
   # a second run reuses the base model: the same checkpoint, not trained again
   config = load_config("tiny", **short)
@@ -105,8 +105,9 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   assert os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE) == before
   # derived data are cached per setting: this shortened corpus is never what the default run reads
   paths = builtin.prepare_data(config)
-  assert paths["text"].endswith("text_50_docs.jsonl") and "copycolors_80_objects" in paths["heldout"]
-  assert builtin.prepare_data(load_config("tiny"))["text"].endswith("text_2000_docs.jsonl")
+  assert paths["text"].endswith("text_50_docs.jsonl") and "copycolors_96_objects" in paths["heldout"]
+  default = builtin.prepare_data(load_config("tiny"))
+  assert default["text"].endswith("text_2000_docs.jsonl") and "copycolors_80_objects" in default["heldout"]
 
 
 def test_user_errors_are_one_message_before_any_work(tmp_path):

@@ -171,11 +171,13 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def chunk_sizes(num_assignments: int) -> tuple[int, ...]:
-  """Row counts of the chunked backend's loops, largest first: one loop of full chunks of the largest
-  size, then one loop per size (256, 128, ..., 8) for the rest of each group; capped by the assignments."""
+  """Row counts of the chunked backend's loops, largest first: where a group can exceed the largest
+  chunk L (over 256 assignments), one loop of full L-row chunks; then one loop per size L, L/2, ..., 8
+  for the rest of each group. L is the assignments rounded up to a power of two, in [8, 256]; each loop
+  costs compile time, so small inputs (decoding, tests) get few."""
   largest = int(min(256, max(8, 1 << (num_assignments - 1).bit_length())))
   descending = tuple(largest >> i for i in range(largest.bit_length() - 3))
-  return (largest,) + descending
+  return ((largest,) if num_assignments > largest else ()) + descending
 
 
 class _Chunks(NamedTuple):
@@ -190,27 +192,35 @@ class _Chunks(NamedTuple):
 def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments: int) -> tuple[_Chunks, ...]:
   """group_sizes [E] of the sorted rows -> one _Chunks per loop of `chunk_sizes`.
 
-  Each group of g rows gets g // L full chunks of the largest size L; its rest, rounded up to 8 rows,
-  gets at most one chunk per size, largest first. A size over 32 rows is taken when the rest fills over
-  3/4 of it; one of 32 rows or fewer when the rest fills over half of it, since such chunks cost about
-  the same whatever their size (reading the expert's weights dominates): a rest of 17-32 rows runs as one
-  32-row chunk, not 16 + 8 (MoE layer 10-15% faster at k = 1 on CPU). So a group wastes under a
-  quarter of its last large chunk plus 15 rows, and runs at most log2(L / 8) chunks beyond its full ones.
+  Each group of g rows gets g // L full chunks of the largest size L (a loop of its own when
+  num_assignments > L; otherwise no group exceeds L and a full group is the rest loop's L-row chunk); its
+  rest, rounded up to 8 rows, gets at most one chunk per size, largest first. A size over 32 rows is
+  taken when the rest fills over 3/4 of it; one of 32 rows or fewer when the rest fills over half of it,
+  since such chunks cost about the same whatever their size (reading the expert's weights dominates): a
+  rest of 17-32 rows runs as one 32-row chunk, not 16 + 8 (MoE layer 10-15% faster at k = 1 on CPU). So
+  a group wastes under a quarter of its last large chunk plus 15 rows, and runs at most log2(L / 8)
+  chunks beyond its full ones.
   """
   num_experts = group_sizes.shape[0]
   largest = sizes[0]
   experts = jnp.arange(num_experts, dtype=jnp.int32)
   group_end = jnp.cumsum(group_sizes).astype(jnp.int32)
   group_start = group_end - group_sizes
-  full = group_sizes // largest
-  full_end = jnp.cumsum(full)
-  chunk = jnp.arange(max(1, num_assignments // largest), dtype=jnp.int32)
-  full_expert = jnp.minimum(jnp.searchsorted(full_end, chunk, side="right"), num_experts - 1).astype(jnp.int32)
-  full_start = group_start[full_expert] + (chunk - (full_end - full)[full_expert]) * largest
-  plans = [_Chunks(full_start, group_end[full_expert], full_expert, full_end[-1].astype(jnp.int32))]
+  plans = []
+  if num_assignments > largest:
+    full = group_sizes // largest
+    full_end = jnp.cumsum(full)
+    chunk = jnp.arange(num_assignments // largest, dtype=jnp.int32)
+    full_expert = jnp.minimum(jnp.searchsorted(full_end, chunk, side="right"), num_experts - 1).astype(jnp.int32)
+    full_start = group_start[full_expert] + (chunk - (full_end - full)[full_expert]) * largest
+    plans.append(_Chunks(full_start, group_end[full_expert], full_expert, full_end[-1].astype(jnp.int32)))
+    rest_sizes = sizes[1:]
+  else:
+    full = jnp.zeros_like(group_sizes)
+    rest_sizes = sizes
   row = group_start + full * largest
   rest = -(-(group_sizes - full * largest) // 8) * 8
-  for size in sizes[1:]:
+  for size in rest_sizes:
     take = (rest > size // 2) if size <= 32 else (rest >= size) | (rest > 3 * size // 4)
     slot = jnp.where(take, jnp.cumsum(take) - 1, num_experts)  # chunks in use first; the others dropped
     start = jnp.zeros((num_experts,), jnp.int32).at[slot].set(row, mode="drop")

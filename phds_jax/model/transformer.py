@@ -211,9 +211,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return index - start_index
 
 
-def check_expert_backend(expert_backend: str) -> str:
-  """Returns `expert_backend` if it names a backend (or "auto"), else raises ValueError listing them."""
-  if expert_backend != "auto" and expert_backend not in experts_lib.BACKENDS:
+def resolve_expert_backend(expert_backend: str) -> str:
+  """The backend `expert_backend` names ("auto": this platform's default), or ValueError listing them.
+
+  Resolving "auto" before jit makes "auto" and the backend it stands for one compiled program.
+  """
+  if expert_backend == "auto":
+    return experts_lib.default_backend(jax.default_backend())
+  if expert_backend not in experts_lib.BACKENDS:
     raise ValueError(f"expert_backend={expert_backend!r}; choose one of {EXPERT_BACKENDS}")
   return expert_backend
 
@@ -251,7 +256,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   expert_backend: how the routed experts are computed ("auto", "chunked", "sorted", "ragged", "reference";
   see model/experts.py): an execution choice, every backend computes the same function.
   """
-  check_expert_backend(expert_backend)
+  expert_backend = resolve_expert_backend(expert_backend)
   if not hasattr(tokens, "shape") or len(tokens.shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array of shape [batch, length], got "
                      f"{getattr(tokens, 'dtype', type(tokens))} {getattr(tokens, 'shape', '')}")
