@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 _FAST_COMPILE = ("--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0 "
-                 "--xla_llvm_disable_expensive_passes=true")
+                 "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 # One cache per test run: the process that starts pytest makes it (and removes it at exit); pytest-xdist's
 # workers and the tests' subprocesses inherit it through the environment.
