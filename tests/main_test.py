@@ -90,7 +90,7 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
   tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,
                                                           intermediate_size=32, num_hidden_layers=2).items()}
-  short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "train.steps": 4, "eval.every": 2,
+  short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "pretrain.seq_len": 64, "train.steps": 4, "eval.every": 4,
            "checkpoint.every": 2, "log_every": 2, "builtin.text_docs": 50, "builtin.train_objects": 96, **tiniest}
   result = main.run(load_config("tiny", **short), str(tmp_path))
   assert json.load(open(tmp_path / "results.json")) == result
