@@ -54,6 +54,7 @@ def base_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps (the lr and k schedules span them)
   c.train.stop_at = 0  # >0: stop after this step (checkpointed), e.g. to fit a time slot; resume later
+  c.train.on_nan = "stop"  # a non-finite loss or gradient: stop naming the step, or skip the update (our choice)
   c.train.batch_size = 32  # packed rows per step, all hosts together
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32

@@ -42,5 +42,13 @@ class MissingShardError(CheckpointError, FileNotFoundError):
   """A weight file named by the index (or expected in the directory) does not exist."""
 
 
+class WorkdirMismatchError(CheckpointError):
+  """A training workdir holds another run (other model or incompatible settings); it is never resumed into."""
+
+
+class TrainingDivergedError(PhdsError, FloatingPointError):
+  """A training step produced a non-finite loss or gradient (train.on_nan="stop")."""
+
+
 class UnsafeWeightsError(CheckpointError):
   """Pickle-based weights (`.bin`, `.pt`) were found and the caller did not opt in to loading them."""

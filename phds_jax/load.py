@@ -29,6 +29,15 @@ def detect_format(path: str) -> str:
                         f"({ORBAX_CONFIG_FILE})")
 
 
+def load_config(path: str) -> Any:
+  """The ModelConfig of an HF model directory or a phds_jax checkpoint, without reading any weight."""
+  if detect_format(path) == "hf":
+    return hf.config_io.load_config(path)
+  from phds_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  return checkpoint.load_model_config(path)
+
+
 def load(path: str, dtype: Any = "float32", *, sharding: hf.ShardingSpec = None,
          allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
   """Opens an HF model directory or a phds_jax orbax model checkpoint (detected) as (ModelConfig, params).

@@ -91,7 +91,8 @@ def run(config, workdir=None, source: str = "config"):
   if problems:
     raise ConfigProblems(source, problems)
   workdir = workdir or config.get("workdir", "") or os.path.join("workdir", config.mode)
-  if config.mode != "convert" and jax.process_index() == 0:
+  # training writes its config.json itself, once it knows the workdir is its own
+  if config.mode not in ("convert", "train") and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json(indent=2))  # the resolved config of this run

@@ -32,6 +32,12 @@ class SummaryWriter:
     if self._writer is not None:
       self._writer.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
 
 class Progress:
   """One line per `log` call: a bar, step/total, the rate since the first step, the ETA, the metrics."""

@@ -14,6 +14,8 @@ import functools
 import json
 import os
 import re
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -32,9 +34,10 @@ from phds_jax import losses
 from phds_jax import metrics as metrics_lib
 from phds_jax import sharding as sharding_lib
 from phds_jax import sparsity
-from phds_jax.load import load
+from phds_jax.load import load, load_config
 from phds_jax.model import layout
-from phds_jax.model.config import ModelConfig
+from phds_jax.errors import TrainingDivergedError, WorkdirMismatchError
+from phds_jax.model.config import ModelConfig, config_to_dict
 from phds_jax.model.families import preset
 from phds_jax.model.transformer import init_params, resolve_expert_backend
 
@@ -196,10 +199,15 @@ class Trainer:
     (grads, (token_loss, weight, sums)), _ = jax.lax.scan(micro_step, (zeros, zero_stats), micro_batches)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
+    loss, grad_norm = token_loss / jnp.maximum(weight, 1.0), optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if config.train.on_nan == "skip":  # keep the old parameters and moments; the step counter moves on
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      trainable, opt_state = keep(trainable, state["trainable"]), keep(opt_state, state["opt_state"])
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state, rng=rng)
-    stats = {"loss": token_loss / jnp.maximum(weight, 1.0), **{n: v / accum for n, v in sums.items()},
-             "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]), "tokens": weight}
+    stats = {"loss": loss, **{n: v / accum for n, v in sums.items()}, "grad_norm": grad_norm,
+             "lr": self.schedule(state["step"]), "tokens": weight, "finite": finite}
     return new_state, stats
 
   def train_step(self, state, batch, k):
@@ -232,11 +240,18 @@ class Trainer:
 # ---- model and data set-up -------------------------------------------------------------------------------
 
 
+def model_config(config) -> ModelConfig:
+  """The run's ModelConfig, read without loading any weight."""
+  if config.model_path:
+    return load_config(config.model_path)
+  return preset(config.model.preset).replace(**dict(config.model.overrides))
+
+
 def load_model(config) -> tuple[ModelConfig, Params]:
   """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`."""
   if config.model_path:
     return load(config.model_path, dtype=config.model.param_dtype)
-  cfg = preset(config.model.preset).replace(**dict(config.model.overrides))
+  cfg = model_config(config)
   return cfg, init_params(cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
 
 
@@ -281,6 +296,78 @@ def _restore(manager, step, abstract_state, iterator):
   return restored["state"], restored["meta"]
 
 
+# ---- the workdir's identity and stop requests ---------------------------------------------------------
+
+IDENTITY_FILE = "run_identity.json"
+
+
+def run_identity(config, cfg: ModelConfig) -> dict[str, Any]:
+  """What a workdir's checkpoints must agree with to be resumed: the model, and the settings that shape
+  the training state or the data stream (other fields, e.g. the step count or eval grid, may change)."""
+  identity = {"model": config_to_dict(cfg), "model.param_dtype": config.model.param_dtype,
+              "train.trainable": config.train.trainable, "train.batch_size": config.train.batch_size,
+              "data.seq_len": config.data.seq_len}
+  return json.loads(json.dumps(identity))  # as stored: tuples become lists
+
+
+def identity_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """One line per differing field ("model.hidden_size: workdir 32, config 64")."""
+  lines = []
+  for key in sorted(set(stored) | set(current)):
+    old, new = stored.get(key), current.get(key)
+    if isinstance(old, dict) and isinstance(new, dict):
+      lines += [f"{key}.{name}: workdir {old.get(name)!r}, config {new.get(name)!r}"
+                for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    elif old != new:
+      lines.append(f"{key}: workdir {old!r}, config {new!r}")
+  return lines
+
+
+def check_workdir(workdir: str, identity: dict[str, Any], has_outputs: bool):
+  """Refuses a workdir whose checkpoints come from another run (WorkdirMismatchError naming the fields);
+  records this run's identity where nothing was saved yet."""
+  path = os.path.join(workdir, IDENTITY_FILE)
+  if has_outputs and os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      differences = identity_differences(json.load(f), identity)
+    if differences:
+      listed = "\n".join(f"  - {d}" for d in differences)
+      raise WorkdirMismatchError(f"{workdir} holds checkpoints of another model or of incompatible settings; "
+                                 f"it is neither resumed nor overwritten. Use another workdir or remove this one. "
+                                 f"Differences:\n{listed}")
+  if not (has_outputs and os.path.isfile(path)) and jax.process_index() == 0:
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+      json.dump(identity, f, indent=2, sort_keys=True)
+    os.replace(path + ".partial", path)
+
+
+class StopRequest:
+  """Asks the loop to finish its step, save and return: SIGTERM in a single-process run; on several
+  processes, JAX's preemption sync point (its service catches SIGTERM and the TPU maintenance notice, and
+  every process stops at the same step)."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager, self.reason, self._previous = manager, None, None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    self.reason = signal.Signals(signum).name
+
+  def reached(self, step: int) -> bool:
+    if self.reason is None and jax.process_count() > 1 and self.manager.reached_preemption(step):
+      self.reason = "preemption"
+    return self.reason is not None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 # ---- the loop ------------------------------------------------------------------------------------------
 
 
@@ -304,6 +391,12 @@ def eval_grid(config, cfg: ModelConfig) -> list[int]:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`; returns a summary with the best validation loss at k_pre."""
   os.makedirs(workdir, exist_ok=True)
+  manager = _manager(workdir, config)
+  has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
+  check_workdir(workdir, run_identity(config, model_config(config)), has_outputs)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))  # the resolved config of this run
   _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} ...")
   cfg, params = load_model(config)
   tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
@@ -327,7 +420,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   val_batches = data_lib.eval_batches(val_rows, config.eval.batch_size)
   schedule = (sparsity.schedule_from_config(config.phds, total) if config.phds.enabled
               else sparsity.KSchedule(k_values=(cfg.k_pre,), seed=config.phds.seed))
-  manager = _manager(workdir, config)
   meta = {"best_val_loss": None, "best_step": None}
   start = 0
   if manager.latest_step() is not None:
@@ -355,31 +447,39 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   if start == 0 and val_batches and config.eval.at_start:
     evaluate(0)
-  last = start
-  for step in range(start, total):
-    k = schedule.sample(step, trainer.n_moe)
-    batch = trainer.global_batch(next(iterator))
-    state, stats = trainer.train_step(state, batch, k)
-    last = step + 1
-    k_mean = float(np.mean(k))
-    writer.scalars(last, {"train/k": k_mean})  # the k of every step
-    if last % config.log_every == 0 or last == total:
-      stats = {name: float(v) for name, v in jax.device_get(stats).items()}
-      writer.scalars(last, {f"train/{n}": v for n, v in stats.items()})
-      progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
-                          "lr": stats["lr"], "gnorm": stats["grad_norm"]})
-    if val_batches and (last % config.eval.every == 0 or last == total):
-      evaluate(last)
-    stopping = last == config.train.stop_at
-    if last % config.checkpoint.every == 0 or last == total or stopping:
-      _save(manager, last, state, iterator, dict(meta))
-    if stopping:
-      _say(f"stopping at step {last} (train.stop_at); run again to resume")
-      break
-  manager.wait_until_finished()
-  writer.close()
-  summary = {"workdir": workdir, "steps": last, "best_step": meta["best_step"],
-             "best_val_loss": meta["best_val_loss"], "eval_k": grid, "history": read_history(history_file)}
+  last, stopped_by, skipped = start, None, []
+  stop = StopRequest(manager)
+  with stop, writer:
+    for step in range(start, total):
+      k = schedule.sample(step, trainer.n_moe)
+      batch = trainer.global_batch(next(iterator))
+      state, stats = trainer.train_step(state, batch, k)
+      last = step + 1
+      if not bool(stats["finite"]):  # one scalar to the host per step
+        _non_finite(config, manager, last, stats)
+        skipped.append(last)
+      k_mean = float(np.mean(k))
+      writer.scalars(last, {"train/k": k_mean})  # the k of every step
+      if last % config.log_every == 0 or last == total:
+        stats = {name: float(v) for name, v in jax.device_get(stats).items()}
+        writer.scalars(last, {f"train/{n}": v for n, v in stats.items()})
+        progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
+                            "lr": stats["lr"], "gnorm": stats["grad_norm"]})
+      if val_batches and (last % config.eval.every == 0 or last == total):
+        evaluate(last)
+      if last == config.train.stop_at:
+        stopped_by = "train.stop_at"
+      elif stop.reached(last):
+        stopped_by = stop.reason
+      if last % config.checkpoint.every == 0 or last == total or stopped_by:
+        _save(manager, last, state, iterator, dict(meta))
+      if stopped_by:
+        _say(f"stopping at step {last} ({stopped_by}); the checkpoint is saved: run again to resume")
+        break
+    manager.wait_until_finished()
+  summary = {"workdir": workdir, "steps": last, "stopped_by": stopped_by, "skipped_steps": skipped,
+             "best_step": meta["best_step"], "best_val_loss": meta["best_val_loss"], "eval_k": grid,
+             "history": read_history(history_file)}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   if config.export_hf and meta["best_step"] is not None and last == total:
@@ -391,6 +491,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _say(f"best validation loss at k_pre={cfg.k_pre}: {meta['best_val_loss']} (step {meta['best_step']}); "
        f"outputs in {workdir}")
   return summary
+
+
+def _non_finite(config, manager: ocp.CheckpointManager, step: int, stats: dict[str, jax.Array]):
+  """A step whose loss or gradient norm is not finite: stop (nothing of it is saved) or report the skip."""
+  loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])
+  if config.train.on_nan == "skip":
+    _say(f"step {step}: loss {loss}, gradient norm {grad_norm}: update skipped (train.on_nan=skip)")
+    return
+  manager.wait_until_finished()
+  raise TrainingDivergedError(
+      f"step {step}: loss {loss}, gradient norm {grad_norm} (not finite); nothing of this step was saved, the "
+      f"latest checkpoint is step {manager.latest_step()}. Lower optim.lr, or set train.on_nan=skip to skip "
+      "such updates")
 
 
 def _say(message: str):

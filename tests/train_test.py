@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from phds_jax import checkpoint
+from phds_jax import errors
 from phds_jax import data
 from phds_jax import sharding
 from phds_jax import train
-from conftest import toy_train_config
+from conftest import set_fields, toy_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,16 +27,38 @@ def _leaves_equal(a, b):
   return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
+def _sigterm_after(step):
+  """Trainer.train_step that sends this process SIGTERM once `step` is done, as a scheduler would."""
+  original = train.Trainer.train_step
+
+  def train_step(self, state, batch, k):
+    state, stats = original(self, state, batch, k)
+    if int(state["step"]) == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return state, stats
+  return train_step
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One uninterrupted 30-step run (exported to HF) and one stopped at step 13 then resumed, same config:
-  shared by the loss, resume, TensorBoard, history and export tests."""
+  """One uninterrupted 30-step run (exported to HF), and the same config stopped at step 13
+  (train.stop_at), resumed, stopped by SIGTERM after step 20, and resumed to the end: shared by the loss,
+  resume, preemption, TensorBoard, history and export tests."""
   root = tmp_path_factory.mktemp("runs")
+  handler_before = signal.getsignal(signal.SIGTERM)
   full = train.train_and_evaluate(toy_train_config(root / "a", **_SHARED), str(root / "a" / "w"))
   first = train.train_and_evaluate(toy_train_config(root / "b", **_SHARED, **{"train.stop_at": 13}),
                                    str(root / "b" / "w"))
+  original = train.Trainer.train_step
+  train.Trainer.train_step = _sigterm_after(20)
+  try:
+    terminated = train.train_and_evaluate(toy_train_config(root / "b", **_SHARED), str(root / "b" / "w"))
+  finally:
+    train.Trainer.train_step = original
   resumed = train.train_and_evaluate(toy_train_config(root / "b", **_SHARED), str(root / "b" / "w"))
-  return {"full": full, "first": first, "resumed": resumed, "a": root / "a" / "w", "b": root / "b" / "w"}
+  return {"full": full, "first": first, "terminated": terminated, "resumed": resumed, "a": root / "a" / "w",
+          "b": root / "b" / "w", "sigterm_handler_before": handler_before,
+          "sigterm_handler_after": signal.getsignal(signal.SIGTERM)}
 
 
 _SHARED = {"train.steps": 30, "export_hf": True}
@@ -102,8 +126,12 @@ def test_changing_k_compiles_once_per_mode(tmp_path, k_mode, expected_programs):
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(runs):
-  assert runs["first"]["steps"] == 13
-  assert runs["resumed"]["steps"] == 30 and runs["resumed"]["history"] == runs["full"]["history"]
+  assert runs["first"]["steps"] == 13 and runs["first"]["stopped_by"] == "train.stop_at"
+  # SIGTERM: the step in flight finishes, a checkpoint is saved, the run returns normally
+  assert runs["terminated"]["steps"] == 20 and runs["terminated"]["stopped_by"] == "SIGTERM"
+  assert runs["sigterm_handler_after"] is runs["sigterm_handler_before"]  # the trainer's handler is removed
+  assert runs["resumed"]["steps"] == 30 and runs["resumed"]["stopped_by"] is None
+  assert runs["resumed"]["history"] == runs["full"]["history"]
   _, final_a = checkpoint.load_model(str(runs["a"] / "best"))
   _, final_b = checkpoint.load_model(str(runs["b"] / "best"))
   assert _leaves_equal(final_a, final_b)
@@ -144,7 +172,7 @@ _SHARDED = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[2])
     import jax
-    from conftest import toy_train_config
+    from conftest import set_fields, toy_train_config
     from phds_jax import train
     import pathlib
     tmp = pathlib.Path(sys.argv[1])
@@ -172,3 +200,46 @@ def test_eight_device_sharded_training_matches_one_device(tmp_path):
   for a, b in zip(one["history"], eight["history"]):
     for key in a:
       assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+
+
+def test_a_workdir_of_another_model_is_refused_untouched(runs, tmp_path):
+  workdir = runs["a"]
+  before = {p: os.path.getmtime(p) for p in workdir.rglob("*")}
+  other = toy_train_config(tmp_path, **_SHARED, **{"model.overrides": {"vocab_size": 64, "hidden_size": 48},
+                                                   "train.batch_size": 4})
+  with pytest.raises(errors.WorkdirMismatchError) as raised:
+    train.train_and_evaluate(other, str(workdir))
+  message = str(raised.value)
+  assert "model.hidden_size: workdir 64, config 48" in message and "train.batch_size: workdir 8, config 4" in message
+  assert "num_hidden_layers" not in message  # only the fields that differ
+  assert {p: os.path.getmtime(p) for p in workdir.rglob("*")} == before  # nothing written, nothing resumed
+
+
+def test_a_workdir_without_checkpoints_takes_the_new_identity(tmp_path):
+  config = toy_train_config(tmp_path)
+  cfg = train.model_config(config)
+  (tmp_path / "w").mkdir()
+  train.check_workdir(str(tmp_path / "w"), train.run_identity(config, cfg.replace(hidden_size=48)), False)
+  train.check_workdir(str(tmp_path / "w"), train.run_identity(config, cfg), False)  # nothing saved: no refusal
+  with pytest.raises(errors.WorkdirMismatchError, match="train.trainable: workdir 'all', config 'router'"):
+    train.check_workdir(str(tmp_path / "w"), train.run_identity(set_fields(config, **{"train.trainable": "router"}),
+                                                                 cfg), True)
+
+
+def test_non_finite_update_is_skipped_or_stops_the_run(tmp_path):
+  config, cfg, params, trainer = _trainer(tmp_path, **{"train.on_nan": "skip"})
+  poisoned = jax.tree.map(np.array, params)
+  poisoned["lm_head"]["kernel"][0, 0] = np.nan  # every logit of the vocabulary's first entry: NaN loss
+  state = trainer.init_state(poisoned, train.trainable_paths(cfg, poisoned, "all"), seed=0)
+  before = jax.tree.map(np.array, state["trainable"])
+  state, stats = trainer.train_step(state, trainer.global_batch(_toy_batches(tmp_path, config, 1)[0]), 1)
+  assert not bool(stats["finite"]) and int(state["step"]) == 1
+  after = jax.tree.map(np.array, state["trainable"])
+  assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+  # the whole loop, on_nan=stop: the run ends at the step naming it, and no checkpoint holds NaNs
+  model_dir = checkpoint.save_model(cfg, poisoned, str(tmp_path / "nan_model"))
+  stop = toy_train_config(tmp_path / "s", **{"model_path": model_dir, "model.random_init": False,
+                                             "eval.at_start": False, "checkpoint.every": 1})
+  with pytest.raises(errors.TrainingDivergedError, match=r"step 1: loss nan.*the latest checkpoint is step None"):
+    train.train_and_evaluate(stop, str(tmp_path / "s" / "w"))
+  assert not os.path.isdir(tmp_path / "s" / "w" / "best")
