@@ -192,7 +192,9 @@ class Trainer:
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, stats)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-    micro_batches = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    # micro-batch j takes rows j, j + accum, ...: every device holds a slice of each micro-batch, so the
+    # batch sharding carries over (a contiguous split would put each micro-batch on a few devices)
+    micro_batches = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                               jax.eval_shape(lambda m: loss_fn(state["trainable"], m)[1], first))
