@@ -6,6 +6,8 @@ One name per concept across modes: the model to start from is always `model_path
 `configs/olmoe.py:k_values=2,4,8;steps=500`), applied by `apply_arg`.
 """
 
+import os
+
 import ml_collections
 
 
@@ -114,6 +116,16 @@ def base_config(arg=None):
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
   return c
+
+
+def write_resolved(config, workdir: str):
+  """Writes `workdir/config.json`, the resolved config of this run (process 0 only)."""
+  import jax  # pylint: disable=g-import-not-at-top  (config files import this module)
+
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
 
 
 def paper_scale(config):

@@ -83,6 +83,7 @@ def run(config, workdir=None, source: str = "config"):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import config_check  # pylint: disable=g-import-not-at-top
+  from phds_jax.configs import write_resolved  # pylint: disable=g-import-not-at-top
   from phds_jax.errors import ConfigProblems  # pylint: disable=g-import-not-at-top
 
   if config.get("distributed", False):
@@ -91,11 +92,8 @@ def run(config, workdir=None, source: str = "config"):
   if problems:
     raise ConfigProblems(source, problems)
   workdir = workdir or config.get("workdir", "") or os.path.join("workdir", config.mode)
-  # training writes its config.json itself, once it knows the workdir is its own
-  if config.mode not in ("convert", "train") and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))  # the resolved config of this run
+  if config.mode not in ("convert", "train"):  # training writes it once it knows the workdir is its own
+    write_resolved(config, workdir)
   if config.mode == "train":
     from phds_jax import train  # pylint: disable=g-import-not-at-top
     return train.train_and_evaluate(config, workdir)

@@ -34,6 +34,7 @@ from phds_jax import losses
 from phds_jax import metrics as metrics_lib
 from phds_jax import sharding as sharding_lib
 from phds_jax import sparsity
+from phds_jax.configs import write_resolved
 from phds_jax.load import load, load_config
 from phds_jax.model import layout
 from phds_jax.errors import TrainingDivergedError, WorkdirMismatchError
@@ -337,7 +338,8 @@ def check_workdir(workdir: str, identity: dict[str, Any], has_outputs: bool):
       raise WorkdirMismatchError(f"{workdir} holds checkpoints of another model or of incompatible settings; "
                                  f"it is neither resumed nor overwritten. Use another workdir or remove this one. "
                                  f"Differences:\n{listed}")
-  if not (has_outputs and os.path.isfile(path)) and jax.process_index() == 0:
+    return
+  if jax.process_index() == 0:
     with open(path + ".partial", "w", encoding="utf-8") as f:
       json.dump(identity, f, indent=2, sort_keys=True)
     os.replace(path + ".partial", path)
@@ -396,9 +398,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   manager = _manager(workdir, config)
   has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
   check_workdir(workdir, run_identity(config, model_config(config)), has_outputs)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))  # the resolved config of this run
+  write_resolved(config, workdir)
   _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} ...")
   cfg, params = load_model(config)
   tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)

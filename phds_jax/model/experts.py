@@ -206,7 +206,7 @@ def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments:
   experts = jnp.arange(num_experts, dtype=jnp.int32)
   group_end = jnp.cumsum(group_sizes).astype(jnp.int32)
   group_start = group_end - group_sizes
-  plans = []
+  plans, row, rest, rest_sizes = [], group_start, group_sizes, sizes
   if num_assignments > largest:
     full = group_sizes // largest
     full_end = jnp.cumsum(full)
@@ -214,12 +214,8 @@ def _chunk_plan(group_sizes: jax.Array, sizes: tuple[int, ...], num_assignments:
     full_expert = jnp.minimum(jnp.searchsorted(full_end, chunk, side="right"), num_experts - 1).astype(jnp.int32)
     full_start = group_start[full_expert] + (chunk - (full_end - full)[full_expert]) * largest
     plans.append(_Chunks(full_start, group_end[full_expert], full_expert, full_end[-1].astype(jnp.int32)))
-    rest_sizes = sizes[1:]
-  else:
-    full = jnp.zeros_like(group_sizes)
-    rest_sizes = sizes
-  row = group_start + full * largest
-  rest = -(-(group_sizes - full * largest) // 8) * 8
+    row, rest, rest_sizes = group_start + full * largest, group_sizes - full * largest, sizes[1:]
+  rest = -(-rest // 8) * 8  # rows after the full chunks, rounded up to 8
   for size in rest_sizes:
     take = (rest > size // 2) if size <= 32 else (rest >= size) | (rest > 3 * size // 4)
     slot = jnp.where(take, jnp.cumsum(take) - 1, num_experts)  # chunks in use first; the others dropped
