@@ -78,18 +78,23 @@ def _mesh_and_batch(config) -> list[str]:
   import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import sharding  # pylint: disable=g-import-not-at-top
 
-  try:
-    sizes = sharding.mesh_sizes(dict(config.mesh), jax.device_count())
-  except ValueError as e:
-    return [f"mesh: {e}"]
   out = []
+  try:
+    sharding.parse_rules(dict(config.axis_rules))
+  except ValueError as e:
+    out.append(str(e))
+  slices = sharding.num_slices(jax.devices())
+  try:
+    sizes = sharding.mesh_sizes(dict(config.mesh), jax.device_count() // slices)
+  except ValueError as e:
+    return out + [f"mesh: {e}"]
   batch, accum = config.train.batch_size, config.train.grad_accum
-  data_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  data_parallel = slices * sizes["data"] * sizes["fsdp"] * sizes["expert"]
   if accum < 1 or batch % accum:
     out.append(f"train.batch_size={batch} must be a multiple of train.grad_accum={accum}")
   elif (batch // accum) % (data_parallel * jax.process_count()):
     out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
-               f"{data_parallel} data-parallel devices (mesh data x fsdp x expert) and {jax.process_count()} "
+               f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {jax.process_count()} "
                "process(es); pass a multiple")
   return out
 

@@ -111,11 +111,20 @@ def base_config(arg=None):
   c.checkpoint.keep = 2  # latest checkpoints kept for resuming (the best by val loss at k_pre is kept apart)
   c.checkpoint.async_save = True  # write in the background while training continues
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # device mesh; -1: the rest
+  # device mesh within a slice (-1: the rest); on several slices a "slice" axis (DCN) adds data parallelism
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  # logical axis -> comma-separated mesh axes (slice, data, fsdp, expert, tensor; "" replicates)
+  c.axis_rules = ml_collections.ConfigDict(_default_rules())
   c.log_every = 10  # train metrics every N steps
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
   return c
+
+
+def _default_rules() -> dict[str, str]:
+  from phds_jax.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
+
+  return {name: ",".join(axes) for name, axes in DEFAULT_RULES.items()}
 
 
 def write_resolved(config, workdir: str):

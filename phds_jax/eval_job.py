@@ -21,6 +21,7 @@ from phds_jax import evaluate
 from phds_jax import latency
 from phds_jax import olmo_tasks
 from phds_jax import sparsity
+from phds_jax import sharding as sharding_lib
 from phds_jax.load import load
 
 log = logging.getLogger("phds_jax")
@@ -155,15 +156,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   tasks = _tasks(config)
   results: dict[str, Any] = {}
   tokenizer = None
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
   for label, path in paths.items():
-    cfg, params = load(path, config.model.param_dtype)
+    with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+      cfg, params = load(path, config.model.param_dtype, sharding=mesh)
     if tokenizer is None:
       tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
       text_batches = _text_batches(config, tokenizer)
     ks = k_grid(config, cfg)
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
-    results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config)
+    with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+      results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config)
+    del params
     print(format_table(label, results[label], reference_k), flush=True)
   out = os.path.join(workdir, "eval_results.json")
   with open(out, "w", encoding="utf-8") as f:

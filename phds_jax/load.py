@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+
 from phds_jax import hf
+from phds_jax import sharding as sharding_lib
 from phds_jax.errors import CheckpointError
 
 FORMATS = ("hf", "orbax")
@@ -38,16 +41,19 @@ def load_config(path: str) -> Any:
   return checkpoint.load_model_config(path)
 
 
-def load(path: str, dtype: Any = "float32", *, sharding: hf.ShardingSpec = None,
+def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
          allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
   """Opens an HF model directory or a phds_jax orbax model checkpoint (detected) as (ModelConfig, params).
 
   dtype: "float32" | "bfloat16" | "float16" (or a jnp dtype), or None to keep the stored dtype.
-  sharding: None (default device), one `jax.sharding.Sharding`, or a callable (param path, shape) ->
-    Sharding; each parameter is placed as it is read.
+  sharding: None (default device); a `jax.sharding.Mesh`: each parameter sharded by its logical axes under
+    the current axis rules (`phds_jax.sharding.axis_rules`); one `jax.sharding.Sharding`; or a callable
+    (param path, shape) -> Sharding. Each process reads only the blocks its own devices hold.
   allow_pickle: HF directories holding only `.bin` pickles load only with this set.
   The expert backend is not a property of the model: pass it to `forward` / `generate` / the evaluators.
   """
+  if isinstance(sharding, jax.sharding.Mesh):
+    sharding = sharding_lib.layout_sharding(sharding, load_config(path))
   if detect_format(path) == "hf":
     return hf.load_pretrained(path, dtype=dtype or hf.declared_dtype(path), sharding=sharding,
                               allow_pickle=allow_pickle)

@@ -1,23 +1,31 @@
-"""Device mesh, the one logical-axis rules table, and the helpers that apply it.
+"""Device mesh, logical-axis rules, and the helpers that apply them.
 
 Activations and parameters name logical axes ("batch", "embed", "exp", ...; parameters in
-model/layout.py); `RULES` maps each to mesh axes ("data", "fsdp", "expert", "tensor"). A dimension that the mapped mesh axes do not divide evenly stays
-replicated, so any mesh shape is valid for any model.
+model/layout.py); rules map each to mesh axes. The mesh has a per-slice part ("data", "fsdp", "expert",
+"tensor": devices joined by ICI) and a "slice" axis across slices (DCN; size 1 on one slice) used for data
+parallelism only. `DEFAULT_RULES` is the project's table; a config's `axis_rules` replaces it for a run
+(`with axis_rules(...)`). Rules are read when a function is traced. A dimension that its mesh axes do not
+divide evenly stays replicated, so any mesh shape is valid for any model; a logical axis the rules do not
+name is an error, never silently replicated.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+SLICE_AXIS = "slice"
+ICI_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = (SLICE_AXIS, *ICI_AXES)
 
-# logical axis -> mesh axes (in order); the single table the whole project uses.
-RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
+# logical axis -> mesh axes (in order)
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": (SLICE_AXIS, "data", "fsdp", "expert"),
     "length": (),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
@@ -28,39 +36,101 @@ RULES: dict[str, tuple[str, ...]] = {
     "router": (),
 }
 
+_RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar("phds_axis_rules",
+                                                                                      default=DEFAULT_RULES)
+
+
+def parse_rules(rules: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+  """{logical: "data,fsdp" | ("data", "fsdp") | ""} -> {logical: tuple of mesh axes}; ValueError naming a
+  mesh axis that does not exist, one used twice, or a logical axis of DEFAULT_RULES left out."""
+  out = {}
+  for name, value in rules.items():
+    axes = tuple(a.strip() for a in value.split(",") if a.strip()) if isinstance(value, str) else tuple(value)
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"axis_rules.{name}={value!r}: no mesh axis {unknown[0]!r}; the axes are {MESH_AXES}")
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"axis_rules.{name}={value!r} names a mesh axis twice")
+    out[name] = axes
+  missing = sorted(set(DEFAULT_RULES) - set(out))
+  if missing:
+    raise ValueError(f"axis_rules has no rule for logical axes {missing} (an empty value replicates them)")
+  return out
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Mapping[str, Any]) -> Iterator[None]:
+  """Uses `rules` (see parse_rules) for the shardings made and the functions traced inside the block."""
+  token = _RULES.set(parse_rules(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[None]:
+  """`mesh` (jax.set_mesh) and `rules` (axis_rules) for everything sharded or traced inside the block."""
+  with jax.set_mesh(mesh), axis_rules(rules):
+    yield
+
+
 def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
-  """MESH_AXES sizes from `shape` (one size may be -1: the rest) for `num_devices`, or ValueError."""
-  unknown = set(shape) - set(MESH_AXES)
+  """ICI_AXES sizes from `shape` (one size may be -1: the rest) for one slice of `num_devices`, or ValueError."""
+  unknown = set(shape) - set(ICI_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
-  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {ICI_AXES} (the slice axis is set "
+                     "by the devices)")
+  sizes = [int(shape.get(axis, 1)) for axis in ICI_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: positive, with at most one -1")
+    raise ValueError(f"mesh sizes {dict(zip(ICI_AXES, sizes))}: positive, with at most one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
+      raise ValueError(f"{num_devices} devices cannot fill mesh {dict(zip(ICI_AXES, sizes))}")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+    raise ValueError(f"mesh {dict(zip(ICI_AXES, sizes))} needs {int(np.prod(sizes))} devices per slice, "
                      f"have {num_devices}")
-  return dict(zip(MESH_AXES, sizes))
+  return dict(zip(ICI_AXES, sizes))
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """Distinct `slice_index` values among `devices` (1 where devices carry none, e.g. CPU or one slice)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def make_mesh(shape: dict[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Mesh over `devices` (default all) with MESH_AXES sizes from `shape`; one size may be -1 (the rest)."""
+  """Mesh over `devices` (default all): `shape` gives ICI_AXES sizes per slice (one may be -1: the rest),
+  the slice axis spans the slices. Device order follows the physical topology (jax's mesh_utils)."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_sizes(shape, len(devices))
-  return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+  slices = num_slices(devices)
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")
+  ici = [1] + [mesh_sizes(shape, len(devices) // slices)[a] for a in ICI_AXES]
+  if slices > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, [slices] + [1] * len(ICI_AXES), devices)
+  elif devices[0].platform in ("tpu", "gpu", "cuda", "rocm"):
+    grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices).reshape(ici)
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(mesh_shape: dict[str, int], axes: Sequence[Optional[str]],
-                    dims: Optional[Sequence[int]] = None) -> P:
-  """PartitionSpec for logical `axes`; a dim not divisible by its mesh axes, or reusing one, replicates."""
+                    dims: Optional[Sequence[int]] = None,
+                    rules: Optional[Mapping[str, tuple[str, ...]]] = None) -> P:
+  """PartitionSpec for logical `axes` under `rules` (default: the current ones); a dim not divisible by
+  its mesh axes, or reusing one, replicates."""
+  rules = _RULES.get() if rules is None else rules
   used: set[str] = set()
   spec = []
   for i, name in enumerate(axes):
-    mesh_axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh_shape.get(a, 1) > 1) if name else ()
+    if name is not None and name not in rules:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; the rules name {sorted(rules)}")
+    mesh_axes = tuple(a for a in rules[name] if a not in used and mesh_shape.get(a, 1) > 1) if name else ()
     size = int(np.prod([mesh_shape[a] for a in mesh_axes])) if mesh_axes else 1
     if not mesh_axes or (dims is not None and dims[i] % size):
       spec.append(None)
@@ -70,7 +140,7 @@ def logical_to_spec(mesh_shape: dict[str, int], axes: Sequence[Optional[str]],
   return P(*spec)
 
 
-def _path_keys(path) -> tuple[str, ...]:
+def path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
@@ -84,7 +154,7 @@ def param_shardings(mesh: Mesh, tree: Any, axes_by_path: dict[tuple[str, ...], t
   longest = max(len(p) for p in axes_by_path)
 
   def one(path, leaf):
-    keys = _path_keys(path)
+    keys = path_keys(path)
     for n in range(min(longest, len(keys)), 0, -1):
       axes = axes_by_path.get(keys[-n:])
       if axes is not None and len(axes) == leaf.ndim:
@@ -95,6 +165,21 @@ def param_shardings(mesh: Mesh, tree: Any, axes_by_path: dict[tuple[str, ...], t
                      "it has no logical axes to shard it by")
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def layout_sharding(mesh: Mesh, cfg) -> Callable[[tuple[str, ...], tuple[int, ...]], NamedSharding]:
+  """(param path, shape) -> NamedSharding by the parameter's logical axes in `cfg`'s layout under the
+  rules current now (the form `pj.load(..., sharding=)` takes); a path the layout does not know is an error."""
+  from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
+
+  axes, rules = layout.axes_by_path(cfg), _RULES.get()
+
+  def one(path, shape):
+    if tuple(path) not in axes:
+      raise ValueError(f"{'/'.join(path)} is no parameter of the {cfg.model_type} layout")
+    return NamedSharding(mesh, logical_to_spec(dict(mesh.shape), axes[tuple(path)], shape, rules))
+
+  return one
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:

@@ -136,14 +136,28 @@ class Trainer:
     self._steps: dict[Any, Any] = {}
     self.state_shardings = None
 
+  def context(self):
+    """The mesh and the config's axis rules, for everything that shards or traces."""
+    return sharding_lib.use_mesh(self.mesh, dict(self.config.axis_rules))
+
+  def param_sharding(self):
+    """(param path, shape) -> NamedSharding: where `pj.load` places each parameter for this trainer."""
+    with self.context():
+      return sharding_lib.layout_sharding(self.mesh, self.cfg)
+
   # state ----------------------------------------------------------------------------------------------
-  def init_state(self, params: Params, trainable: set[str], seed: int) -> dict[str, Any]:
+  def init_state(self, params: Params, trainable: set[str], seed: int, *, copy: bool = True) -> dict[str, Any]:
+    """The train state from `params`. copy=False hands the arrays over (the first step donates them);
+    with copy=True the caller's arrays survive."""
+    with self.context():
+      return self._init_state(params, trainable, seed, copy)
+
+  def _init_state(self, params, trainable, seed, copy):
     train_p, frozen_p = split_params(params, trainable)
     axes = layout.axes_by_path(self.cfg)
     shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p}, axes)
-    # copies: the step donates the state, and the caller's arrays must survive it
-    train_p = jax.device_put(train_p, shardings["trainable"], may_alias=False)
-    frozen_p = jax.device_put(frozen_p, shardings["frozen"], may_alias=False)
+    train_p = jax.device_put(train_p, shardings["trainable"], may_alias=not copy)
+    frozen_p = jax.device_put(frozen_p, shardings["frozen"], may_alias=not copy)
     abstract_opt = jax.eval_shape(self.tx.init, train_p)
     opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt, axes)
     opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(train_p)
@@ -216,27 +230,31 @@ class Trainer:
   def train_step(self, state, batch, k):
     """One optimizer step at k (an int, or a per-layer tuple) on a global batch of packed rows."""
     k_static, k_traced = self.k_argument(k)
+    with self.context():
+      return self._jitted_train_step(k_static, k_traced is not None)(state, batch, k_traced)
+
+  def _jitted_train_step(self, k_static, traced: bool):
     if k_static not in self._steps:
       repl = sharding_lib.replicated(self.mesh)
       batch_sh = {key: sharding_lib.batch_sharding(self.mesh, 2) for key in data_lib.ROW_KEYS}
-      k_sh = None if k_traced is None else tuple(repl for _ in k_traced)
+      k_sh = tuple(repl for _ in range(self.n_moe)) if traced else None
       self._steps[k_static] = jax.jit(
           functools.partial(self._train_step, k_static=k_static),
           in_shardings=(self.state_shardings, batch_sh, k_sh), out_shardings=(self.state_shardings, repl),
           donate_argnums=(0,))
-    with jax.set_mesh(self.mesh):
-      return self._steps[k_static](state, batch, k_traced)
+    return self._steps[k_static]
 
   def eval_nll(self, state, batches: list[dict[str, np.ndarray]], k: int) -> float:
     """Mean NLL per trained token over `batches` at static k (hard top-k, as served)."""
     params = self._params_for_compute(state["trainable"], state["frozen"])
-    with jax.set_mesh(self.mesh):
+    with self.context():
       return evaluate.mean_nll(self.cfg, params, batches, k=k, max_loss_tokens=self.config.data.max_loss_tokens,
                                place=self.global_batch, expert_backend=self.expert_backend)["nll"]
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's rows -> one global array per key, sharded over the batch axes."""
-    sh = sharding_lib.batch_sharding(self.mesh, 2)
+    with self.context():
+      sh = sharding_lib.batch_sharding(self.mesh, 2)
     return {key: jax.make_array_from_process_local_data(sh, np.asarray(local[key])) for key in data_lib.ROW_KEYS}
 
 
@@ -250,12 +268,19 @@ def model_config(config) -> ModelConfig:
   return preset(config.model.preset).replace(**dict(config.model.overrides))
 
 
-def load_model(config) -> tuple[ModelConfig, Params]:
-  """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`."""
+def load_model(config, sharding=None) -> tuple[ModelConfig, Params]:
+  """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`, each
+  parameter placed by `sharding` ((path, shape) -> Sharding, e.g. `Trainer.param_sharding()`; None: the
+  default device) as it is read or made: no device or host ever holds the whole model."""
   if config.model_path:
-    return load(config.model_path, dtype=config.model.param_dtype)
+    return load(config.model_path, dtype=config.model.param_dtype, sharding=sharding)
   cfg = model_config(config)
-  return cfg, init_params(cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
+  make = functools.partial(init_params, cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
+  if sharding is None:
+    return cfg, make()
+  out_shardings = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: sharding(sharding_lib.path_keys(path), leaf.shape), jax.eval_shape(make))
+  return cfg, jax.jit(make, out_shardings=out_shardings)()
 
 
 def build_rows(config, tokenizer) -> tuple[list, list, data_lib.ReadStats]:
@@ -397,22 +422,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   manager = _manager(workdir, config)
   has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
-  check_workdir(workdir, run_identity(config, model_config(config)), has_outputs)
+  cfg = model_config(config)
+  check_workdir(workdir, run_identity(config, cfg), has_outputs)
   write_resolved(config, workdir)
-  _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} ...")
-  cfg, params = load_model(config)
-  tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
-  train_rows, val_rows, stats = build_rows(config, tokenizer)
-  _say(f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
-       f"train {data_lib.describe(train_rows)}; validation {data_lib.describe(val_rows)}")
   total = config.train.steps
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   global_batch = config.train.batch_size
   if global_batch % (config.train.grad_accum * jax.process_count()):
     raise ValueError(f"train.batch_size={global_batch} must divide by grad_accum x processes")
   trainer = Trainer(cfg, config, mesh, total)
+  _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} "
+       f"sharded over mesh {dict(mesh.shape)} ...")
+  cfg, params = load_model(config, trainer.param_sharding())
+  tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
+  train_rows, val_rows, stats = build_rows(config, tokenizer)
+  _say(f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
+       f"train {data_lib.describe(train_rows)}; validation {data_lib.describe(val_rows)}")
   trainable = trainable_paths(cfg, params, config.train.trainable)
-  state = trainer.init_state(params, trainable, config.seed)
+  state = trainer.init_state(params, trainable, config.seed, copy=False)
   del params
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["frozen"]))

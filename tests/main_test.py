@@ -126,11 +126,13 @@ def test_config_problems_are_all_listed(hf_dirs, tmp_path):
   src, _ = hf_dirs["olmoe_gqa_clip_norm"]  # 8 experts
   config = load_config("olmoe", "steps=7", **{
       "model_path": src, "data.train_files": str(tmp_path / "none*.jsonl"), "phds.k_values": "2,4,9",
-      "mesh.data": 3, "model.expert_backend": "magic", "train.trainable": "atention", "train.on_nan": "ignore"})
+      "mesh.data": 3, "model.expert_backend": "magic", "train.trainable": "atention", "train.on_nan": "ignore",
+      "axis_rules.embed": "fsdp,model"})
   with pytest.raises(errors.ConfigProblems) as info:
     main.run(config, str(tmp_path / "w"))
   problems = info.value.problems
-  assert len(problems) == 6, problems
+  assert len(problems) == 7, problems
+  assert any(p.startswith("axis_rules.embed='fsdp,model': no mesh axis 'model'") for p in problems)
   assert "model.expert_backend='magic'" in problems[0]
   assert any("data.train_files" in p and "matches no file" in p for p in problems)
   assert any(p.startswith("phds.k_values='2,4,9': k=9 is outside [1, 8]") for p in problems)

@@ -85,7 +85,8 @@ def load_pretrained(path: str, dtype="float32", *, sharding: ShardingSpec = None
 
   dtype: "float32" | "bfloat16" | "float16" (or the jnp dtype): every parameter is cast to it.
   sharding: None (default device), one `jax.sharding.Sharding` for every parameter, or a callable
-    (param path, shape) -> Sharding. Each tensor is placed as soon as it is converted.
+    (param path, shape) -> Sharding. Each device's block is read (only the HF rows it needs), converted
+    and placed on its own, so a process reads only what its devices hold.
   allow_pickle: load `.bin` pickle weights with torch.load(weights_only=True); refused otherwise.
   """
   target = _np_dtype(dtype)
@@ -97,16 +98,25 @@ def load_pretrained(path: str, dtype="float32", *, sharding: ShardingSpec = None
   done, next_report = 0, 0.1
   for m in mapped:
     spec = m.spec
-    host = scratch_array(spec.shape, target)
-    param_map.to_ours(m, source.get, host)
     where = sharding(spec.path, spec.shape) if callable(sharding) else sharding
-    flat[spec.path] = jax.device_put(host, where) if where is not None else jnp.asarray(host)
-    del host
+    if where is None:
+      flat[spec.path] = jnp.asarray(_read_block(m, source, tuple(slice(None) for _ in spec.shape), target))
+    else:  # each device's block is read on its own process, only the rows it needs
+      flat[spec.path] = jax.make_array_from_callback(
+          spec.shape, where, lambda index, m=m: _read_block(m, source, index, target))
     done += int(np.prod(spec.shape))
     if done / total >= next_report:
       log.info("loaded %.0f%% of %s parameters from %s", 100 * done / total, f"{total:,}", path)
       next_report += 0.1
   return cfg, traverse_util.unflatten_dict(flat)
+
+
+def _read_block(m: param_map.Mapped, source, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+  """One block of a parameter in our layout and `dtype`, in its own scratch memory (see scratch_array)."""
+  block = param_map.read_block(m, source.get, index)
+  out = scratch_array(block.shape, dtype)
+  out[...] = block
+  return out
 
 
 def _to_host(x) -> np.ndarray:

@@ -10,7 +10,7 @@ how the layouts differ:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -42,16 +42,17 @@ def is_ignorable(name: str, cfg: ModelConfig) -> bool:
   return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-def to_ours(mapped: Mapped, read: Callable[[str], np.ndarray], out: np.ndarray) -> None:
-  """Fills `out` (our layout, target dtype) from the HF tensor(s) of `mapped`, read one at a time."""
+def read_block(mapped: Mapped, read: Callable[[str, Optional[slice]], np.ndarray],
+               index: tuple[slice, ...]) -> np.ndarray:
+  """The block `index` (step-1 slices, one per dimension, in our layout) of `mapped`'s parameter, reading
+  from each HF tensor only the rows the block needs (`read(name, rows)`)."""
   kind = mapped.spec.kind
   if kind == "copy":
-    out[...] = read(mapped.hf_names[0])
-  elif kind == "linear":
-    out[...] = read(mapped.hf_names[0]).T
-  else:
-    for j, name in enumerate(mapped.hf_names):
-      out[j] = read(name).T
+    return read(mapped.hf_names[0], index[0] if index else None)[(slice(None), *index[1:])]
+  if kind == "linear":  # ours [in, out][i, o] = HF [out, in][o, i]
+    return read(mapped.hf_names[0], index[1])[:, index[0]].T
+  names = mapped.hf_names[index[0]]  # experts: ours [E, in, out][e, i, o] = HF_e [out, in][o, i]
+  return np.stack([read(name, index[2])[:, index[1]].T for name in names])
 
 
 def to_hf(mapped: Mapped, ours: np.ndarray, index: int) -> np.ndarray:

@@ -72,9 +72,17 @@ class SafetensorsFile:
   def dtype(self, name: str) -> np.dtype:
     return self._entries[name][0]
 
-  def get(self, name: str) -> np.ndarray:
-    """Reads one tensor from disk into a new scratch array (see `scratch_array`)."""
+  def get(self, name: str, rows: Optional[slice] = None) -> np.ndarray:
+    """Reads one tensor, or only `rows` (a step-1 slice of its first dimension: contiguous bytes), from
+    disk into a new scratch array (see `scratch_array`)."""
     dtype, shape, begin, end = self._entries[name]
+    if rows is not None and shape:
+      start, stop, step = rows.indices(shape[0])
+      if step != 1:
+        raise ValueError(f"rows={rows}: only contiguous row ranges are read")
+      row_bytes = (end - begin) // shape[0] if shape[0] else 0
+      begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
+      shape = (max(stop - start, 0), *shape[1:])
     out = scratch_array(shape, dtype)
     with open(self.path, "rb") as f:
       f.seek(self._data_start + begin)
