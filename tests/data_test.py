@@ -110,7 +110,7 @@ def test_validation_split_is_deterministic_and_disjoint(tokenizer, tmp_path):
   assert not {id(e) for e in train} & {id(e) for e in val}
 
 
-def test_train_batches_are_seeded_resumable_and_host_disjoint():
+def test_train_batches_are_seeded_resumable_and_split_over_processes():
   rows = [{key: np.full(4, i, np.int32 if key != "weights" else np.float32) for key in data.ROW_KEYS}
           for i in range(12)]
   it = data.train_batches(rows, 3, seed=1)
@@ -121,9 +121,12 @@ def test_train_batches_are_seeded_resumable_and_host_disjoint():
   assert [next(it)["inputs"][:, 0].tolist() for _ in range(5)] == after
   again = data.train_batches(rows, 3, seed=1)
   assert [next(again)["inputs"][:, 0].tolist() for _ in range(3)] == first
-  hosts = [data.train_batches(rows, 2, seed=1, process_index=i, process_count=2) for i in range(2)]
-  seen = [{v for _ in range(3) for v in next(h)["inputs"][:, 0].tolist()} for h in hosts]
-  assert not seen[0] & seen[1]
+  # two processes: each gets half of every global batch, disjoint, together the one-process stream
+  hosts = [data.train_batches(rows, 4, seed=1, process_index=i, process_count=2) for i in range(2)]
+  whole = data.train_batches(rows, 4, seed=1)
+  for _ in range(4):
+    halves = [next(h)["inputs"][:, 0].tolist() for h in hosts]
+    assert len(halves[0]) == 2 and halves[0] + halves[1] == next(whole)["inputs"][:, 0].tolist()
   with pytest.raises(data.DataError, match="cannot fill one batch"):
     data.train_batches(rows[:2], 3, seed=0)
 

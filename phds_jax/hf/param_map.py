@@ -42,17 +42,17 @@ def is_ignorable(name: str, cfg: ModelConfig) -> bool:
   return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-def read_block(mapped: Mapped, read: Callable[[str, Optional[slice]], np.ndarray],
+def read_block(mapped: Mapped, read: Callable[[str, Optional[tuple[slice, ...]]], np.ndarray],
                index: tuple[slice, ...]) -> np.ndarray:
-  """The block `index` (step-1 slices, one per dimension, in our layout) of `mapped`'s parameter, reading
-  from each HF tensor only the rows the block needs (`read(name, rows)`)."""
+  """The block `index` (one step-1 slice per dimension, in our layout) of `mapped`'s parameter, reading
+  from each HF tensor only the block it contributes (`read(name, hf_index)`)."""
   kind = mapped.spec.kind
   if kind == "copy":
-    return read(mapped.hf_names[0], index[0] if index else None)[(slice(None), *index[1:])]
+    return read(mapped.hf_names[0], tuple(index))
   if kind == "linear":  # ours [in, out][i, o] = HF [out, in][o, i]
-    return read(mapped.hf_names[0], index[1])[:, index[0]].T
+    return read(mapped.hf_names[0], (index[1], index[0])).T
   names = mapped.hf_names[index[0]]  # experts: ours [E, in, out][e, i, o] = HF_e [out, in][o, i]
-  return np.stack([read(name, index[2])[:, index[1]].T for name in names])
+  return np.stack([read(name, (index[2], index[1])).T for name in names])
 
 
 def to_hf(mapped: Mapped, ours: np.ndarray, index: int) -> np.ndarray:

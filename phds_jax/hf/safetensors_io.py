@@ -72,17 +72,18 @@ class SafetensorsFile:
   def dtype(self, name: str) -> np.dtype:
     return self._entries[name][0]
 
-  def get(self, name: str, rows: Optional[slice] = None) -> np.ndarray:
-    """Reads one tensor, or only `rows` (a step-1 slice of its first dimension: contiguous bytes), from
-    disk into a new scratch array (see `scratch_array`)."""
+  def get(self, name: str, index: Optional[tuple[slice, ...]] = None) -> np.ndarray:
+    """Reads one tensor, or only its block `index` (one step-1 slice per dimension), from disk into a new
+    scratch array (see `scratch_array`). A block is copied out of a read-only map of the file, so only
+    the pages holding it are read."""
     dtype, shape, begin, end = self._entries[name]
-    if rows is not None and shape:
-      start, stop, step = rows.indices(shape[0])
-      if step != 1:
-        raise ValueError(f"rows={rows}: only contiguous row ranges are read")
-      row_bytes = (end - begin) // shape[0] if shape[0] else 0
-      begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
-      shape = (max(stop - start, 0), *shape[1:])
+    if index is not None and shape:
+      mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+      block = mapped[tuple(index)]
+      out = scratch_array(block.shape, dtype)
+      out[...] = block
+      del block, mapped
+      return out
     out = scratch_array(shape, dtype)
     with open(self.path, "rb") as f:
       f.seek(self._data_start + begin)

@@ -22,9 +22,9 @@ class TensorSource:
   """Name -> (file, shape, lazy reader) for every tensor of a checkpoint directory."""
 
   def __init__(self):
-    self._where: dict[str, tuple[str, tuple[int, ...], Callable[[Optional[slice]], np.ndarray]]] = {}
+    self._where: dict[str, tuple[str, tuple[int, ...], Callable[[Optional[tuple[slice, ...]]], np.ndarray]]] = {}
 
-  def add(self, name: str, file: str, shape: tuple[int, ...], read: Callable[[Optional[slice]], np.ndarray]):
+  def add(self, name: str, file: str, shape: tuple[int, ...], read: Callable[[Optional[tuple[slice, ...]]], np.ndarray]):
     if name in self._where:
       raise CheckpointError(f"tensor {name!r} appears in both {self._where[name][0]} and {file}")
     self._where[name] = (file, tuple(shape), read)
@@ -39,16 +39,16 @@ class TensorSource:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._where[name][1]
 
-  def get(self, name: str, rows: Optional[slice] = None) -> np.ndarray:
-    """The tensor, or only `rows` of its first dimension (read alone where the format allows)."""
-    return self._where[name][2](rows)
+  def get(self, name: str, index: Optional[tuple[slice, ...]] = None) -> np.ndarray:
+    """The tensor, or only its block `index` (one slice per dimension; read alone from safetensors)."""
+    return self._where[name][2](index)
 
 
 def _add_safetensors(source: TensorSource, path: str, only: set[str] | None = None):
   f = SafetensorsFile(path)
   for name in f.names:
     if only is None or name in only:
-      source.add(name, path, f.shape(name), lambda rows, f=f, name=name: f.get(name, rows))
+      source.add(name, path, f.shape(name), lambda index, f=f, name=name: f.get(name, index))
   return f
 
 
@@ -86,7 +86,7 @@ def _from_pickle(files: list[str]) -> TensorSource:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     for name, tensor in state.items():
       source.add(name, path, tuple(tensor.shape),
-                 lambda rows, t=tensor: _torch_to_numpy(t if rows is None else t[rows]))
+                 lambda index, t=tensor: _torch_to_numpy(t if index is None else t[index]))
   return source
 
 

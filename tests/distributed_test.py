@@ -1,0 +1,128 @@
+"""Multi-process training on JAX's runtime: two CPU processes (2 devices each, coordinator on 127.0.0.1,
+gloo collectives) train like one process with 4 devices, write outputs from process 0 only, read only
+their own blocks of the model, and leave checkpoints a one-process run resumes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+import phds_jax as pj
+from conftest import ROOT, toy_train_config
+from phds_jax import train
+
+# argv: config JSON, workdir, process id, process count, coordinator port. Prints one JSON line.
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import ml_collections
+    with open(sys.argv[1]) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    process_id, processes = int(sys.argv[3]), int(sys.argv[4])
+    if processes > 1:
+      config.distributed.enabled = True
+      config.distributed.coordinator_address = f"127.0.0.1:{sys.argv[5]}"
+      config.distributed.num_processes, config.distributed.process_id = processes, process_id
+    from phds_jax.hf import safetensors_io
+    read = []
+    original = safetensors_io.SafetensorsFile.get
+    def counting(self, name, index=None):
+      out = original(self, name, index)
+      read.append(out.nbytes)
+      return out
+    safetensors_io.SafetensorsFile.get = counting
+    from phds_jax import main
+    summary = main.run(config, sys.argv[2])
+    import jax
+    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                      "local_devices": jax.local_device_count(), "bytes_read": sum(read),
+                      "train_loss": summary["train_loss"], "history": summary["history"],
+                      "stopped_by": summary["stopped_by"]}))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(config_path, workdir, process_id, processes, port, devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-c", _WORKER, str(config_path), str(workdir), str(process_id),
+                           str(processes), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env)
+
+
+def _result(proc) -> dict:
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _close(a: dict, b: dict):
+  assert a.keys() == b.keys(), (a, b)
+  for key in a:
+    assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+  """The same 4-step job on 2 processes x 2 devices (stopped after step 3) and on 1 process x 4 devices,
+  then the 2-process workdir resumed to step 4 by 1 process x 4 devices. Starts from an HF directory."""
+  tmp = tmp_path_factory.mktemp("distributed")
+  config = toy_train_config(tmp, **{"train.steps": 4, "log_every": 1, "eval.every": 2, "mesh.data": 1,
+                                    "mesh.fsdp": -1, "checkpoint.every": 2, "model.expert_backend": "reference"})
+  cfg = train.model_config(config)
+  params = pj.init_params(cfg, jax.random.key(0))
+  model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  pj.hf.save_pretrained(cfg, params, str(tmp / "hf"))
+  config.model_path, config.model.random_init, config.mode = str(tmp / "hf"), False, "train"
+  (tmp / "full.json").write_text(config.to_json())
+  config.train.stop_at = 3
+  (tmp / "stop.json").write_text(config.to_json())
+  port = _free_port()
+  procs = [_start(tmp / "stop.json", tmp / "two", i, 2, port, 2) for i in range(2)]
+  one = _start(tmp / "full.json", tmp / "one", 0, 1, 0, 4)
+  two = [_result(p) for p in procs]
+  one = _result(one)
+  resumed = _result(_start(tmp / "full.json", tmp / "two", 0, 1, 0, 4))
+  return {"two": two, "one": one, "resumed": resumed, "model_bytes": model_bytes, "dirs": tmp}
+
+
+def test_two_processes_train_like_one_with_the_same_devices(two_process_runs):
+  two, one = two_process_runs["two"], two_process_runs["one"]
+  assert [(r["processes"], r["devices"], r["local_devices"]) for r in two] == [(2, 4, 2)] * 2
+  assert (one["processes"], one["devices"]) == (1, 4)
+  assert two[0]["stopped_by"] == "train.stop_at" and list(two[0]["train_loss"]) == ["1", "2", "3"]
+  for r in two:  # every process computes the same global losses
+    _close(r["train_loss"], {s: v for s, v in one["train_loss"].items() if s != "4"})
+    for a, b in zip(r["history"], one["history"]):
+      _close(a, b)
+
+
+def test_each_process_reads_only_its_devices_blocks(two_process_runs):
+  """mesh fsdp=4: a process holds half of every sharded parameter (and all of the few replicated ones)."""
+  model_bytes = two_process_runs["model_bytes"]
+  for r in two_process_runs["two"]:
+    assert 0.4 * model_bytes < r["bytes_read"] < 0.6 * model_bytes, (r["bytes_read"], model_bytes)
+  assert two_process_runs["one"]["bytes_read"] >= model_bytes
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
+  resumed, one = two_process_runs["resumed"], two_process_runs["one"]
+  assert list(resumed["train_loss"]) == ["4"]
+  _close(resumed["train_loss"], {"4": one["train_loss"]["4"]})
+  _close(resumed["history"][-1], one["history"][-1])  # validation at step 4: the final parameters agree
+
+
+def test_only_process_zero_writes_outputs(two_process_runs):
+  workdir = two_process_runs["dirs"] / "two"
+  history = [json.loads(line) for line in (workdir / "eval_history.jsonl").read_text().splitlines()]
+  assert [h["step"] for h in history] == [0, 2, 4]  # one line per evaluation: 0 and 2 (two processes), 4
+  assert len(os.listdir(workdir / "tensorboard")) == 2  # one event file per run: 2-process and resumed
