@@ -151,6 +151,7 @@ def _train(config) -> list[str]:
   out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
   out += _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
   out += _choice(config, "train.on_nan", ("stop", "skip"))
+  out += _choice(config, "train.remat", ("none", "dots", "full"))
   out += _choice(config, "phds.anchor_shape", sparsity.SHAPES)
   out += _choice(config, "optim.decay", ("cosine", "linear", "constant"))
   out += _k_problems("phds.k_values", config.phds.k_values, num_experts)

@@ -59,6 +59,7 @@ def base_config(arg=None):
   c.train.batch_size = 32  # packed rows per step, all hosts together
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32
+  c.train.remat = "none"  # what each layer keeps for the backward pass: none | dots (matmul outputs) | full
   c.train.trainable = "all"  # comma-separated subsets (all, attention, experts, router, shared_expert,
   #                            embeddings, norms) and/or re:<regex>; the rest is frozen, without optimizer state
   c.train.objective = "nll"  # phds_jax.losses.OBJECTIVES name: token NLL + router losses

@@ -25,6 +25,7 @@ class RunSpec(NamedTuple):
   soft_mask_eps: Any = None
   max_loss_tokens: int = 0
   expert_backend: str = "auto"
+  remat: str = "none"  # model.transformer.REMAT_POLICIES name
 
 
 class LossTerms(NamedTuple):
@@ -42,7 +43,7 @@ def token_nll(cfg: ModelConfig, params, batch: dict[str, jax.Array], run: RunSpe
   """
   hidden, aux = forward(cfg, params, batch["inputs"], k=run.k, k_max=run.k_max, soft_mask_eps=run.soft_mask_eps,
                         positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
-                        return_hidden=True, expert_backend=run.expert_backend)
+                        return_hidden=True, expert_backend=run.expert_backend, remat=run.remat)
   targets, weights = batch["targets"], batch["weights"]
   if run.max_loss_tokens:
     _, index = jax.lax.top_k(weights, run.max_loss_tokens)  # [B, C]

@@ -117,5 +117,8 @@ def run(config, workdir=None, source: str = "config"):
 
 
 if __name__ == "__main__":
+  from phds_jax.platforms import use_cpu_without_accelerator  # pylint: disable=g-import-not-at-top
+
+  use_cpu_without_accelerator()
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=_parse_flags)

@@ -188,7 +188,7 @@ class Trainer:
   def _train_step(self, state, batch, k_traced, *, k_static):
     config, accum = self.config, self.config.train.grad_accum
     run = losses.RunSpec(k_static if k_static is not None else k_traced, self.k_max, self.soft_eps,
-                         config.data.max_loss_tokens, self.expert_backend)
+                         config.data.max_loss_tokens, self.expert_backend, config.train.remat)
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def loss_fn(trainable, micro):

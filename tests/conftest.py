@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+from phds_jax.platforms import use_cpu_without_accelerator
+
 _FAST_COMPILE = ("--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0 "
                  "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
@@ -26,6 +28,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+use_cpu_without_accelerator()  # the test extra installs libtpu (compile plans); no TPU probe on CPU machines
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np

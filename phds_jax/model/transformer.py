@@ -29,6 +29,12 @@ Params = dict[str, Any]
 
 EXPERT_BACKENDS = ("auto", *experts_lib.BACKENDS)
 
+# What a decoder layer keeps for the backward pass (training memory against recompute):
+# "none" everything; "dots" only matmul outputs without batch dimensions (jax's
+# dots_with_no_batch_dims_saveable); "full" only the layer's input, the rest is recomputed.
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
 
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is MoE or dense by config."""
@@ -39,7 +45,8 @@ class DecoderLayer(nn.Module):
   expert_backend: str = "auto"
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, token_mask, *, k, width, soft_mask_eps, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, token_mask, k=None, width=None, soft_mask_eps=None, cache=None,
+               cache_index=None):
     cfg, dt = self.cfg, self.param_dtype
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
     attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index)
@@ -60,6 +67,7 @@ class Decoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   skip_head: bool = False  # return the final-norm hidden states [B, L, H] instead of logits
   expert_backend: str = "auto"  # how routed experts are computed (model/experts.py); all give the same function
+  remat: str = "none"  # REMAT_POLICIES name: what each layer keeps for the backward pass (no cache only)
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
@@ -86,9 +94,13 @@ class Decoder(nn.Module):
       is_moe = cfg.is_moe_layer(i)
       k = layer_k[moe_slot] if is_moe else None
       width = layer_width[moe_slot] if is_moe else None
-      x, stats, layer_cache = DecoderLayer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
-          x, cos, sin, mask, token_mask, k=k, width=width, soft_mask_eps=soft_mask_eps,
-          cache=None if cache is None else cache[i], cache_index=cache_index)
+      layer = DecoderLayer
+      if self.remat != "none" and cache is None:  # k (when an int), width and eps are static (self = 0)
+        static = (6, 7, 8) if k is None or isinstance(k, int) else (7, 8)
+        layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=static)
+      x, stats, layer_cache = layer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
+          x, cos, sin, mask, token_mask, k, width, soft_mask_eps,
+          None if cache is None else cache[i], cache_index)
       x = constrain(x, ("batch", "length", "embed"))
       new_cache.append(layer_cache)
       if is_moe:
@@ -224,12 +236,12 @@ def resolve_expert_backend(expert_backend: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
-                                             "return_aux", "return_hidden", "expert_backend"))
+                                             "return_aux", "return_hidden", "expert_backend", "remat"))
 def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
-                 soft_mask_eps, return_aux, return_hidden, expert_backend):
+                 soft_mask_eps, return_aux, return_hidden, expert_backend, remat):
   if layer_k is None:
     layer_k = k_traced
-  logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend).apply(
+  logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
       soft_mask_eps=soft_mask_eps)
   if not return_aux:
@@ -245,7 +257,8 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer
 
 def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
             soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
-            return_aux: bool = False, return_hidden: bool = False, expert_backend: str = "auto"):
+            return_aux: bool = False, return_hidden: bool = False, expert_backend: str = "auto",
+            remat: str = "none"):
   """Runs the decoder at a declared k.
 
   tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
@@ -255,8 +268,12 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   With `return_hidden` the final-norm hidden states [B, L, H] come instead of logits (see project_logits).
   expert_backend: how the routed experts are computed ("auto", "chunked", "sorted", "ragged", "reference";
   see model/experts.py): an execution choice, every backend computes the same function.
+  remat: what each layer keeps for a backward pass (REMAT_POLICIES: "none", "dots", "full"); the same
+  function, less memory for more compute under jax.grad.
   """
   expert_backend = resolve_expert_backend(expert_backend)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
   if not hasattr(tokens, "shape") or len(tokens.shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array of shape [batch, length], got "
                      f"{getattr(tokens, 'dtype', type(tokens))} {getattr(tokens, 'shape', '')}")
@@ -273,4 +290,4 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   eps = None if soft_mask_eps is None else float(soft_mask_eps)
   return _forward_jit(params, tokens, positions, segment_ids, plan.traced, cfg=cfg, layer_k=plan.static,
                       layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
-                      return_hidden=return_hidden, expert_backend=expert_backend)
+                      return_hidden=return_hidden, expert_backend=expert_backend, remat=remat)
