@@ -12,6 +12,8 @@ import os
 import re
 from typing import Optional
 
+import numpy as np
+
 from phds_jax import errors
 from phds_jax import sparsity
 
@@ -74,7 +76,9 @@ def _choice(config, dotted: str, allowed) -> list[str]:
   return [] if value in allowed else [f"{dotted}={value!r}; choose one of {', '.join(map(str, allowed))}"]
 
 
-def _mesh_and_batch(config) -> list[str]:
+def mesh_and_batch_problems(config, devices: Optional[int] = None, slices: Optional[int] = None,
+                    processes: Optional[int] = None) -> list[str]:
+  """Axis rules, the mesh over `devices` in `slices` (default: this runtime's) and the batch split."""
   import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import sharding  # pylint: disable=g-import-not-at-top
 
@@ -83,18 +87,19 @@ def _mesh_and_batch(config) -> list[str]:
     sharding.parse_rules(dict(config.axis_rules))
   except ValueError as e:
     out.append(str(e))
-  slices = sharding.num_slices(jax.devices())
+  if devices is None:
+    devices, slices, processes = jax.device_count(), sharding.num_slices(jax.devices()), jax.process_count()
   try:
-    sizes = sharding.mesh_sizes(dict(config.mesh), jax.device_count() // slices)
+    sizes = sharding.mesh_sizes(dict(config.mesh), devices // slices)
   except ValueError as e:
     return out + [f"mesh: {e}"]
   batch, accum = config.train.batch_size, config.train.grad_accum
   data_parallel = slices * sizes["data"] * sizes["fsdp"] * sizes["expert"]
   if accum < 1 or batch % accum:
     out.append(f"train.batch_size={batch} must be a multiple of train.grad_accum={accum}")
-  elif (batch // accum) % (data_parallel * jax.process_count()):
+  elif (batch // accum) % np.lcm(data_parallel, processes):
     out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
-               f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {jax.process_count()} "
+               f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {processes} "
                "process(es); pass a multiple")
   return out
 
@@ -157,7 +162,7 @@ def _train(config) -> list[str]:
   out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
   out += _k_problems("eval.k_values", config.eval.k_values, num_experts)
   out += _trainable_problems(config.train.trainable)
-  out += _mesh_and_batch(config)
+  out += mesh_and_batch_problems(config)
   return out
 
 
@@ -210,6 +215,36 @@ def _convert(config) -> list[str]:
     out.append(f"convert.dst={config.convert.dst!r} exists; pass --config.convert.overwrite=True to replace it")
   out += _choice(config, "convert.to", ("", "hf", "orbax"))
   return out
+
+
+def plan_problems(config) -> list[str]:
+  """Mistakes in a plan's config (compile_topology): the slice, the model shapes, the training settings."""
+  from phds_jax import plan  # pylint: disable=g-import-not-at-top
+
+  if config.mode != "train":
+    return [f"compile_topology plans training; mode={config.mode!r} (use mode=train)"]
+  try:
+    spec = plan.parse_slice(config.compile_topology, config.compile_num_slices)
+  except ValueError as e:
+    return [str(e)]
+  out, num_experts = _plan_model(config)
+  out += _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
+  out += _choice(config, "train.remat", ("none", "dots", "full"))
+  out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
+  out += _trainable_problems(config.train.trainable)
+  del spec  # the mesh and batch are checked against the slice's devices once they are described (plan.py)
+  return out
+
+
+def _plan_model(config) -> tuple[list[str], Optional[int]]:
+  if config.model_path:
+    problem = _model_dir_problem("model_path", config.model_path)
+    if problem:
+      return [problem], None
+    cfg = _model_config(config.model_path)
+    return [], cfg.num_experts if cfg else None
+  problems, cfg = _random_model(config)
+  return problems, cfg.num_experts if cfg else None
 
 
 def problems(config) -> list[str]:

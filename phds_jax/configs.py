@@ -18,6 +18,9 @@ def base_config(arg=None):
   c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
   c.workdir = ""  # default output directory (--workdir wins)
+  c.compile_topology = ""  # train: only plan, for this TPU slice (v5e-16, v4-32, v5p-32, v6e-8, ...): compile, print
+  #                          per-device memory, FLOPs and a roofline, exit 1 when it does not fit (phds_jax/plan.py)
+  c.compile_num_slices = 1  # slices of compile_topology joined over DCN (the mesh's "slice" axis)
   c.verbose = False  # show library logs (orbax, absl, transformers) and Python tracebacks of user errors
 
   c.model = ml_collections.ConfigDict()

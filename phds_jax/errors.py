@@ -52,3 +52,7 @@ class TrainingDivergedError(PhdsError, FloatingPointError):
 
 class UnsafeWeightsError(CheckpointError):
   """Pickle-based weights (`.bin`, `.pt`) were found and the caller did not opt in to loading them."""
+
+
+class PlanDoesNotFitError(PhdsError):
+  """An ahead-of-time plan (compile_topology) does not fit the slice's HBM, or cannot be made."""

@@ -87,6 +87,12 @@ def run(config, workdir=None, source: str = "config"):
 
   from phds_jax import distributed  # pylint: disable=g-import-not-at-top
 
+  if config.compile_topology:  # a plan: compiles for the slice, reads no weights or data, starts no runtime
+    problems = config_check.plan_problems(config)
+    if problems:
+      raise ConfigProblems(source, problems)
+    from phds_jax import plan  # pylint: disable=g-import-not-at-top
+    return plan.run(config, workdir or config.get("workdir", "") or None)
   bad = distributed.problems(config.distributed)
   if bad:
     raise ConfigProblems(source, bad)

@@ -182,11 +182,13 @@ def layout_sharding(mesh: Mesh, cfg) -> Callable[[tuple[str, ...], tuple[int, ..
   return one
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
-  """Sharding of a data array whose `batch_dim` is the batch."""
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0,
+                   shape: Optional[Sequence[int]] = None) -> NamedSharding:
+  """Sharding of a data array whose `batch_dim` is the batch (replicated when `shape`'s batch does not
+  divide over the batch axes)."""
   axes = [None] * ndim
   axes[batch_dim] = "batch"
-  return NamedSharding(mesh, logical_to_spec(dict(mesh.shape), axes))
+  return NamedSharding(mesh, logical_to_spec(dict(mesh.shape), axes, shape))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -130,7 +130,7 @@ class Trainer:
     self.traced = config.phds.k_mode == "traced"
     self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
     self.n_moe = len(cfg.moe_layer_indices)
-    self.expert_backend = resolve_expert_backend(config.model.expert_backend)
+    self.expert_backend = resolve_expert_backend(config.model.expert_backend, mesh.devices.flat[0].platform)
     self.objective = losses.OBJECTIVES[config.train.objective]
     self._steps: dict[Any, Any] = {}
     self.state_shardings = None
@@ -153,19 +153,43 @@ class Trainer:
 
   def _init_state(self, params, trainable, seed, copy):
     train_p, frozen_p = split_params(params, trainable)
-    axes = layout.axes_by_path(self.cfg)
-    shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p}, axes)
+    shardings = self._set_state_shardings(train_p, frozen_p)
     train_p = jax.device_put(train_p, shardings["trainable"], may_alias=not copy)
     frozen_p = jax.device_put(frozen_p, shardings["frozen"], may_alias=not copy)
-    abstract_opt = jax.eval_shape(self.tx.init, train_p)
-    opt_shardings = sharding_lib.param_shardings(self.mesh, abstract_opt, axes)
-    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(train_p)
-    repl = sharding_lib.replicated(self.mesh)
-    self.state_shardings = {"step": repl, "trainable": shardings["trainable"], "frozen": shardings["frozen"],
-                            "opt_state": opt_shardings, "rng": repl}
+    opt_state = jax.jit(self.tx.init, out_shardings=shardings["opt_state"])(train_p)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": train_p, "frozen": frozen_p,
              "opt_state": opt_state, "rng": jax.random.key_data(jax.random.key(seed))}
     return jax.device_put(state, self.state_shardings)
+
+  def _set_state_shardings(self, train_p, frozen_p) -> dict[str, Any]:
+    """The state's shardings (also kept as self.state_shardings) for parameters of these shapes."""
+    axes = layout.axes_by_path(self.cfg)
+    shardings = sharding_lib.param_shardings(self.mesh, {"trainable": train_p, "frozen": frozen_p}, axes)
+    opt_shardings = sharding_lib.param_shardings(self.mesh, jax.eval_shape(self.tx.init, train_p), axes)
+    repl = sharding_lib.replicated(self.mesh)
+    self.state_shardings = {"step": repl, "trainable": shardings["trainable"], "frozen": shardings["frozen"],
+                            "opt_state": opt_shardings, "rng": repl}
+    return self.state_shardings
+
+  def abstract_init(self, abstract_params: Params, trainable: set[str]) -> dict[str, Any]:
+    """The train state as ShapeDtypeStructs with their shardings, from abstract parameters (no weights):
+    what ahead-of-time compilation (phds_jax/plan.py) lowers the step with."""
+    with self.context():
+      train_p, frozen_p = split_params(abstract_params, trainable)
+      shardings = self._set_state_shardings(train_p, frozen_p)
+      state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": train_p, "frozen": frozen_p,
+               "opt_state": jax.eval_shape(self.tx.init, train_p),
+               "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+      return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+  def compiled_train_step(self, abstract_state, abstract_batch, k):
+    """The train step at k compiled ahead of time for the trainer's mesh (whatever devices it holds)."""
+    k_static, k_traced = self.k_argument(k)
+    if k_traced is not None:
+      k_traced = tuple(jax.ShapeDtypeStruct((), jnp.int32) for _ in k_traced)
+    with self.context():
+      return self._jitted_train_step(k_static, k_traced is not None).lower(
+          abstract_state, abstract_batch, k_traced).compile()
 
   def abstract_state(self, state) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,

@@ -223,13 +223,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return index - start_index
 
 
-def resolve_expert_backend(expert_backend: str) -> str:
-  """The backend `expert_backend` names ("auto": this platform's default), or ValueError listing them.
+def resolve_expert_backend(expert_backend: str, platform: Optional[str] = None) -> str:
+  """The backend `expert_backend` names ("auto": the default of `platform`, else of JAX's default
+  backend), or ValueError listing them.
 
   Resolving "auto" before jit makes "auto" and the backend it stands for one compiled program.
   """
   if expert_backend == "auto":
-    return experts_lib.default_backend(jax.default_backend())
+    return experts_lib.default_backend(platform or jax.default_backend())
   if expert_backend not in experts_lib.BACKENDS:
     raise ValueError(f"expert_backend={expert_backend!r}; choose one of {EXPERT_BACKENDS}")
   return expert_backend

@@ -1,0 +1,408 @@
+"""Ahead-of-time memory plans for TPU slices: will this training config fit, and how fast can it be?
+
+`python -m phds_jax.main --config=configs/olmoe.py --config.compile_topology=v5e-16` runs on any machine,
+CPU included (with libtpu installed: `pip install -e ".[tpu]"`). It describes the slice's devices
+(`jax.experimental.topologies`), builds the abstract train state from the config (shapes only: no weight
+is read), compiles the real programs for those devices and the config's mesh, and prints per device:
+
+  - the train step at the config's k mode (traced: one program for every k; static: the largest k),
+  - the validation step as training runs it (the train state stays resident beside it),
+  - generation (prefill + KV-cached decoding at k_pre) as the eval job runs it on the trained model;
+
+each with parameters, optimizer state, gradients, activations / temporaries and the total against the
+chip's HBM, plus model FLOPs per step, collective bytes per step and a roofline lower bound of the step
+time. A plan that does not fit raises PlanDoesNotFitError naming the largest consumer (exit status 1).
+Slice names are Cloud TPU's: `v4-32` and `v5p-32` count TensorCores (2 per chip), `v5e-16` and `v6e-8`
+count chips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+from phds_jax import config_check
+from phds_jax import platforms
+from phds_jax.errors import ConfigProblems, PlanDoesNotFitError
+
+GIB = 2**30
+
+
+class Chip(NamedTuple):
+  """One TPU generation's public figures (Cloud TPU documentation)."""
+
+  hbm_gib: float  # HBM per chip
+  peak_tflops: float  # dense bf16 peak per chip
+  hbm_gbps: float  # HBM bandwidth per chip, GB/s
+  name_counts: str  # what the number in a slice name counts: "chips" or "cores" (2 TensorCores per chip)
+  shapes: dict[int, str]  # chips -> topology (as jax.experimental.topologies names it)
+
+
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+       512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+CHIPS = {
+    "v4": Chip(32, 275, 1228, "cores", _3D),
+    "v5e": Chip(16, 197, 819, "chips", _2D),
+    "v5p": Chip(95, 459, 2765, "cores", _3D),
+    "v6e": Chip(32, 918, 1640, "chips", _2D),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+
+
+class SliceSpec(NamedTuple):
+  name: str  # as given, e.g. "v5e-16"
+  generation: str  # key of CHIPS
+  chips: int  # per slice
+  topology: str  # e.g. "v5e:4x4"
+  num_slices: int
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.generation]
+
+
+def parse_slice(name: str, num_slices: int = 1) -> SliceSpec:
+  """"v5e-16" (or "v5litepod-16", "v4-32", "v5p-32", "v6e-8") -> SliceSpec; ValueError naming the choices."""
+  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+  generation = _ALIASES.get(match.group(1), match.group(1)) if match else None
+  if generation not in CHIPS:
+    raise ValueError(f"compile_topology={name!r}: expected a Cloud TPU slice name such as v5e-16, v4-32, "
+                     f"v5p-32 or v6e-8 (generations {', '.join(CHIPS)})")
+  count, chip = int(match.group(2)), CHIPS[generation]
+  chips = count // 2 if chip.name_counts == "cores" else count
+  if chips not in chip.shapes or (chip.name_counts == "cores" and count % 2):
+    sizes = sorted(c * (2 if chip.name_counts == "cores" else 1) for c in chip.shapes)
+    raise ValueError(f"compile_topology={name!r}: {generation} slices come in sizes {sizes}")
+  if num_slices < 1:
+    raise ValueError(f"compile_num_slices={num_slices} must be >= 1")
+  return SliceSpec(name, generation, chips, f"{generation}:{chip.shapes[chips]}", num_slices)
+
+
+def topology_devices(spec: SliceSpec) -> list[Any]:
+  """The slice's devices (all slices), described by libtpu for ahead-of-time compilation."""
+  platforms.prepare_compile_only_tpu()
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    kwargs = {"num_slices": spec.num_slices} if spec.num_slices > 1 else {}
+    return list(topologies.get_topology_desc(topology_name=spec.topology, platform="tpu", **kwargs).devices)
+  except (ImportError, RuntimeError) as e:
+    if "libtpu" in str(e).lower() or "tpu" in str(e).lower():
+      raise PlanDoesNotFitError(f"cannot describe {spec.name}: TPU compilation needs libtpu; install it with "
+                                f'pip install -e ".[tpu]" ({e})') from None
+    raise
+
+
+# ---- model arithmetic -------------------------------------------------------------------------------------
+
+
+def forward_flops_per_token(cfg, width: int, context: float) -> float:
+  """Useful forward FLOPs of one token: 2 per weight of every matmul it uses (routed experts: `width` of
+  them; the embedding lookup is free unless it is also the head) and causal attention over `context`
+  keys on average (scores and values)."""
+  from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
+
+  flops = 0.0
+  for spec in layout.param_layout(cfg):
+    if len(spec.shape) < 2 or spec.role == "embed":
+      continue
+    size = float(np.prod(spec.shape))
+    flops += 2 * size * (width / cfg.num_experts if spec.kind == "experts" else 1)
+  if cfg.tie_word_embeddings:
+    flops += 2 * cfg.vocab_size * cfg.hidden_size
+  heads_width = cfg.num_attention_heads * cfg.resolved_head_dim
+  return flops + cfg.num_hidden_layers * 2 * 2 * heads_width * context
+
+
+def _bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest share)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+             "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Result bytes per device of each collective kind in a compiled program's HLO (ops inside loops are
+  counted once, like XLA's own cost analysis)."""
+  out: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match or "-done" in line.split("=")[1][:40]:
+      continue
+    shapes = _SHAPE.findall(match.group(1))
+    if match.group(1).startswith("(") and len(shapes) > 1:  # async start: (operand, result, ...) -> result
+      shapes = shapes[1:2]
+    size = sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes)
+    out[match.group(2)] = out.get(match.group(2), 0) + size
+  return out
+
+
+# ---- the programs ----------------------------------------------------------------------------------------
+
+
+class Program(NamedTuple):
+  name: str
+  rows: dict[str, int]  # consumer -> bytes per device
+  total: int
+  flops: float  # model FLOPs per device per call
+  min_bytes: float  # HBM bytes a call must at least move per device
+  collectives: dict[str, int]
+  xla_flops: float
+  note: str
+
+
+def _memory(compiled) -> Any:
+  return compiled.memory_analysis()
+
+
+def _train_program(trainer, cfg, config, state, devices: int) -> Program:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import sparsity  # pylint: disable=g-import-not-at-top
+
+  batch, seq = config.train.batch_size, config.data.seq_len
+  with trainer.context():
+    row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2)
+  abstract_batch = {key: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if key == "weights" else jnp.int32,
+                                              sharding=row_sharding) for key in data_lib.ROW_KEYS}
+  k_max = max(sparsity.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
+  compiled = trainer.compiled_train_step(state, abstract_batch, k_max)
+  mem = _memory(compiled)
+  params = _bytes(state["trainable"]) + _bytes(state["frozen"])
+  grads = _bytes(state["trainable"])
+  width = max(k_max, cfg.k_pre) if config.phds.mask == "soft" else k_max
+  tokens = batch * seq
+  passes = 4 if config.train.remat == "full" else 3  # forward + backward (2x); full remat: one more forward
+  flops = passes * forward_flops_per_token(cfg, width, (seq + 1) / 2) * tokens / devices
+  temporaries = int(mem.temp_size_in_bytes)
+  rows = {"parameters": params, "optimizer state": _bytes(state["opt_state"]),
+          "gradients": min(grads, temporaries), "activations / temporaries": max(temporaries - grads, 0),
+          "batch, outputs, code": _io_bytes(mem, state_bytes=_bytes(state)) + int(mem.generated_code_size_in_bytes)}
+  mode = "traced k" if config.phds.k_mode == "traced" else f"static k={k_max}"
+  return Program("train step", rows, sum(rows.values()), flops, 2 * _bytes(state),
+                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
+                 f"grad_accum={config.train.grad_accum}")
+
+
+def _io_bytes(mem, state_bytes: int) -> int:
+  """Argument and output bytes beyond the (donated, aliased) state."""
+  return max(int(mem.argument_size_in_bytes) - state_bytes, 0) + max(
+      int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
+
+
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _params_like(state, dtype) -> Any:
+  """Abstract full parameters (trainable and frozen merged) in `dtype`, sharded like the state's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from phds_jax import train  # pylint: disable=g-import-not-at-top
+
+  merged = train.merge_params(state["trainable"], state["frozen"])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), merged)
+
+
+def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax import losses  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+  batch, seq = config.eval.batch_size, config.data.seq_len
+  params = _params_like(state, jnp.dtype(config.train.compute_dtype))
+  with trainer.context():
+    row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2, shape=(batch, seq))
+    abstract_batch = {key: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if key == "weights" else jnp.int32,
+                                                sharding=row_sharding) for key in data_lib.ROW_KEYS}
+    run = losses.RunSpec(cfg.k_pre, max_loss_tokens=config.data.max_loss_tokens,
+                         expert_backend=trainer.expert_backend)
+    compiled = evaluate._nll_batch.lower(cfg, params, abstract_batch, run).compile()  # pylint: disable=protected-access
+  mem = _memory(compiled)
+  rows = {"parameters": _bytes(state["trainable"]) + _bytes(state["frozen"]) + _bytes(params),
+          "optimizer state": _bytes(state["opt_state"]), "gradients": 0,
+          "activations / temporaries": int(mem.temp_size_in_bytes),
+          "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
+  flops = forward_flops_per_token(cfg, cfg.k_pre, (seq + 1) / 2) * batch * seq / devices
+  return Program("validation step", rows, sum(rows.values()), flops, _bytes(params),
+                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 f"{batch} x {seq} tokens at k_pre={cfg.k_pre}, beside the resident train state and a "
+                 f"{config.train.compute_dtype} copy of the parameters")
+
+
+def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from phds_jax.generate import _generate as generation  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.model.transformer import plan_k  # pylint: disable=g-import-not-at-top
+
+  lat = config.eval.latency
+  batch, prompt, new = lat.batch_size, lat.prompt_len, lat.decode_tokens
+  params = _params_like(state, jnp.dtype(config.model.param_dtype))
+  plan = plan_k(cfg, None, None, None, batch)
+  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+  with trainer.context():
+    repl = sharding_lib.replicated(trainer.mesh)
+    rows_sh = sharding_lib.batch_sharding(trainer.mesh, 2, shape=(batch, prompt))
+    args = (params, jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows_sh),
+            jax.ShapeDtypeStruct((batch, prompt), jnp.bool_, sharding=rows_sh), None,
+            jax.ShapeDtypeStruct((), key_dtype, sharding=repl),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=repl))
+    compiled = generation.lower(
+        *args, cfg=cfg, layer_k=plan.static, layer_width=plan.widths, max_new=new, temperature=0.0, top_p=1.0,
+        stop_ids=(), expert_backend=trainer.expert_backend).compile()
+  mem = _memory(compiled)
+  rows = {"parameters": _bytes(params), "optimizer state": 0, "gradients": 0,
+          "activations / temporaries": int(mem.temp_size_in_bytes),
+          "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
+  tokens = batch * (prompt + new)
+  flops = forward_flops_per_token(cfg, cfg.k_pre, prompt + new / 2) * tokens / devices
+  # each decoded token reads at least the weights it uses; a lower bound: every parameter once per call
+  return Program("generation", rows, sum(rows.values()), flops, _bytes(params) * 1.0,
+                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
+                 f"{config.model.param_dtype} parameters (the eval job's settings: eval.latency)")
+
+
+# ---- the plan --------------------------------------------------------------------------------------------
+
+
+def build(config) -> dict[str, Any]:
+  """Compiles the config's programs for `config.compile_topology` and returns the plan (see module doc)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import train  # pylint: disable=g-import-not-at-top
+  from phds_jax.model.transformer import init_params  # pylint: disable=g-import-not-at-top
+
+  spec = parse_slice(config.compile_topology, config.compile_num_slices)
+  devices = topology_devices(spec)
+  problems = config_check.mesh_and_batch_problems(config, len(devices), spec.num_slices,
+                                                  len({d.process_index for d in devices}))
+  if problems:
+    raise ConfigProblems(f"the config on {spec.name}", problems)
+  cfg = train.model_config(config)
+  mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
+  trainer = train.Trainer(cfg, config, mesh, config.train.steps)
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype=config.model.param_dtype))
+  trainable = train.trainable_paths(cfg, abstract, config.train.trainable)
+  state = trainer.abstract_init(abstract, trainable)
+  chip = spec.chip
+  hbm_per_device = int(chip.hbm_gib * GIB * spec.chips * spec.num_slices / len(devices))
+  peak = chip.peak_tflops * 1e12 * spec.chips * spec.num_slices / len(devices)
+  bandwidth = chip.hbm_gbps * 1e9 * spec.chips * spec.num_slices / len(devices)
+  programs = []
+  for name, make in (("train step", _train_program), ("validation step", _eval_program),
+                     ("generation", _generate_program)):
+    _say(f"compiling the {name} for {spec.name}{f' x {spec.num_slices}' if spec.num_slices > 1 else ''} ...")
+    try:
+      programs.append(make(trainer, cfg, config, state, len(devices)))
+    except Exception as e:  # pylint: disable=broad-except  (XLA reports an HBM overflow as a runtime error)
+      if "RESOURCE_EXHAUSTED" not in str(e) and "HbmOom" not in str(e):
+        raise
+      programs.append(_overflow(name, str(e)))
+  return {"slice": spec.name, "num_slices": spec.num_slices, "topology": spec.topology,
+          "devices": len(devices), "hosts": len({d.process_index for d in devices}),
+          "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model": cfg.model_type,
+          "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))),
+          "hbm_per_device": hbm_per_device, "peak_flops_per_device": peak, "hbm_bandwidth_per_device": bandwidth,
+          "programs": [p._asdict() for p in programs]}
+
+
+def _overflow(name: str, message: str) -> Program:
+  """A program XLA refused to place: what it says it needed."""
+  needed = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  total = int(float(needed.group(1)) * 1024 ** "KMGT".index(needed.group(2)) * 1024) if needed else -1
+  first = message.strip().splitlines()[0][:300]
+  return Program(name, {"activations / temporaries": total}, total, 0.0, 0.0, {}, 0.0,
+                 f"XLA: {first}")
+
+
+def _fmt_gib(n: float) -> str:
+  return "?" if n < 0 else f"{n / GIB:.2f}"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+  """The per-device table, one column per program, then FLOPs, collectives and the roofline."""
+  progs = plan["programs"]
+  hbm = plan["hbm_per_device"]
+  width = 27
+  lines = [f"{plan['model']} ({plan['parameters'] / 1e9:.2f}B parameters) on {plan['slice']}"
+           f"{' x ' + str(plan['num_slices']) + ' slices' if plan['num_slices'] > 1 else ''} "
+           f"({plan['topology']}: {plan['devices']} devices, {plan['hosts']} hosts), mesh "
+           + " ".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1 or k == "fsdp"),
+           "", f"{'per device, GiB':<{width}}" + "".join(f"{p['name']:>18}" for p in progs)]
+  for row in ("parameters", "optimizer state", "gradients", "activations / temporaries", "batch, outputs, code"):
+    lines.append(f"{row:<{width}}" + "".join(f"{_fmt_gib(p['rows'].get(row, 0)):>18}" for p in progs))
+  lines.append(f"{'total':<{width}}" + "".join(f"{_fmt_gib(p['total']):>18}" for p in progs))
+  lines.append(f"{'HBM':<{width}}" + f"{_fmt_gib(hbm):>18}" * len(progs))
+  lines.append(f"{'fits':<{width}}" + "".join(f"{('yes' if fits(p, hbm) else 'NO'):>18}" for p in progs))
+  lines.append("")
+  for p in progs:
+    lines.append(f"{p['name']}: {p['note']}")
+    if p["flops"]:
+      compute = p["flops"] / plan["peak_flops_per_device"]
+      memory = p["min_bytes"] / plan["hbm_bandwidth_per_device"]
+      coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(p["collectives"].items())) or "none"
+      lines.append(f"  model FLOPs per device {p['flops']:.3g} (XLA counts {p['xla_flops']:.3g}, loops once); "
+                   f"collectives per device: {coll}")
+      lines.append(f"  roofline lower bound {1e3 * max(compute, memory):.1f} ms per call (compute "
+                   f"{1e3 * compute:.1f} ms at peak, HBM traffic {1e3 * memory:.1f} ms)")
+  return "\n".join(lines)
+
+
+def fits(program: dict[str, Any], hbm: int) -> bool:
+  return 0 <= program["total"] <= hbm
+
+
+def run(config, workdir: Optional[str] = None) -> dict[str, Any]:
+  """Builds, prints and (with a workdir) writes plan.json; PlanDoesNotFitError when a program does not fit."""
+  plan = build(config)
+  _say(format_plan(plan))
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "plan.json"), "w", encoding="utf-8") as f:
+      json.dump(plan, f, indent=2)
+    _say(f"wrote {os.path.join(workdir, 'plan.json')}")
+  check(plan)
+  return plan
+
+
+def check(plan: dict[str, Any]) -> None:
+  """PlanDoesNotFitError naming the first program over the HBM and its largest consumer."""
+  hbm = plan["hbm_per_device"]
+  over = [p for p in plan["programs"] if not fits(p, hbm)]
+  if over:
+    worst = over[0]
+    consumer = max(worst["rows"], key=worst["rows"].get)
+    raise PlanDoesNotFitError(
+        f"the {worst['name']} needs {_fmt_gib(worst['total'])} GiB per device of {_fmt_gib(hbm)} GiB on "
+        f"{plan['slice']}; the largest consumer is {consumer} ({_fmt_gib(worst['rows'][consumer])} GiB). "
+        "Try a larger slice, mesh.fsdp over more devices, train.remat=full, data.max_loss_tokens, a smaller "
+        "train.batch_size with train.grad_accum, or model.expert_backend=chunked")
+
+
+def _say(message: str):
+  print(message, flush=True)

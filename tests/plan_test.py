@@ -1,0 +1,94 @@
+"""Ahead-of-time plans for TPU slices, compiled here on the CPU through libtpu's topology descriptions."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import phds_jax as pj
+from conftest import toy_train_config
+from phds_jax import errors, main, plan, train
+
+
+@pytest.mark.parametrize("name, chips, topology", [
+    ("v5e-16", 16, "v5e:4x4"), ("v5litepod-32", 32, "v5e:4x8"), ("v4-32", 16, "v4:2x2x4"),
+    ("v5p-32", 16, "v5p:2x2x4"), ("v6e-8", 8, "v6e:2x4")])
+def test_slice_names_follow_cloud_tpu(name, chips, topology):
+  spec = plan.parse_slice(name)
+  assert (spec.chips, spec.topology, spec.num_slices) == (chips, topology, 1)
+
+
+@pytest.mark.parametrize("name, message", [("v5e-12", r"v5e slices come in sizes \[1, 4, 8, 16"),
+                                           ("tpu-16", "expected a Cloud TPU slice name"),
+                                           ("v4-31", "v4 slices come in sizes")])
+def test_bad_slice_names_are_errors(name, message):
+  with pytest.raises(ValueError, match=message):
+    plan.parse_slice(name)
+
+
+def test_model_flops_count_k_experts_and_attention():
+  cfg = pj.preset("tiny-olmoe")
+  one, two = plan.forward_flops_per_token(cfg, 1, 0), plan.forward_flops_per_token(cfg, 2, 0)
+  expert = 2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size * len(cfg.moe_layer_indices)
+  assert two - one == pytest.approx(expert)
+  attention = plan.forward_flops_per_token(cfg, 1, 10) - one
+  assert attention == pytest.approx(cfg.num_hidden_layers * 4 * cfg.num_attention_heads * cfg.resolved_head_dim * 10)
+
+
+def test_collective_bytes_read_result_shapes():
+  hlo = """
+  %ag = bf16[8,1024]{1,0} all-gather(bf16[2,1024]{1,0} %p), dimensions={0}
+  %ar-start = (f32[16]{0}, f32[16]{0}) all-reduce-start(f32[16]{0} %x), to_apply=%add
+  %ar-done = f32[16]{0} all-reduce-done((f32[16]{0}, f32[16]{0}) %ar-start)
+  %a2a = (s32[4,2]{1,0}, s32[4,2]{1,0}) all-to-all(s32[4,2]{1,0} %a, s32[4,2]{1,0} %b)
+  """
+  assert plan.collective_bytes(hlo) == {"all-gather": 8 * 1024 * 2, "all-reduce": 64, "all-to-all": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+  """The toy training config planned for a v5e-4 (4 chips, one host), parameters sharded over fsdp."""
+  tmp = tmp_path_factory.mktemp("plan")
+  config = toy_train_config(tmp, **{"compile_topology": "v5e-4", "mesh.data": 1, "mesh.fsdp": -1,
+                                    "train.remat": "dots"})
+  return config, main.run(config, str(tmp / "w")), tmp / "w"
+
+
+def test_a_plan_compiles_the_three_programs_for_the_slice(tiny_plan, capsys):
+  config, result, workdir = tiny_plan
+  assert (result["devices"], result["hosts"], result["mesh"]["fsdp"]) == (4, 1, 4)
+  assert [p["name"] for p in result["programs"]] == ["train step", "validation step", "generation"]
+  assert json.loads((workdir / "plan.json").read_text())["programs"] == json.loads(json.dumps(result["programs"]))
+  cfg = train.model_config(config)
+  shapes = jax.eval_shape(lambda: pj.init_params(cfg, jax.random.key(0)))
+  # per device: every parameter's fsdp block (dims that 4 does not divide stay whole), in float32
+  expected = sum(4 * int(np.prod(s.shape)) // (4 if any(d % 4 == 0 for d in s.shape) else 1)
+                 for s in jax.tree.leaves(shapes))
+  train_step = result["programs"][0]
+  assert abs(train_step["rows"]["parameters"] - expected) <= 0.05 * expected
+  assert train_step["rows"]["optimizer state"] == pytest.approx(2 * train_step["rows"]["parameters"], rel=0.01)
+  assert all(p["total"] > 0 and plan.fits(p, result["hbm_per_device"]) for p in result["programs"])
+  assert result["hbm_per_device"] == 16 * 2**30 and "remat=dots" in train_step["note"]
+  assert train_step["flops"] > result["programs"][1]["flops"] > 0
+
+
+def test_a_plan_that_does_not_fit_names_the_largest_consumer(tiny_plan):
+  _, result, _ = tiny_plan
+  small = dict(result, hbm_per_device=1000)
+  with pytest.raises(errors.PlanDoesNotFitError, match=r"the train step needs .* GiB per device of 0.00 GiB on "
+                                                       r"v5e-4; the largest consumer is"):
+    plan.check(small)
+  plan.check(result)  # fits
+
+
+def test_plan_config_mistakes_are_reported_before_compiling(tmp_path):
+  config = toy_train_config(tmp_path, **{"compile_topology": "v5e-5", "train.remat": "some"})
+  with pytest.raises(errors.ConfigProblems, match="v5e slices come in sizes"):
+    main.run(config, str(tmp_path / "w"))
+  config = toy_train_config(tmp_path, **{"compile_topology": "v5e-4", "train.remat": "some", "mesh.tensor": 3})
+  with pytest.raises(errors.ConfigProblems, match="train.remat='some'"):
+    main.run(config, str(tmp_path / "w"))
+  config = toy_train_config(tmp_path, **{"compile_topology": "v5e-4", "mesh.tensor": 3})
+  with pytest.raises(errors.ConfigProblems, match="mesh: 4 devices cannot fill"):
+    main.run(config, str(tmp_path / "w"))
