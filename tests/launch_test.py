@@ -1,0 +1,86 @@
+"""`phds-launch --dry-run` prints the exact gcloud / SLURM commands of a job and runs nothing."""
+
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from phds_jax import launch
+
+MAIN_ARGS = ["--config=configs/olmoe.py", "--config.model_path=/models/OLMoE", "--workdir=gs://b/run"]
+
+
+def _commands(capsys, argv):
+  assert launch.main(argv) == 0
+  out = capsys.readouterr().out
+  return [shlex.split(line[2:].split("  # query")[0]) for line in out.splitlines() if line.startswith("+ ")], out
+
+
+def test_tpu_v5e_16_job(capsys):
+  cmds, _ = _commands(capsys, ["tpu", "--name", "phds", "--zone", "us-west4-a", "--accelerator", "v5e-16",
+                               "--spot", "--dry-run", "--", *MAIN_ARGS])
+  assert cmds[0] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "phds", "--zone", "us-west4-a"]
+  assert cmds[1] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "phds", "--accelerator-type", "v5litepod-16",
+                     "--version", "v2-alpha-tpuv5-lite", "--spot", "--zone", "us-west4-a"]
+  assert cmds[2][:4] == [sys.executable, "-m", "pip", "wheel"]
+  scp = next(c for c in cmds if "scp" in c)
+  assert scp[-4:] == ["phds:~/phds/", "--worker=all", "--zone", "us-west4-a"] and scp[-5].endswith("configs")
+  install = next(c for c in cmds if "pip install" in c[-1])
+  assert "--worker=all" in install and install[-1].endswith(".whl'[tpu]'")
+  start = next(c for c in cmds if "phds_jax.main" in c[-1] and "nohup" in c[-1])
+  assert "--worker=all" in start
+  job = shlex.split(start[-1].split("nohup ", 1)[1].split(" >", 1)[0])
+  assert job == ["python3", "-m", "phds_jax.main", *MAIN_ARGS, "--config.distributed.enabled=True"]
+  assert cmds[-1][-2:] == ["--command", "tail -n +1 -f ~/phds/run.log"] and "--worker=0" in cmds[-1]
+
+
+def test_tpu_two_slice_job_uses_a_queued_resource(capsys):
+  cmds, out = _commands(capsys, ["tpu", "--name", "big", "--zone", "us-east5-b", "--accelerator", "v5p-32",
+                                 "--num-slices", "2", "--project", "proj", "--dry-run", "--", *MAIN_ARGS])
+  assert cmds[0][:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "big"]
+  assert cmds[1] == ["gcloud", "compute", "tpus", "queued-resources", "create", "big", "--node-count", "2",
+                     "--node-prefix", "big", "--accelerator-type", "v5p-32", "--runtime-version", "v2-alpha-tpuv5",
+                     "--zone", "us-east5-b", "--project", "proj"]
+  assert "wait until" in out and "state.state" in out
+  starts = [c for c in cmds if "nohup" in c[-1]]
+  assert [c[5] for c in starts] == ["big-0", "big-1"]  # every slice starts the job on all its workers
+
+
+@pytest.mark.parametrize("action, expected", [
+    ("stop", "pkill -TERM -f phds_jax.main || true"), ("logs", "tail -n 100 ~/phds/run.log"),
+    ("delete", None), ("status", None)])
+def test_tpu_subcommands(capsys, action, expected):
+  cmds, _ = _commands(capsys, ["tpu", action, "--name", "phds", "--zone", "z", "--dry-run"])
+  if expected:
+    assert cmds[0][-1] == expected
+  if action == "delete":
+    assert cmds == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "phds", "--quiet", "--zone", "z"]]
+  if action == "status":
+    assert cmds[0][4] == "describe" and "pgrep -af phds_jax.main" in cmds[1][-1]
+
+
+def test_slurm_two_node_job(capsys, tmp_path):
+  cmds, out = _commands(capsys, ["slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                                 "--script-dir", str(tmp_path), "--dry-run", "--", *MAIN_ARGS])
+  assert cmds == [["sbatch", str(tmp_path / "phds.sbatch")]]
+  assert not (tmp_path / "phds.sbatch").exists()  # dry run: printed only
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=gpu", "#SBATCH --signal=TERM@120"):
+    assert line in out
+  srun = next(line for line in out.splitlines() if line.startswith("srun "))
+  assert shlex.split(srun)[2:] == ["python", "-m", "phds_jax.main", *MAIN_ARGS, "--config.distributed.enabled=True"]
+
+
+def test_mistakes_and_help():
+  with pytest.raises(SystemExit):
+    launch.main(["tpu", "--name", "x", "--zone", "z", "--accelerator", "v5e-12", "--dry-run", "--", "--config=c"])
+  with pytest.raises(SystemExit, match="give the job's arguments after --"):
+    launch.main(["slurm", "--nodes", "2", "--dry-run"])
+  helps = [subprocess.run([sys.executable, "-m", "phds_jax.launch", *cmd, "--help"], capture_output=True, text=True)
+           for cmd in ([], ["tpu"], ["slurm"])]
+  assert all(h.returncode == 0 for h in helps)
+  for flag in ("--accelerator", "--num-slices", "--spot", "--dry-run", "stop", "delete"):
+    assert flag in helps[1].stdout
+  for flag in ("--nodes", "--gpus-per-node", "--partition", "--dry-run"):
+    assert flag in helps[2].stdout
