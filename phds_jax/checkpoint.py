@@ -25,20 +25,53 @@ PARAMS_DIR = "params"
 
 
 def save_model(cfg: ModelConfig, params: dict[str, Any], directory: str, *, overwrite: bool = False) -> str:
-  """Writes `directory/model_config.json` and `directory/params` (orbax). Returns the directory."""
+  """Writes `directory/model_config.json` and `directory/params` (orbax). Returns the directory.
+
+  With overwrite, the new copy is written beside the old one and swapped in when complete: a process
+  killed at any moment leaves the old copy or the new one (`recover_replaced` restores the old one if the
+  kill fell between the two renames). All processes call it; process 0 writes the config and renames.
+  """
   directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    if not overwrite:
-      raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    if jax.process_index() == 0:
-      shutil.rmtree(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+  partial, old = directory + _PARTIAL, directory + _OLD
+  if jax.process_index() == 0:
+    shutil.rmtree(partial, ignore_errors=True)
+  _sync("phds_save_model_start")
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+    checkpointer.save(os.path.join(partial, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(partial, CONFIG_FILE), "w", encoding="utf-8") as f:
       json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
+    if os.path.exists(directory):
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(directory, old)
+    os.rename(partial, directory)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync("phds_save_model_done")
   return directory
+
+
+def recover_replaced(directory: str) -> None:
+  """Puts back the old copy of a `save_model(..., overwrite=True)` killed between its renames, and drops
+  an unfinished new copy."""
+  directory = os.path.abspath(directory)
+  if jax.process_index() != 0:
+    return
+  if not os.path.exists(directory) and os.path.isdir(directory + _OLD):
+    os.rename(directory + _OLD, directory)
+  shutil.rmtree(directory + _PARTIAL, ignore_errors=True)
+
+
+_PARTIAL, _OLD = ".partial", ".old"
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices(name)
 
 
 def load_model_config(directory: str) -> ModelConfig:

@@ -432,9 +432,20 @@ def read_history(path: str) -> list[dict[str, Any]]:
   by_step = {}
   with open(path, encoding="utf-8") as f:
     for line in f:
-      row = json.loads(line)
-      by_step[row["step"]] = row
+      if line.endswith("\n"):  # a last line without one was torn by a killed process (see _drop_torn_line)
+        row = json.loads(line)
+        by_step[row["step"]] = row
   return [by_step[s] for s in sorted(by_step)]
+
+
+def _drop_torn_line(path: str) -> None:
+  """Cuts a last line a killed process left unfinished, so the next appended row starts on its own line."""
+  if jax.process_index() != 0 or not os.path.isfile(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
 
 
 def _merge_history(stored: list[dict[str, Any]], evaluated: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -451,6 +462,7 @@ def eval_grid(config, cfg: ModelConfig) -> list[int]:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`; returns a summary with the best validation loss at k_pre."""
   os.makedirs(workdir, exist_ok=True)
+  model_checkpoint.recover_replaced(os.path.join(workdir, "best"))
   manager = _manager(workdir, config)
   has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
   cfg = model_config(config)
@@ -493,6 +505,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_writer = jax.process_index() == 0  # logs, history, TensorBoard, summary and exports: process 0 only
   history_file = os.path.join(workdir, "eval_history.jsonl")
   evaluated: dict[int, dict[str, Any]] = {}  # this run's rows (every process; the file is process 0's)
+  _drop_torn_line(history_file)
 
   def evaluate(step):
     losses = {k: trainer.eval_nll(state, val_batches, k) for k in grid}

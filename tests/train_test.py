@@ -259,3 +259,72 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
   assert results[1][1] == pytest.approx(results[4][1], rel=1e-5)  # the accumulated gradient's scale (Adam hides it)
   for a, b in zip(jax.tree.leaves(results[1][2]), jax.tree.leaves(results[4][2])):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+_RUN_CONFIG = textwrap.dedent("""
+    import json, sys
+    import ml_collections
+    from phds_jax import main
+    with open(sys.argv[1]) as f:
+      main.run(ml_collections.ConfigDict(json.load(f)), sys.argv[2])
+""")
+
+
+def _kill_points(workdir, seed=0):
+  """(how, predicate of the seconds since start) for each run to kill: while an asynchronous save is being
+  written (orbax's temporary step directory exists), a random moment after a random step's checkpoint, and
+  a random moment of start-up (loading, compiling)."""
+  import random
+  rng = random.Random(seed)
+  checkpoints = workdir / "checkpoints"
+
+  def names():
+    return os.listdir(checkpoints) if checkpoints.is_dir() else []
+
+  step, delay, startup = rng.choice([12, 15, 18, 21]), rng.uniform(0.0, 0.2), rng.uniform(0.5, 3.0)
+  committed = {"at": None}
+
+  def after_step(elapsed):
+    if committed["at"] is None and any(n.isdigit() and int(n) >= step for n in names()):
+      committed["at"] = elapsed
+    return committed["at"] is not None and elapsed >= committed["at"] + delay
+
+  return [("during an asynchronous save", lambda elapsed: any("tmp" in n for n in names())),
+          (f"{delay:.2f} s after the step-{step} checkpoint", after_step),
+          (f"{startup:.1f} s into start-up", lambda elapsed: elapsed >= startup)]
+
+
+def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(runs, tmp_path):
+  """SIGKILL (no chance to clean up) during an asynchronous save and at random moments, then run to the end:
+  every restart resumes from an intact checkpoint and the final state equals the uninterrupted run's."""
+  import time
+  import orbax.checkpoint as ocp
+  config = toy_train_config(tmp_path, **_SHARED, **{"checkpoint.async_save": True, "checkpoint.every": 3,
+                                                    "mode": "train"})
+  (tmp_path / "config.json").write_text(config.to_json())
+  workdir = tmp_path / "w"
+  argv = [sys.executable, "-c", _RUN_CONFIG, str(tmp_path / "config.json"), str(workdir)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  killed = []
+  for how, due in _kill_points(workdir):
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    start = time.monotonic()
+    while proc.poll() is None and not due(time.monotonic() - start):
+      time.sleep(0.01)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      killed.append(how)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+  final = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert len(killed) == 3, killed  # every planned kill landed before its run could finish
+  with ocp.StandardCheckpointer() as checkpointer:
+    ours = checkpointer.restore(workdir / "checkpoints" / "30" / "state")
+    uninterrupted = checkpointer.restore(runs["a"] / "checkpoints" / "30" / "state")
+  assert _leaves_equal(ours, uninterrupted)
+  _, best = checkpoint.load_model(str(workdir / "best"))
+  _, best_uninterrupted = checkpoint.load_model(str(runs["a"] / "best"))
+  assert _leaves_equal(best, best_uninterrupted)
+  history = json.loads((workdir / "summary.json").read_text())["history"]
+  assert history == runs["full"]["history"]
