@@ -61,13 +61,13 @@ _MAX_SORT_KEY = 2 ** 31 - 1
 
 
 def _sort_by_expert(experts: jax.Array, num_experts: int) -> _Sorted:
-  """Stable sort of the assignments by expert. The key expert * n + index is unique, so one plain
+  """Stable sort of the assignments by expert (an id of num_experts sorts last and is in no group). The key expert * n + index is unique, so one plain
   single-operand sort gives the stable order: about 5x faster on CPU than a stable two-operand argsort
   (8,192 assignments: 0.46 vs 2.4 ms)."""
   flat = experts.reshape(-1).astype(jnp.int32)
   n = flat.shape[0]
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  if num_experts * n > _MAX_SORT_KEY:  # the combined key would overflow int32
+  if (num_experts + 1) * n > _MAX_SORT_KEY:  # the key would overflow int32 (ids may be num_experts: none)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     return _Sorted(order=order, expert=flat[order], group_sizes=group_sizes)
   keys = jax.lax.sort(flat * n + jnp.arange(n, dtype=jnp.int32))

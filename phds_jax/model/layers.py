@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phds_jax.model import expert_parallel
 from phds_jax.model import experts as experts_lib
 from phds_jax.model import routing
 from phds_jax.model.config import ModelConfig
@@ -182,7 +183,7 @@ class RoutedExperts(nn.Module):
         up=self.param("up_proj", init, (e, h, i), self.param_dtype),
         down=self.param("down_proj", init, (e, i, h), self.param_dtype))
     w = jax.tree.map(lambda p: p.astype(x.dtype), w)
-    return experts_lib.moe_ffn(x, experts, weights, w, self.backend)
+    return expert_parallel.moe_ffn(x, experts, weights, w, self.backend)
 
 
 class SparseMoeBlock(nn.Module):
