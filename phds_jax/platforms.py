@@ -16,8 +16,10 @@ import sys
 _ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
 
 # libtpu's environment on a machine that is no TPU VM: compile-only use (topology descriptions), quiet
+# (several processes may compile at once, e.g. test workers: libtpu's single-process lockfile is skipped)
 _COMPILE_ONLY_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-                         "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+                         "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+                         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def accelerator_visible() -> bool:

@@ -25,8 +25,8 @@ _SCRIPT = textwrap.dedent("""
 
     step = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
     out = {"mismatch": [], "expert_gathers": {}, "gathers": {}}
-    cases = {("fsdp", 4): [("chunked", 1), ("chunked", 2), ("ragged", 2), ("sorted", 2), ("reference", 2)],
-             ("tensor", 2): [("chunked", 2)]}
+    # (the 8-device training test runs the reference backend expert-parallel too)
+    cases = {("fsdp", 4): [("chunked", 1), ("ragged", 2), ("sorted", 2)], ("tensor", 2): [("chunked", 2)]}
     for (other, experts_axis), runs in cases.items():
       mesh_shape = {"expert": experts_axis, other: 2, **({"fsdp": 2} if other == "tensor" else {})}
       mesh = sharding.make_mesh(mesh_shape)

@@ -8,7 +8,7 @@ import pytest
 
 import phds_jax as pj
 from conftest import toy_train_config
-from phds_jax import errors, main, plan, train
+from phds_jax import errors, main, plan, sharding, train
 
 
 @pytest.mark.parametrize("name, chips, topology", [
@@ -92,3 +92,12 @@ def test_plan_config_mistakes_are_reported_before_compiling(tmp_path):
   config = toy_train_config(tmp_path, **{"compile_topology": "v5e-4", "mesh.tensor": 3})
   with pytest.raises(errors.ConfigProblems, match="mesh: 4 devices cannot fill"):
     main.run(config, str(tmp_path / "w"))
+
+
+def test_two_slices_get_a_slice_axis_over_dcn():
+  devices = plan.topology_devices(plan.parse_slice("v5e-4", num_slices=2))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, devices)
+  assert dict(mesh.shape) == {"slice": 2, "data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
+  for i in range(2):  # each index of the slice axis is one slice: only its devices talk over ICI
+    assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+  assert sharding.logical_to_spec(dict(mesh.shape), ("batch", "length"))[0] == ("slice", "fsdp")

@@ -272,8 +272,7 @@ _RUN_CONFIG = textwrap.dedent("""
 
 def _kill_points(workdir, seed=0):
   """(how, predicate of the seconds since start) for each run to kill: while an asynchronous save is being
-  written (orbax's temporary step directory exists), a random moment after a random step's checkpoint, and
-  a random moment of start-up (loading, compiling)."""
+  written (orbax's temporary step directory exists), and a random moment after a random step's checkpoint."""
   import random
   rng = random.Random(seed)
   checkpoints = workdir / "checkpoints"
@@ -281,7 +280,7 @@ def _kill_points(workdir, seed=0):
   def names():
     return os.listdir(checkpoints) if checkpoints.is_dir() else []
 
-  step, delay, startup = rng.choice([12, 15, 18, 21]), rng.uniform(0.0, 0.2), rng.uniform(0.5, 3.0)
+  step, delay = rng.choice([12, 15, 18, 21]), rng.uniform(0.0, 0.2)
   committed = {"at": None}
 
   def after_step(elapsed):
@@ -290,12 +289,11 @@ def _kill_points(workdir, seed=0):
     return committed["at"] is not None and elapsed >= committed["at"] + delay
 
   return [("during an asynchronous save", lambda elapsed: any("tmp" in n for n in names())),
-          (f"{delay:.2f} s after the step-{step} checkpoint", after_step),
-          (f"{startup:.1f} s into start-up", lambda elapsed: elapsed >= startup)]
+          (f"{delay:.2f} s after the step-{step} checkpoint", after_step)]
 
 
 def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(runs, tmp_path):
-  """SIGKILL (no chance to clean up) during an asynchronous save and at random moments, then run to the end:
+  """SIGKILL (no chance to clean up) during an asynchronous save and at a random moment, then run to the end:
   every restart resumes from an intact checkpoint and the final state equals the uninterrupted run's."""
   import time
   import orbax.checkpoint as ocp
@@ -318,7 +316,7 @@ def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(run
     assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
   final = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
   assert final.returncode == 0, final.stderr[-3000:]
-  assert len(killed) == 3, killed  # every planned kill landed before its run could finish
+  assert len(killed) == 2, killed  # every planned kill landed before its run could finish
   with ocp.StandardCheckpointer() as checkpointer:
     ours = checkpointer.restore(workdir / "checkpoints" / "30" / "state")
     uninterrupted = checkpointer.restore(runs["a"] / "checkpoints" / "30" / "state")
