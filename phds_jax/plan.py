@@ -166,10 +166,6 @@ class Program(NamedTuple):
   note: str
 
 
-def _memory(compiled) -> Any:
-  return compiled.memory_analysis()
-
-
 def _train_program(trainer, cfg, config, state, devices: int) -> Program:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -184,7 +180,7 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
                                               sharding=row_sharding) for key in data_lib.ROW_KEYS}
   k_max = max(sparsity.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
   compiled = trainer.compiled_train_step(state, abstract_batch, k_max)
-  mem = _memory(compiled)
+  mem = compiled.memory_analysis()
   params = _bytes(state["trainable"]) + _bytes(state["frozen"])
   grads = _bytes(state["trainable"])
   width = max(k_max, cfg.k_pre) if config.phds.mask == "soft" else k_max
@@ -240,7 +236,7 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
     run = losses.RunSpec(cfg.k_pre, max_loss_tokens=config.data.max_loss_tokens,
                          expert_backend=trainer.expert_backend)
     compiled = evaluate._nll_batch.lower(cfg, params, abstract_batch, run).compile()  # pylint: disable=protected-access
-  mem = _memory(compiled)
+  mem = compiled.memory_analysis()
   rows = {"parameters": _bytes(state["trainable"]) + _bytes(state["frozen"]) + _bytes(params),
           "optimizer state": _bytes(state["opt_state"]), "gradients": 0,
           "activations / temporaries": int(mem.temp_size_in_bytes),
@@ -274,13 +270,13 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
     compiled = generation.lower(
         *args, cfg=cfg, layer_k=plan.static, layer_width=plan.widths, max_new=new, temperature=0.0, top_p=1.0,
         stop_ids=(), expert_backend=trainer.expert_backend).compile()
-  mem = _memory(compiled)
+  mem = compiled.memory_analysis()
   rows = {"parameters": _bytes(params), "optimizer state": 0, "gradients": 0,
           "activations / temporaries": int(mem.temp_size_in_bytes),
           "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
   tokens = batch * (prompt + new)
   flops = forward_flops_per_token(cfg, cfg.k_pre, prompt + new / 2) * tokens / devices
-  # each decoded token reads at least the weights it uses; a lower bound: every parameter once per call
+  # the HBM bound: every parameter read once per call (each decoded token reads its experts' again)
   return Program("generation", rows, sum(rows.values()), flops, _bytes(params) * 1.0,
                  collective_bytes(compiled.as_text()), _xla_flops(compiled),
                  f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
