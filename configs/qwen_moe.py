@@ -4,14 +4,16 @@
       --config.model_path=/models/Qwen1.5-MoE-A2.7B --config.data.train_files='/data/sft/*.jsonl'
   python -m phds_jax.main --config=configs/qwen_moe.py:k_values=2,4 ...
 
-Sized for a TPU v5e-32 slice (32 chips of 16 GiB, 8 hosts): parameters and optimizer state sharded over
+Meant for a TPU v5e-32 slice (32 chips of 16 GiB, 8 hosts): parameters and optimizer state sharded over
 all 32 chips (mesh.fsdp=-1), 64 x 2048 tokens per step as 2 micro-batches of 32 rows, every decoder layer
 recomputed in the backward pass, the chunked expert backend. The plan, on any machine with
 `pip install -e ".[tpu]"`:
 
   python -m phds_jax.main --config=configs/qwen_moe.py --config.compile_topology=v5e-32
 
-(see the README's "Pod scale" for its table). Launch on the slice:
+Not yet verified by a finished plan: these settings are our estimate from a measured point (32 x 2048
+tokens per micro-batch, chunked, no remat: 16.01 GiB of 15.75); run the plan before booking the slice.
+Launch on the slice:
 
   phds-launch tpu --name qwen --zone ZONE --accelerator v5e-32 -- --config=configs/qwen_moe.py \
       --config.model_path=gs://BUCKET/Qwen1.5-MoE-A2.7B --workdir=gs://BUCKET/qwen_phds ...
@@ -25,7 +27,7 @@ def get_config(arg=None):
   config.model.preset = "qwen1.5-moe-a2.7b"  # shapes only; the weights come from model_path
   config.phds.k_values = "1,2,3,4"
   config.eval.k_values = "1,2,3,4"
-  # fits a v5e-32 (our choice, from the compile plan): 64 rows of 2048 as 2 x 32, one row per chip
+  # meant for a v5e-32 (our estimate, not yet checked by a finished plan): 64 rows of 2048 as 2 x 32, one row per chip
   config.train.grad_accum = 2
   config.train.remat = "full"
   config.model.expert_backend = "chunked"
