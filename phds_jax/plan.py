@@ -167,17 +167,10 @@ class Program(NamedTuple):
 
 
 def _train_program(trainer, cfg, config, state, devices: int) -> Program:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from phds_jax import sparsity  # pylint: disable=g-import-not-at-top
 
   batch, seq = config.train.batch_size, config.data.seq_len
-  with trainer.context():
-    row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2)
-  abstract_batch = {key: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if key == "weights" else jnp.int32,
-                                              sharding=row_sharding) for key in data_lib.ROW_KEYS}
+  abstract_batch = _abstract_rows(trainer, batch, seq)
   k_max = max(sparsity.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
   compiled = trainer.compiled_train_step(state, abstract_batch, k_max)
   mem = compiled.memory_analysis()
@@ -196,6 +189,19 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
                  collective_bytes(compiled.as_text()), _xla_flops(compiled),
                  f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
                  f"grad_accum={config.train.grad_accum}")
+
+
+def _abstract_rows(trainer, batch: int, seq: int) -> dict[str, Any]:
+  """A batch of packed rows [batch, seq] (data.ROW_KEYS) as ShapeDtypeStructs sharded over the batch axes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+  with trainer.context():
+    row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2, shape=(batch, seq))
+  return {key: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if key == "weights" else jnp.int32,
+                                    sharding=row_sharding) for key in data_lib.ROW_KEYS}
 
 
 def _io_bytes(mem, state_bytes: int) -> int:
@@ -220,19 +226,14 @@ def _params_like(state, dtype) -> Any:
 
 
 def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
   from phds_jax import losses  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
   batch, seq = config.eval.batch_size, config.data.seq_len
   params = _params_like(state, jnp.dtype(config.train.compute_dtype))
+  abstract_batch = _abstract_rows(trainer, batch, seq)
   with trainer.context():
-    row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2, shape=(batch, seq))
-    abstract_batch = {key: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if key == "weights" else jnp.int32,
-                                                sharding=row_sharding) for key in data_lib.ROW_KEYS}
     run = losses.RunSpec(cfg.k_pre, max_loss_tokens=config.data.max_loss_tokens,
                          expert_backend=trainer.expert_backend)
     compiled = evaluate._nll_batch.lower(cfg, params, abstract_batch, run).compile()  # pylint: disable=protected-access
