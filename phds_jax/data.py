@@ -267,11 +267,15 @@ def train_batches(rows: list[dict[str, np.ndarray]], global_batch_size: int, *, 
                     "the batch size")
   local = global_batch_size // process_count
   begin = process_index * local
-  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-  ds = ds.batch(global_batch_size, drop_remainder=True)
-  if process_count > 1:
-    ds = ds.map(lambda batch: {key: value[begin:begin + local] for key, value in batch.items()})
-  return iter(ds.to_iter_dataset())
+  shuffled = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+  steps = len(shuffled) // global_batch_size
+  # local position i of this process = row (i // local) * B + begin + i % local of the global stream: each
+  # process reads only its own rows
+  mine = grain.MapDataset.range(steps * local).map(
+      lambda i: shuffled[(i // local) * global_batch_size + begin + i % local])
+  ds = mine.batch(local, drop_remainder=True)
+  # rows are in memory: no reader threads, no read-ahead (grain's default keeps 500 batches in flight)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def eval_batches(rows: list[dict[str, np.ndarray]], batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -121,12 +121,21 @@ def test_train_batches_are_seeded_resumable_and_split_over_processes():
   assert [next(it)["inputs"][:, 0].tolist() for _ in range(5)] == after
   again = data.train_batches(rows, 3, seed=1)
   assert [next(again)["inputs"][:, 0].tolist() for _ in range(3)] == first
-  # two processes: each gets half of every global batch, disjoint, together the one-process stream
-  hosts = [data.train_batches(rows, 4, seed=1, process_index=i, process_count=2) for i in range(2)]
+  # two processes: each gets half of every global batch, disjoint, together the one-process stream, and
+  # reads only the rows it keeps
+  class CountingRows(list):
+    reads = 0
+
+    def __getitem__(self, index):
+      CountingRows.reads += 1
+      return super().__getitem__(index)
+
+  hosts = [data.train_batches(CountingRows(rows), 4, seed=1, process_index=i, process_count=2) for i in range(2)]
   whole = data.train_batches(rows, 4, seed=1)
   for _ in range(4):
     halves = [next(h)["inputs"][:, 0].tolist() for h in hosts]
     assert len(halves[0]) == 2 and halves[0] + halves[1] == next(whole)["inputs"][:, 0].tolist()
+  assert CountingRows.reads == 4 * 4  # 4 steps x (2 + 2) rows, not 4 x (4 + 4)
   with pytest.raises(data.DataError, match="cannot fill one batch"):
     data.train_batches(rows[:2], 3, seed=0)
 
