@@ -1,6 +1,7 @@
 """Multi-process training on JAX's runtime: two CPU processes (2 devices each, coordinator on 127.0.0.1,
 gloo collectives) train like one process with 4 devices, write outputs from process 0 only, read only
-their own blocks of the model, and leave checkpoints a one-process run resumes."""
+their own blocks of the model, stop together at one step when only one of them is preempted (SIGTERM),
+and leave checkpoints a one-process run resumes."""
 
 import json
 import os
@@ -35,7 +36,17 @@ _WORKER = textwrap.dedent("""
       read.append(out.nbytes)
       return out
     safetensors_io.SafetensorsFile.get = counting
-    from phds_jax import main
+    from phds_jax import main, train
+    if len(sys.argv) > 6 and process_id == 1:  # a scheduler's SIGTERM to process 1 only, after a given step
+      import os, signal, time
+      original_step = train.Trainer.train_step
+      def train_step(self, state, batch, k):
+        state, stats = original_step(self, state, batch, k)
+        if int(state["step"]) == int(sys.argv[6]):
+          os.kill(os.getpid(), signal.SIGTERM)
+          time.sleep(1)  # the notice reaches the other process before the next step's sync point
+        return state, stats
+      train.Trainer.train_step = train_step
     summary = main.run(config, sys.argv[2])
     import jax
     print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
@@ -51,11 +62,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(config_path, workdir, process_id, processes, port, devices):
+def _start(config_path, workdir, process_id, processes, port, devices, sigterm_after=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen([sys.executable, "-c", _WORKER, str(config_path), str(workdir), str(process_id),
-                           str(processes), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  args = [str(config_path), str(workdir), str(process_id), str(processes), str(port)]
+  args += [str(sigterm_after)] if sigterm_after is not None else []
+  return subprocess.Popen([sys.executable, "-c", _WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, env=env)
 
 
@@ -63,6 +75,10 @@ def _result(proc) -> dict:
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   return json.loads(out.strip().splitlines()[-1])
+
+
+def _stop_step(runs: list[dict]) -> int:
+  return len(runs[0]["train_loss"])
 
 
 def _close(a: dict, b: dict):
@@ -73,8 +89,9 @@ def _close(a: dict, b: dict):
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-  """The same 4-step job on 2 processes x 2 devices (stopped after step 3) and on 1 process x 4 devices,
-  then the 2-process workdir resumed to step 4 by 1 process x 4 devices. Starts from an HF directory."""
+  """The same 4-step job on 2 processes x 2 devices (process 1 gets SIGTERM after step 1: a preemption) and
+  on 1 process x 4 devices, then the 2-process workdir resumed to step 4 by 1 process x 4 devices. Starts
+  from an HF directory."""
   tmp = tmp_path_factory.mktemp("distributed")
   config = toy_train_config(tmp, **{"train.steps": 4, "log_every": 1, "eval.every": 2, "mesh.data": 1,
                                     "mesh.fsdp": -1, "checkpoint.every": 2, "model.expert_backend": "reference"})
@@ -84,10 +101,8 @@ def two_process_runs(tmp_path_factory):
   pj.hf.save_pretrained(cfg, params, str(tmp / "hf"))
   config.model_path, config.model.random_init, config.mode = str(tmp / "hf"), False, "train"
   (tmp / "full.json").write_text(config.to_json())
-  config.train.stop_at = 3
-  (tmp / "stop.json").write_text(config.to_json())
   port = _free_port()
-  procs = [_start(tmp / "stop.json", tmp / "two", i, 2, port, 2) for i in range(2)]
+  procs = [_start(tmp / "full.json", tmp / "two", i, 2, port, 2, sigterm_after=1) for i in range(2)]
   one = _start(tmp / "full.json", tmp / "one", 0, 1, 0, 4)
   two = [_result(p) for p in procs]
   one = _result(one)
@@ -99,9 +114,12 @@ def test_two_processes_train_like_one_with_the_same_devices(two_process_runs):
   two, one = two_process_runs["two"], two_process_runs["one"]
   assert [(r["processes"], r["devices"], r["local_devices"]) for r in two] == [(2, 4, 2)] * 2
   assert (one["processes"], one["devices"]) == (1, 4)
-  assert two[0]["stopped_by"] == "train.stop_at" and list(two[0]["train_loss"]) == ["1", "2", "3"]
+  # both processes stop at the same step, before the end, though only process 1 was signalled
+  assert [r["stopped_by"] for r in two] == ["preemption"] * 2
+  assert list(two[0]["train_loss"]) == list(two[1]["train_loss"]) == [str(s) for s in range(1, _stop_step(two) + 1)]
+  assert 1 <= _stop_step(two) < 4
   for r in two:  # every process computes the same global losses
-    _close(r["train_loss"], {s: v for s, v in one["train_loss"].items() if s != "4"})
+    _close(r["train_loss"], {s: one["train_loss"][s] for s in r["train_loss"]})
     for a, b in zip(r["history"], one["history"]):
       _close(a, b)
 
@@ -116,8 +134,9 @@ def test_each_process_reads_only_its_devices_blocks(two_process_runs):
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
   resumed, one = two_process_runs["resumed"], two_process_runs["one"]
-  assert list(resumed["train_loss"]) == ["4"]
-  _close(resumed["train_loss"], {"4": one["train_loss"]["4"]})
+  rest = [str(s) for s in range(_stop_step(two_process_runs["two"]) + 1, 5)]
+  assert list(resumed["train_loss"]) == rest
+  _close(resumed["train_loss"], {s: one["train_loss"][s] for s in rest})
   _close(resumed["history"][-1], one["history"][-1])  # validation at step 4: the final parameters agree
 
 
