@@ -27,7 +27,9 @@ MESH_AXES = (SLICE_AXIS, *ICI_AXES)
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": (SLICE_AXIS, "data", "fsdp", "expert"),
     "length": (),
-    "embed": ("fsdp",),
+    # dense weights shard over the expert axis too; expert weights (exp first) take "expert" for their
+    # experts, so their embed dim gets "fsdp" only (an axis already used by a dim is skipped)
+    "embed": ("fsdp", "expert"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),

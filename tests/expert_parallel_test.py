@@ -41,9 +41,9 @@ _SCRIPT = textwrap.dedent("""
             out["mismatch"].append([str(mesh_shape), backend, k, diff])
         hlo = step.lower(sharded, "chunked", 2).compile().as_text()
       name = json.dumps(mesh_shape)
-      # an all-gather whose result holds every expert ([E, ., .], whatever else stays split): all the experts'
-      # weights on one device, which expert parallelism exists to avoid
-      results = re.findall(r"= \\w+\\[([\\d,]+)\\]\\S* all-gather(?:-start)?\\(", hlo)
+      # an all-gather whose float result holds every expert ([E, ., .], whatever else stays split): all the
+      # experts' weights on one device, which expert parallelism exists to avoid (token ids are integers)
+      results = re.findall(r"= (?:f32|bf16|f16)\\[([\\d,]+)\\]\\S* all-gather(?:-start)?\\(", hlo)
       full = [r for r in results if len(r.split(",")) == 3 and int(r.split(",")[0]) == cfg.num_experts]
       out["expert_gathers"][name] = len(full)
       out["gathers"][name] = plan.collective_bytes(hlo).get("all-gather", 0)
