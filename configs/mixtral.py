@@ -15,5 +15,4 @@ def get_config(arg=None):
   config.model.preset = "mixtral-8x7b"  # shapes only; the weights come from model_path
   config.phds.k_values = "1,2"
   config.eval.k_values = "1,2"
-  config.train.lb_coef = 0.02  # Mixtral's own router_aux_loss_coef
   return apply_arg(config, arg)

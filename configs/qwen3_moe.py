@@ -15,5 +15,4 @@ def get_config(arg=None):
   config.model.preset = "qwen3-30b-a3b"  # shapes only; the weights come from model_path
   config.phds.k_values = "4,5,6,7,8"
   config.eval.k_values = "1,2,4,6,8"
-  config.train.lb_coef = 0.001  # Qwen3-MoE's own router_aux_loss_coef
   return apply_arg(config, arg)

@@ -130,7 +130,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
   print(f"\ncopycolors held-out objects: {len(items)} items, chance {result['chance']:.2f}; "
-        f"PHDS checkpoint selected at step {summary['best_step']} by validation loss at k_pre={cfg.k_pre}")
+        f"PHDS checkpoint selected at step {summary['best_step']} ({summary['selected_phase']}) by validation "
+        f"loss at k={summary['select_k']}")
   print(format_table(rows, cfg.k_pre))
   print(f"wrote {os.path.join(workdir, 'results.json')}")
   return result

@@ -161,8 +161,23 @@ def _train(config) -> list[str]:
   out += _choice(config, "optim.decay", ("cosine", "linear", "constant"))
   out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
   out += _k_problems("eval.k_values", config.eval.k_values, num_experts)
+  out += _selection_problems(config, num_experts)
   out += _trainable_problems(config.train.trainable)
   out += mesh_and_batch_problems(config)
+  return out
+
+
+def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
+  """phds.select_k / export_k (0 or a k of the model), select_after_anchor, k_per_microbatch."""
+  out = []
+  for field in ("select_k", "export_k"):
+    if config.phds[field]:
+      out += _k_problems(f"phds.{field}", str(config.phds[field]), num_experts)
+  if config.phds.select_after_anchor and not (config.phds.enabled and config.phds.anchor):
+    out.append("phds.select_after_anchor=True needs anchoring (phds.enabled=True and phds.anchor=True)")
+  if config.phds.k_per_microbatch and config.phds.k_mode != "traced":
+    out.append("phds.k_per_microbatch=True needs phds.k_mode=traced (static k would compile a program per "
+               "combination of micro-batch k)")
   return out
 
 

@@ -4,6 +4,9 @@ One name per concept across modes: the model to start from is always `model_path
 `model.param_dtype`, the declared k grid `eval.k_values`, rows of packed tokens `data.seq_len`.
 `arg` strings of the config files are `key=value` items separated by `;` (e.g.
 `configs/olmoe.py:k_values=2,4,8;steps=500`), applied by `apply_arg`.
+
+Method defaults say where they come from: "(paper)" follows MoE-PHDS (arXiv 2509.23012); "(our choice)"
+is ours, since the paper's hyperparameters are not public.
 """
 
 import os
@@ -41,35 +44,43 @@ def base_config(arg=None):
   c.data.seed = 0  # validation split and per-epoch shuffling
 
   c.phds = ml_collections.ConfigDict()
-  c.phds.enabled = True  # False: train at k_pre only (plain SFT / pre-training, the "oracle" baseline)
-  c.phds.k_values = "4,5,6,7,8"  # the k_train set sampled each step
-  c.phds.k_weights = ""  # sampling weights for k_values ("" = uniform)
-  c.phds.mask = "soft"  # soft: route at k_pre, ranks >= k_train weighted eps (the paper); hard: compute at k
-  c.phds.soft_mask_eps = 1e-6  # weight of masked experts under the soft mask
+  c.phds.enabled = True  # False: train at k_pre only (plain SFT / pre-training)
+  c.phds.k_values = "4,5,6,7,8"  # the k_train set sampled each step (paper, OLMoE); one value: a fixed-k oracle
+  c.phds.k_weights = ""  # sampling weights for k_values ("" = uniform; our choice)
+  c.phds.mask = "soft"  # soft: route at k_pre, ranks >= k_train weighted eps (paper); hard: compute at k
+  c.phds.soft_mask_eps = 1e-6  # weight of masked experts under the soft mask (paper)
   c.phds.k_mode = "traced"  # traced: one compiled step for every k; static: one compile per distinct k
-  c.phds.per_layer = False  # draw one k per MoE layer (Matryoshka-style) instead of one global k
-  c.phds.anchor = True  # curriculum anchoring on the lowest k at the end of training
-  c.phds.anchor_start_frac = 0.8  # anchoring starts at this fraction of train.steps
-  c.phds.anchor_ramp_frac = 0.1  # ... and reaches the anchor k this fraction of steps later
-  c.phds.anchor_shape = "linear"  # linear | cosine | step
-  c.phds.anchor_k = 0  # 0: the lowest of k_values
+  c.phds.per_layer = False  # draw one k per MoE layer (Matryoshka-style) instead of one global k (paper: global)
+  c.phds.k_per_microbatch = False  # each gradient-accumulation micro-batch draws its own k (needs k_mode=traced;
+  #                                  off: one draw per optimizer step, our choice)
+  c.phds.anchor = True  # curriculum anchoring on the lowest k at the end of training (paper)
+  c.phds.anchor_start_frac = 0.8  # anchoring starts at this fraction of train.steps (our choice)
+  c.phds.anchor_ramp_frac = 0.1  # ... and reaches the anchor k this fraction of steps later (our choice)
+  c.phds.anchor_shape = "linear"  # linear | cosine | step (our choice)
+  c.phds.anchor_k = 0  # 0: the lowest of k_values (paper)
+  c.phds.select_k = 0  # the k whose validation loss selects the checkpoint; 0: k_pre (paper), or the one k of
+  #                      a fixed-k run (phds.k_values=K: an oracle is selected at its own k)
+  c.phds.select_after_anchor = False  # select only among evaluations after anchoring began (our choice: off)
+  c.phds.export_k = 0  # num_experts_per_tok written to hf_export; 0: the model's k_pre (an oracle may want K)
   c.phds.seed = 0  # k draws are seeded by (seed, step): identical after a restart
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # optimizer steps (the lr and k schedules span them)
+  c.train.steps = 1000  # optimizer steps (the lr and k schedules span them; our choice)
   c.train.stop_at = 0  # >0: stop after this step (checkpointed), e.g. to fit a time slot; resume later
   c.train.on_nan = "stop"  # a non-finite loss or gradient: stop naming the step, or skip the update (our choice)
-  c.train.batch_size = 32  # packed rows per step, all hosts together
+  c.train.batch_size = 32  # packed rows per step, all hosts together (our choice)
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.compute_dtype = "bfloat16"  # forward/backward dtype; router softmax stays float32
   c.train.remat = "none"  # what each layer keeps for the backward pass: none | dots (matmul outputs) | full
   c.train.trainable = "all"  # comma-separated subsets (all, attention, experts, router, shared_expert,
   #                            embeddings, norms) and/or re:<regex>; the rest is frozen, without optimizer state
   c.train.objective = "nll"  # phds_jax.losses.OBJECTIVES name: token NLL + router losses
-  c.train.lb_coef = 0.01  # load-balance loss coefficient
-  c.train.z_coef = 0.0  # router z-loss coefficient
+  c.train.lb_coef = -1.0  # load-balance loss coefficient; < 0: the model's own router_aux_loss_coef
+  #                         (OLMoE 0.01, Qwen 0.001; our choice to keep what it was trained with)
+  c.train.z_coef = 0.0  # router z-loss coefficient (our choice)
 
   c.optim = ml_collections.ConfigDict()
+  # AdamW with warmup and decay; every value below is our choice
   c.optim.lr = 1e-5  # peak learning rate
   c.optim.warmup_steps = 50  # linear warmup
   c.optim.decay = "cosine"  # cosine | linear | constant after warmup
@@ -83,7 +94,7 @@ def base_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.k_values = "1,2,4,8"  # declared k grid (training validation adds k_pre); each in [1, num_experts]
   c.eval.batch_size = 8  # rows (or scored sequences) per eval batch
-  c.eval.every = 100  # training: validation every N steps (and at the end)
+  c.eval.every = 100  # training: validation every N steps (and at the end; our choice)
   c.eval.at_start = True  # training: evaluate before the first step (the starting model's losses)
   c.eval.reference_k = 0  # eval/sweep: agreement is measured against this k; 0 = k_pre
   c.eval.label = ""  # eval: name of model_path in tables and plots ("" = "model")

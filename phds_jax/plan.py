@@ -172,7 +172,8 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
   batch, seq = config.train.batch_size, config.data.seq_len
   abstract_batch = _abstract_rows(trainer, batch, seq)
   k_max = max(sparsity.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
-  compiled = trainer.compiled_train_step(state, abstract_batch, k_max)
+  k = [k_max] * config.train.grad_accum if config.phds.k_per_microbatch else k_max
+  compiled = trainer.compiled_train_step(state, abstract_batch, k)
   mem = compiled.memory_analysis()
   params = _bytes(state["trainable"]) + _bytes(state["frozen"])
   grads = _bytes(state["trainable"])

@@ -69,13 +69,24 @@ class KSchedule:
     a = self.anchor_fraction(step)
     return (1.0 - a) * base + a * anchor
 
-  def sample(self, step: int, num_moe_layers: int = 1) -> Union[int, tuple[int, ...]]:
-    """k_train at `step`: an int, or with per_layer a tuple with one k per MoE layer."""
+  def sample(self, step: int, num_moe_layers: int = 1, draws: Optional[int] = None):
+    """k_train at `step`: an int, or with per_layer a tuple with one k per MoE layer; with `draws`=n a list
+    of n such values, one per micro-batch (its first is what draws=None gives)."""
     rng = np.random.default_rng([self.seed, step])
     p = self.probabilities(step)
-    draws = rng.choice(len(self.k_values), size=num_moe_layers if self.per_layer else 1, p=p)
-    ks = tuple(int(self.k_values[i]) for i in draws)
-    return ks if self.per_layer else ks[0]
+    out: list[Union[int, tuple[int, ...]]] = []
+    for _ in range(1 if draws is None else draws):
+      picked = rng.choice(len(self.k_values), size=num_moe_layers if self.per_layer else 1, p=p)
+      ks = tuple(int(self.k_values[i]) for i in picked)
+      out.append(ks if self.per_layer else ks[0])
+    return out[0] if draws is None else out
+
+  def phase(self, step: int) -> str:
+    """What produced the parameters after `step` optimizer steps: "start" (none yet), "multi_k", or
+    "anchoring" once a step at or after anchor_start was trained."""
+    if step == 0:
+      return "start"
+    return "anchoring" if self.anchor_start is not None and step > self.anchor_start else "multi_k"
 
 
 def parse_numbers(value, cast=int) -> tuple:

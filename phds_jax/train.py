@@ -132,6 +132,7 @@ class Trainer:
     self.n_moe = len(cfg.moe_layer_indices)
     self.expert_backend = resolve_expert_backend(config.model.expert_backend, mesh.devices.flat[0].platform)
     self.objective = losses.OBJECTIVES[config.train.objective]
+    self.lb_coef = config.train.lb_coef if config.train.lb_coef >= 0 else cfg.router_aux_loss_coef
     self._steps: dict[Any, Any] = {}
     self.state_shardings = None
 
@@ -186,7 +187,7 @@ class Trainer:
     """The train step at k compiled ahead of time for the trainer's mesh (whatever devices it holds)."""
     k_static, k_traced = self.k_argument(k)
     if k_traced is not None:
-      k_traced = tuple(jax.ShapeDtypeStruct((), jnp.int32) for _ in k_traced)
+      k_traced = tuple(jax.ShapeDtypeStruct(v.shape, jnp.int32) for v in k_traced)
     with self.context():
       return self._jitted_train_step(k_static, k_traced is not None).lower(
           abstract_state, abstract_batch, k_traced).compile()
@@ -197,11 +198,20 @@ class Trainer:
 
   # k -----------------------------------------------------------------------------------------------------
   def k_argument(self, k):
-    """The sampled k as the step receives it: static ints (one program per k) or traced int32 scalars."""
-    per_layer = tuple(k) if isinstance(k, tuple) else (k,) * self.n_moe
+    """The sampled k as the step receives it: static ints (one program per k), traced int32 scalars, or
+    for a list (one k per micro-batch, traced only) int32 arrays [grad_accum], one per MoE layer."""
+    if isinstance(k, list):
+      if not self.traced or len(k) != self.config.train.grad_accum:
+        raise ValueError(f"one k per micro-batch needs phds.k_mode=traced and {self.config.train.grad_accum} "
+                         f"values, got {k} with k_mode={self.config.phds.k_mode}")
+      per_micro = [self._per_layer(v) for v in k]
+      return None, tuple(jnp.asarray(layer, jnp.int32) for layer in zip(*per_micro))
     if self.traced:
-      return None, tuple(jnp.int32(v) for v in per_layer)
-    return per_layer, None
+      return None, tuple(jnp.int32(v) for v in self._per_layer(k))
+    return self._per_layer(k), None
+
+  def _per_layer(self, k) -> tuple[int, ...]:
+    return tuple(k) if isinstance(k, tuple) else (k,) * self.n_moe
 
   # steps -----------------------------------------------------------------------------------------------
   def _params_for_compute(self, trainable, frozen):
@@ -215,28 +225,32 @@ class Trainer:
                          config.data.max_loss_tokens, self.expert_backend, config.train.remat)
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-    def loss_fn(trainable, micro):
+    # k_traced of [accum] arrays: micro-batch j runs at k_traced[l][j] (phds.k_per_microbatch)
+    k_micro = k_traced if k_traced is not None and k_traced[0].ndim == 1 else None
+
+    def loss_fn(trainable, micro, k_j):
       params = self._params_for_compute(trainable, state["frozen"])
-      terms = self.objective(self.cfg, params, micro, run, lb_coef=config.train.lb_coef,
-                             z_coef=config.train.z_coef)
+      terms = self.objective(self.cfg, params, micro, run if k_j is None else run._replace(k=k_j),
+                             lb_coef=self.lb_coef, z_coef=config.train.z_coef)
       return (terms.token_loss_sum / total_weight + terms.extra_loss / accum,
               (terms.token_loss_sum, terms.weight, terms.metrics))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_step(carry, micro):
+    def micro_step(carry, xs):
       grads, sums = carry
-      (_, stats), g = grad_fn(state["trainable"], micro)
+      (_, stats), g = grad_fn(state["trainable"], *xs)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, stats)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
     # micro-batch j takes rows j, j + accum, ...: every device holds a slice of each micro-batch, so the
     # batch sharding carries over (a contiguous split would put each micro-batch on a few devices)
     micro_batches = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
+    first = jax.tree.map(lambda x: x[0], (micro_batches, k_micro))
     zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                              jax.eval_shape(lambda m: loss_fn(state["trainable"], m)[1], first))
-    (grads, (token_loss, weight, sums)), _ = jax.lax.scan(micro_step, (zeros, zero_stats), micro_batches)
+                              jax.eval_shape(lambda xs: loss_fn(state["trainable"], *xs)[1], first))
+    (grads, (token_loss, weight, sums)), _ = jax.lax.scan(micro_step, (zeros, zero_stats),
+                                                          (micro_batches, k_micro))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     loss, grad_norm = token_loss / jnp.maximum(weight, 1.0), optax.tree.norm(grads)
@@ -454,13 +468,22 @@ def _merge_history(stored: list[dict[str, Any]], evaluated: dict[int, dict[str, 
   return [by_step[s] for s in sorted(by_step)]
 
 
+def selection_k(config, cfg: ModelConfig) -> int:
+  """phds.select_k, or when 0: the one k of a fixed-k run (phds.k_values=K, an oracle), else k_pre."""
+  if config.phds.select_k:
+    return int(config.phds.select_k)
+  ks = sparsity.parse_numbers(config.phds.k_values)
+  return ks[0] if config.phds.enabled and len(ks) == 1 else cfg.k_pre
+
+
 def eval_grid(config, cfg: ModelConfig) -> list[int]:
-  ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre}
+  ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre, selection_k(config, cfg)}
   return sorted(k for k in ks if 1 <= k <= cfg.num_experts)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training in `workdir`; returns a summary with the best validation loss at k_pre."""
+  """Runs (or resumes) training in `workdir`; returns a summary with the selected checkpoint: the best
+  validation loss at `selection_k` (after anchoring began, with phds.select_after_anchor)."""
   os.makedirs(workdir, exist_ok=True)
   model_checkpoint.recover_replaced(os.path.join(workdir, "best"))
   manager = _manager(workdir, config)
@@ -502,6 +525,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = metrics_lib.Progress(total, start_step=start)
   _say(f"training {total - start} steps (the first ones compile) ...")
   grid = eval_grid(config, cfg)
+  select_k = selection_k(config, cfg)
   is_writer = jax.process_index() == 0  # logs, history, TensorBoard, summary and exports: process 0 only
   history_file = os.path.join(workdir, "eval_history.jsonl")
   evaluated: dict[int, dict[str, Any]] = {}  # this run's rows (every process; the file is process 0's)
@@ -512,12 +536,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     row = {f"val_loss_k{k}": v for k, v in losses.items()}
     evaluated[step] = {"step": step, **row}
     writer.scalars(step, {**row, **{f"val_ppl_k{k}": float(np.exp(min(v, 50))) for k, v in losses.items()}})
-    progress.log(step, {"val@k_pre": losses[cfg.k_pre], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
+    progress.log(step, {f"val@k{select_k}": losses[select_k], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
     if is_writer:
       with open(history_file, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **row}) + "\n")
-    if meta["best_val_loss"] is None or losses[cfg.k_pre] < meta["best_val_loss"]:
-      meta.update(best_val_loss=losses[cfg.k_pre], best_step=step)
+    eligible = not config.phds.select_after_anchor or schedule.phase(step) == "anchoring"
+    if eligible and (meta["best_val_loss"] is None or losses[select_k] < meta["best_val_loss"]):
+      meta.update(best_val_loss=losses[select_k], best_step=step)
       model_checkpoint.save_model(cfg, merge_params(state["trainable"], state["frozen"]),
                                   os.path.join(workdir, "best"), overwrite=True)
     return losses
@@ -525,10 +550,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if start == 0 and val_batches and config.eval.at_start:
     evaluate(0)
   last, stopped_by, skipped, train_loss = start, None, [], {}
+  accum_draws = config.train.grad_accum if config.phds.k_per_microbatch else None
   stop = StopRequest(manager)
   with stop, writer:
     for step in range(start, total):
-      k = schedule.sample(step, trainer.n_moe)
+      k = schedule.sample(step, trainer.n_moe, draws=accum_draws)
       batch = trainer.global_batch(next(iterator))
       state, stats = trainer.train_step(state, batch, k)
       last = step + 1
@@ -556,19 +582,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         break
     manager.wait_until_finished()
   summary = {"workdir": workdir, "steps": last, "stopped_by": stopped_by, "skipped_steps": skipped,
-             "best_step": meta["best_step"], "best_val_loss": meta["best_val_loss"], "eval_k": grid,
+             "best_step": meta["best_step"], "best_val_loss": meta["best_val_loss"], "select_k": select_k,
+             "selected_phase": None if meta["best_step"] is None else schedule.phase(meta["best_step"]),
+             "eval_k": grid,
              "train_loss": train_loss, "history": _merge_history(read_history(history_file), evaluated)}
   if is_writer:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   if config.export_hf and meta["best_step"] is not None and last == total:
     best_cfg, best_params = model_checkpoint.load_model(os.path.join(workdir, "best"))
+    if config.phds.export_k:
+      best_cfg = best_cfg.replace(num_experts_per_tok=int(config.phds.export_k))
     tokenizer_dir = config.tokenizer_path or config.model_path
     hf.save_pretrained(best_cfg, best_params, os.path.join(workdir, "hf_export"), overwrite=True,
                        copy_files_from=tokenizer_dir or None)
-    _say(f"exported the selected checkpoint (step {meta['best_step']}) to {os.path.join(workdir, 'hf_export')}")
-  _say(f"best validation loss at k_pre={cfg.k_pre}: {meta['best_val_loss']} (step {meta['best_step']}); "
-       f"outputs in {workdir}")
+    _say(f"exported the selected checkpoint (step {meta['best_step']}, num_experts_per_tok="
+         f"{best_cfg.k_pre}) to {os.path.join(workdir, 'hf_export')}")
+  _say(f"best validation loss at k={select_k}{' (k_pre)' if select_k == cfg.k_pre else ''}: "
+       f"{meta['best_val_loss']} (step {meta['best_step']}, {summary['selected_phase']}); outputs in {workdir}")
   return summary
 
 

@@ -67,6 +67,27 @@ def test_per_layer_draws_vary_across_layers():
   assert any(len(set(d)) > 1 for d in draws)
 
 
+def test_one_draw_per_micro_batch_is_seeded_and_follows_the_schedule():
+  s = sparsity.KSchedule(k_values=(1, 2, 3, 4), anchor_start=100, seed=3)
+  draws = [s.sample(t, draws=4) for t in range(100)]
+  assert all(len(d) == 4 for d in draws)
+  assert [d[0] for d in draws] == [s.sample(t) for t in range(100)]  # the first is the one-per-step draw
+  assert draws == [s.sample(t, draws=4) for t in range(100)]
+  assert sum(len(set(d)) > 1 for d in draws) > 50  # micro-batches of a step do differ
+  counts = collections.Counter(k for d in draws for k in d)
+  assert all(abs(counts[k] / 400 - 0.25) < 0.07 for k in (1, 2, 3, 4))
+  assert set(s.sample(150, draws=4)) == {1}  # anchored
+  layered = sparsity.KSchedule(k_values=(1, 2), per_layer=True).sample(0, num_moe_layers=3, draws=2)
+  assert len(layered) == 2 and all(len(d) == 3 for d in layered)
+
+
+def test_phase_of_a_step():
+  s = sparsity.KSchedule(k_values=(1, 2), anchor_start=8, anchor_steps=2)
+  # after `step` optimizer steps: anchoring once the step numbered anchor_start (the 9th) was trained
+  assert [s.phase(t) for t in (0, 1, 8, 9, 20)] == ["start", "multi_k", "multi_k", "anchoring", "anchoring"]
+  assert sparsity.KSchedule(k_values=(2,)).phase(50) == "multi_k"
+
+
 def test_schedule_from_config_and_parsing():
   phds = ml_collections.ConfigDict(dict(k_values="4,5,6,7,8", k_weights="", anchor=True, anchor_start_frac=0.8,
                                         anchor_ramp_frac=0.1, anchor_shape="linear", anchor_k=0,

@@ -9,12 +9,16 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import phds_jax as pj
 from phds_jax import checkpoint
 from phds_jax import errors
 from phds_jax import data
+from phds_jax import losses
+from phds_jax import main
 from phds_jax import sharding
 from phds_jax import train
 from conftest import set_fields, toy_train_config
@@ -259,6 +263,71 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
   assert results[1][1] == pytest.approx(results[4][1], rel=1e-5)  # the accumulated gradient's scale (Adam hides it)
   for a, b in zip(jax.tree.leaves(results[1][2]), jax.tree.leaves(results[4][2])):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_each_micro_batch_runs_at_its_own_k(tmp_path):
+  """phds.k_per_microbatch: with k = [1, 2] micro-batch 0 (rows 0, 2, ...) runs at k=1 and micro-batch 1 at
+  k=2; the step's loss is their token-weighted mean, and differs from [1, 1] and [2, 2]."""
+  config, cfg, params, trainer = _trainer(tmp_path, **{"train.grad_accum": 2, "phds.k_per_microbatch": True})
+  batch = _toy_batches(tmp_path, config, 1)[0]
+  loss = {}
+  for ks in ([1, 2], [1, 1], [2, 2]):
+    state = trainer.init_state(params, train.trainable_paths(cfg, params, "all"), seed=0)
+    loss[tuple(ks)] = float(trainer.train_step(state, trainer.global_batch(batch), ks)[1]["loss"])
+  run = losses.RunSpec(None, k_max=2, soft_mask_eps=config.phds.soft_mask_eps,
+                       max_loss_tokens=config.data.max_loss_tokens, expert_backend=trainer.expert_backend)
+  sums = [losses.token_nll(cfg, params, {key: v[j::2] for key, v in batch.items()},
+                           run._replace(k=(jnp.int32(k),) * trainer.n_moe))[:2] for j, k in enumerate((1, 2))]
+  expected = float(sum(n for n, _ in sums) / sum(w for _, w in sums))
+  assert loss[(1, 2)] == pytest.approx(expected, rel=1e-5)
+  assert min(abs(loss[(1, 2)] - loss[(1, 1)]), abs(loss[(1, 2)] - loss[(2, 2)])) > 1e-4
+  with pytest.raises(ValueError, match="one k per micro-batch"):
+    trainer.train_step(state, trainer.global_batch(batch), [1, 2, 2])
+
+
+def test_load_balance_coefficient_defaults_to_the_models_own(tmp_path):
+  config = toy_train_config(tmp_path)
+  config.model.overrides.router_aux_loss_coef = 0.001  # as Qwen's checkpoints say
+  cfg = train.model_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  assert train.Trainer(cfg, config, mesh, 1).lb_coef == cfg.router_aux_loss_coef == 0.001
+  config.train.lb_coef = 0.05
+  assert train.Trainer(cfg, config, mesh, 1).lb_coef == 0.05
+
+
+def test_an_oracle_is_selected_and_exported_at_its_own_k(tmp_path):
+  """A fixed-k run (phds.k_values=1, hard mask, no anchoring) selects by the validation loss at k=1, not at
+  k_pre=2, and exports with num_experts_per_tok=1."""
+  config = toy_train_config(tmp_path, **{
+      "train.steps": 6, "eval.every": 2, "checkpoint.every": 6, "phds.k_values": "1", "phds.anchor": False,
+      "phds.mask": "hard", "phds.export_k": 1, "export_hf": True, "eval.at_start": True})
+  summary = main.run(config, str(tmp_path / "oracle"))
+  assert summary["select_k"] == 1
+  by_k1 = min(summary["history"], key=lambda row: row["val_loss_k1"])
+  assert summary["best_step"] == by_k1["step"] and summary["best_val_loss"] == by_k1["val_loss_k1"]
+  assert summary["selected_phase"] == ("start" if by_k1["step"] == 0 else "multi_k")
+  with open(tmp_path / "oracle" / "hf_export" / "config.json") as f:
+    assert json.load(f)["num_experts_per_tok"] == 1
+  assert pj.load(str(tmp_path / "oracle" / "best"))[0].k_pre == 2  # the checkpoint itself keeps its k_pre
+
+
+def test_selection_after_anchoring_began(tmp_path):
+  """phds.select_after_anchor: only evaluations after the anchoring phase began can be selected (here steps
+  4 and 6 of 6, anchoring from step 3), and the summary says so. With lr 0 every evaluation ties, so the
+  first eligible one (step 4) is selected; without the restriction it would be step 0. Micro-batches draw
+  their own k."""
+  config = toy_train_config(tmp_path, **{
+      "train.steps": 6, "eval.every": 2, "checkpoint.every": 6, "phds.anchor_start_frac": 0.5,
+      "phds.select_after_anchor": True, "train.grad_accum": 2, "phds.k_per_microbatch": True, "optim.lr": 0.0})
+  summary = main.run(config, str(tmp_path / "anchored"))
+  assert [row["step"] for row in summary["history"]] == [0, 2, 4, 6]
+  assert len({row["val_loss_k2"] for row in summary["history"]}) == 1
+  assert (summary["best_step"], summary["selected_phase"], summary["select_k"]) == (4, "anchoring", 2)
+  config.phds.anchor, config.phds.k_mode = False, "static"
+  with pytest.raises(errors.ConfigProblems) as info:
+    main.run(config, str(tmp_path / "refused"))
+  assert any(p.startswith("phds.select_after_anchor=True needs anchoring") for p in info.value.problems)
+  assert any(p.startswith("phds.k_per_microbatch=True needs phds.k_mode=traced") for p in info.value.problems)
 
 
 _RUN_CONFIG = textwrap.dedent("""
