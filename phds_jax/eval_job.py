@@ -88,11 +88,11 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
     for name, items in tasks.items():
       r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
                                    truncate=e.truncate, expert_backend=backend)
-      agree = float(np.mean(np.array(r["predictions"]) == np.array(reference[name]["predictions"])))
-      row["tasks"][name] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "agreement": agree, "n": r["n"]}
+      same = np.array(r["predictions"]) == np.array(reference[name]["predictions"])
+      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n")}
+      row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
     if tasks:
-      row["acc_mean"] = float(np.mean([t["acc"] for t in row["tasks"].values()]))
-      row["agreement_mean"] = float(np.mean([t["agreement"] for t in row["tasks"].values()]))
+      row.update(_task_means(row["tasks"]))
     if text_batches:
       row.update(evaluate.mean_nll(cfg, params, text_batches, k=k, expert_backend=backend))
       row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k,
@@ -107,11 +107,26 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
   return rows
 
 
+def _task_means(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Unweighted means over tasks of acc and agreement, their standard errors (tasks independent:
+  sqrt(sum se^2) / T) and the item count."""
+  out: dict[str, Any] = {"items": int(sum(t["n"] for t in per_task.values()))}
+  for key in ("acc", "agreement"):
+    out[f"{key}_mean"] = float(np.mean([t[key] for t in per_task.values()]))
+    out[f"{key}_mean_se"] = float(np.sqrt(sum(t[f"{key}_se"] ** 2 for t in per_task.values())) / len(per_task))
+  return out
+
+
 def format_table(label: str, rows: dict[int, Any], reference_k: int) -> str:
-  columns = [("acc", "acc_mean"), (f"agree@{reference_k}", "agreement_mean"), ("nll", "nll"), ("ppl", "ppl"),
+  """One line per k: mean accuracy and agreement over tasks (+- standard error, items), text metrics,
+  latency; then, with several tasks, one line per task and k."""
+  columns = [("acc", "acc_mean"), ("+-se", "acc_mean_se"), (f"agree@{reference_k}", "agreement_mean"),
+             ("+-se", "agreement_mean_se"), ("nll", "nll"), ("ppl", "ppl"),
              (f"tok-agree@{reference_k}", "top1_agreement"), ("KL", "mean_kl")]
   present = [(title, key) for title, key in columns if any(key in r for r in rows.values())]
-  header = f"{label}\n{'k':>3} " + " ".join(f"{t:>14}" for t, _ in present)
+  items = next((r["items"] for r in rows.values() if "items" in r), None)
+  header = f"{label}" + (f" ({items} multiple-choice items)" if items else "")
+  header += f"\n{'k':>3} " + " ".join(f"{t:>14}" for t, _ in present)
   if any("latency" in r for r in rows.values()):
     header += f" {'prefill tok/s':>14} {'decode ms/tok':>14}"
   lines = [header, "-" * len(header.splitlines()[-1])]
@@ -120,6 +135,15 @@ def format_table(label: str, rows: dict[int, Any], reference_k: int) -> str:
     if "latency" in r:
       line += f" {r['latency']['prefill_tokens_per_s']:>14.0f} {r['latency']['decode_ms_per_token']:>14.3f}"
     lines.append(line)
+  task_names = sorted({name for r in rows.values() for name in r.get("tasks", {})})
+  if len(task_names) > 1:
+    width = max(len(n) for n in task_names)
+    lines += ["", f"{'k':>3} {'task':<{width}} {'n':>6} {'acc':>8} {'+-se':>8} {f'agree@{reference_k}':>9} {'+-se':>8}"]
+    for k, r in rows.items():
+      for name in task_names:
+        t = r["tasks"][name]
+        lines.append(f"{k:>3} {name:<{width}} {t['n']:>6} {t['acc']:>8.4f} {t['acc_se']:>8.4f} "
+                     f"{t['agreement']:>9.4f} {t['agreement_se']:>8.4f}")
   return "\n".join(lines)
 
 

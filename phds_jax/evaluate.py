@@ -113,7 +113,8 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
                     batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto") -> dict[str, Any]:
-  """acc, acc_norm and the predicted choices (raw and length-normalised) per item at top-k."""
+  """acc, acc_norm (each with its standard error over items, *_se), the item count n and the predicted
+  choices (raw and length-normalised) per item at top-k."""
   pairs = []
   for item in items:
     context = tokenizer.encode(item["context"], add_special_tokens=False)
@@ -129,9 +130,16 @@ def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[st
     predicted_norm.append(int(np.argmax(s / lengths)))
     at += len(item["choices"])
   answers = np.array([item["answer"] for item in items])
-  return {"acc": float(np.mean(np.array(predicted) == answers)),
-          "acc_norm": float(np.mean(np.array(predicted_norm) == answers)),
+  correct, correct_norm = np.array(predicted) == answers, np.array(predicted_norm) == answers
+  return {"acc": float(np.mean(correct)), "acc_se": standard_error(correct),
+          "acc_norm": float(np.mean(correct_norm)), "acc_norm_se": standard_error(correct_norm),
           "predictions": predicted, "predictions_norm": predicted_norm, "n": len(items)}
+
+
+def standard_error(values) -> float:
+  """Standard error of the mean of per-item values (sample standard deviation / sqrt(n)); 0 for n < 2."""
+  values = np.asarray(values, np.float64)
+  return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,

@@ -103,7 +103,27 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert {"acc_mean", "nll", "ppl", "latency"} <= set(rows[k])
     assert rows[k]["latency"]["decode_ms_per_token"] >= 0
   assert os.path.getsize(work / "accuracy_vs_latency.png") > 1000
-  assert "decode ms/tok" in capsys.readouterr().out
+  task = rows["1"]["tasks"]["items.jsonl"]
+  assert task["n"] == rows["1"]["items"] == 10
+  p = task["acc"]
+  assert task["acc_se"] == pytest.approx(math.sqrt(p * (1 - p) / 9))  # sample standard error over 10 items
+  assert rows["1"]["acc_mean_se"] == pytest.approx(task["acc_se"])  # one task
+  printed = capsys.readouterr().out
+  assert "decode ms/tok" in printed and "(10 multiple-choice items)" in printed and "+-se" in printed
+
+
+def test_means_over_tasks_and_the_per_task_table():
+  per_task = {"a": {"acc": 0.5, "acc_se": 0.3, "agreement": 1.0, "agreement_se": 0.0, "n": 4},
+              "b": {"acc": 1.0, "acc_se": 0.4, "agreement": 0.5, "agreement_se": 0.1, "n": 6}}
+  means = eval_job._task_means(per_task)
+  assert means == pytest.approx({"items": 10, "acc_mean": 0.75, "acc_mean_se": 0.25, "agreement_mean": 0.75,
+                                 "agreement_mean_se": math.sqrt(0.01) / 2})
+  table = eval_job.format_table("m", {2: {"tasks": per_task, **means}}, reference_k=2).splitlines()
+  assert table[0] == "m (10 multiple-choice items)"
+  assert table[-2].split() == ["2", "a", "4", "0.5000", "0.3000", "1.0000", "0.0000"]
+  assert table[-1].split() == ["2", "b", "6", "1.0000", "0.4000", "0.5000", "0.1000"]
+  assert evaluate.standard_error([1, 0, 1, 0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+  assert evaluate.standard_error([1]) == 0.0
 
 
 def test_olmo_suite_tasks_load_from_the_wheel():
