@@ -193,6 +193,11 @@ def _eval(config) -> list[str]:
       paths[f"eval.compare[{entry.split('=', 1)[0]}]"] = entry.split("=", 1)[1].strip()
   if not paths:
     out.append("model_path: required; pass the checkpoint to evaluate (HF directory or phds_jax checkpoint)")
+  labels = ([config.eval.label or "model"] if config.model_path else []) + [
+      e.split("=", 1)[0].strip() for e in config.eval.compare.split(",") if "=" in e]
+  if config.eval.agreement_with and config.eval.agreement_with not in labels:
+    out.append(f"eval.agreement_with={config.eval.agreement_with!r} is not a checkpoint label; the labels are "
+               f"{labels}")
   for field, path in paths.items():
     problem = _model_dir_problem(field, path)
     if problem:

@@ -99,6 +99,8 @@ def base_config(arg=None):
   c.eval.reference_k = 0  # eval/sweep: agreement is measured against this k; 0 = k_pre
   c.eval.label = ""  # eval: name of model_path in tables and plots ("" = "model")
   c.eval.compare = ""  # eval: more checkpoints, "label=path,label2=path2"
+  c.eval.agreement_with = ""  # eval: a label; multiple-choice agreement of every checkpoint is measured against
+  #                             that checkpoint's predictions at reference_k ("" = each against itself)
   c.eval.tasks = ""  # eval: OLMo suite tasks, comma-separated task:variant (e.g. arc_easy:rc_0shot)
   c.eval.task_files = ""  # eval: user multiple-choice JSONL files, comma-separated
   c.eval.limit = 0  # eval: items per task (0 = all)

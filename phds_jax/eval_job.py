@@ -76,19 +76,26 @@ def k_grid(config, cfg) -> list[int]:
   return sorted(set(ks))
 
 
-def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config) -> dict[int, Any]:
+def predictions(cfg, params, tokenizer, tasks, k: int, config) -> dict[str, list[int]]:
+  """Predicted choice per item of every task at top-k: what agreement is measured against."""
+  e = config.eval
+  return {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
+                                         truncate=e.truncate, expert_backend=config.model.expert_backend)
+          ["predictions"] for name, items in tasks.items()}
+
+
+def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
+                        reference: dict[str, list[int]]) -> dict[int, Any]:
+  """Metrics per k; multiple-choice agreement against `reference` (predictions per task), text agreement
+  and KL against this checkpoint at reference_k."""
   e, backend = config.eval, config.model.expert_backend
   rows: dict[int, Any] = {}
-  reference = {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=reference_k,
-                                              batch_size=e.batch_size, truncate=e.truncate,
-                                              expert_backend=backend)
-               for name, items in tasks.items()}
   for k in ks:
     row: dict[str, Any] = {"tasks": {}}
     for name, items in tasks.items():
       r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
                                    truncate=e.truncate, expert_backend=backend)
-      same = np.array(r["predictions"]) == np.array(reference[name]["predictions"])
+      same = np.array(r["predictions"]) == np.array(reference[name])
       row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n")}
       row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
     if tasks:
@@ -117,10 +124,12 @@ def _task_means(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def format_table(label: str, rows: dict[int, Any], reference_k: int) -> str:
+def format_table(label: str, rows: dict[int, Any], reference_k: int, agreement_title: str = "") -> str:
   """One line per k: mean accuracy and agreement over tasks (+- standard error, items), text metrics,
-  latency; then, with several tasks, one line per task and k."""
-  columns = [("acc", "acc_mean"), ("+-se", "acc_mean_se"), (f"agree@{reference_k}", "agreement_mean"),
+  latency; then, with several tasks, one line per task and k. agreement_title names the multiple-choice
+  reference (default: agree@reference_k)."""
+  agree = agreement_title or f"agree@{reference_k}"
+  columns = [("acc", "acc_mean"), ("+-se", "acc_mean_se"), (agree, "agreement_mean"),
              ("+-se", "agreement_mean_se"), ("nll", "nll"), ("ppl", "ppl"),
              (f"tok-agree@{reference_k}", "top1_agreement"), ("KL", "mean_kl")]
   present = [(title, key) for title, key in columns if any(key in r for r in rows.values())]
@@ -138,7 +147,7 @@ def format_table(label: str, rows: dict[int, Any], reference_k: int) -> str:
   task_names = sorted({name for r in rows.values() for name in r.get("tasks", {})})
   if len(task_names) > 1:
     width = max(len(n) for n in task_names)
-    lines += ["", f"{'k':>3} {'task':<{width}} {'n':>6} {'acc':>8} {'+-se':>8} {f'agree@{reference_k}':>9} {'+-se':>8}"]
+    lines += ["", f"{'k':>3} {'task':<{width}} {'n':>6} {'acc':>8} {'+-se':>8} {agree:>9} {'+-se':>8}"]
     for k, r in rows.items():
       for name in task_names:
         t = r["tasks"][name]
@@ -177,11 +186,16 @@ def plot(results: dict[str, dict[int, Any]], path: str) -> bool:
 def run(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   paths = checkpoints(config)
+  anchor = config.eval.agreement_with
+  if anchor and anchor not in paths:
+    raise ValueError(f"eval.agreement_with={anchor!r} is not a checkpoint label; the labels are {list(paths)}")
   tasks = _tasks(config)
   results: dict[str, Any] = {}
   tokenizer = None
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  for label, path in paths.items():
+  shared, agreement = None, {}  # the anchor checkpoint's predictions, and what agreement was measured against
+  for label in sorted(paths, key=lambda name: name != anchor):  # the anchor first
+    path = paths[label]
     with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
       cfg, params = load(path, config.model.param_dtype, sharding=mesh)
     if tokenizer is None:
@@ -191,12 +205,20 @@ def run(config, workdir: str) -> dict[str, Any]:
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
     with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
-      results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config)
+      reference = shared if shared is not None else predictions(cfg, params, tokenizer, tasks, reference_k, config)
+      if label == anchor:
+        shared = reference
+        agreement = {"label": anchor, "k": reference_k}
+      results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
+                                           reference)
     del params
-    print(format_table(label, results[label], reference_k), flush=True)
+    title = f"agree@{anchor}:k{agreement['k']}" if anchor else ""
+    print(format_table(label, results[label], reference_k, title), flush=True)
+  results = {label: results[label] for label in paths}
   out = os.path.join(workdir, "eval_results.json")
   with open(out, "w", encoding="utf-8") as f:
-    json.dump({"checkpoints": paths, "tasks": list(tasks), "results": results}, f, indent=2)
+    json.dump({"checkpoints": paths, "tasks": list(tasks), "agreement_with": agreement or None,
+               "results": results}, f, indent=2)
   print(f"wrote {out}")
   png = os.path.join(workdir, "accuracy_vs_latency.png")
   if plot(results, png):

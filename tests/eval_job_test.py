@@ -10,6 +10,7 @@ import pytest
 
 import phds_jax as pj
 from phds_jax import data
+from phds_jax import errors
 from phds_jax import eval_job
 from phds_jax import evaluate
 from phds_jax import main
@@ -110,6 +111,38 @@ def test_eval_command_end_to_end(tmp_path, capsys):
   assert rows["1"]["acc_mean_se"] == pytest.approx(task["acc_se"])  # one task
   printed = capsys.readouterr().out
   assert "decode ms/tok" in printed and "(10 multiple-choice items)" in printed and "+-se" in printed
+
+
+def test_agreement_across_checkpoints_is_measured_against_one_anchor(tmp_path, capsys):
+  """eval.agreement_with=b: every checkpoint's multiple-choice agreement at each k is with b's predictions at
+  b's reference k (how claim (c) compares an oracle family); checked against the predictions themselves."""
+  dirs = {}
+  for label, seed in (("a", 0), ("b", 1)):
+    dirs[label] = tmp_path / label
+    build_hf_model("qwen_sparse_step", seed=seed).save_pretrained(dirs[label])
+    write_toy_tokenizer(dirs[label])
+  items = tmp_path / "items.jsonl"
+  items.write_text("".join(json.dumps({"context": f"pick : w{i}", "choices": [f" w{i}", f" w{i + 3}", f" w{i + 5}"],
+                                       "answer": i % 3}) + "\n" for i in range(24)))
+  config = load_config("eval", "1,2", **{"model_path": str(dirs["a"]), "eval.label": "a",
+                                         "eval.compare": f"b={dirs['b']}", "eval.task_files": str(items),
+                                         "eval.agreement_with": "b", "eval.latency.enabled": False})
+  out = main.run(config, str(tmp_path / "out"))
+  assert list(out) == ["a", "b"]
+  tokenizer = data.load_tokenizer(str(dirs["a"]))
+  task = evaluate.read_multiple_choice(str(items))
+  predicted = {(label, k): np.array(evaluate.multiple_choice(*pj.load(str(dirs[label])), tokenizer, task, k=k)[
+      "predictions"]) for label in "ab" for k in (1, 2)}
+  for label in "ab":
+    for k in (1, 2):
+      expected = float(np.mean(predicted[(label, k)] == predicted[("b", 2)]))
+      assert out[label][k]["tasks"]["items.jsonl"]["agreement"] == pytest.approx(expected)
+  assert out["b"][2]["agreement_mean"] == 1.0 and out["a"][2]["agreement_mean"] < 1.0
+  assert json.load(open(tmp_path / "out" / "eval_results.json"))["agreement_with"] == {"label": "b", "k": 2}
+  assert "agree@b:k2" in capsys.readouterr().out
+  config.eval.agreement_with = "c"
+  with pytest.raises(errors.ConfigProblems, match="eval.agreement_with='c' is not a checkpoint label"):
+    main.run(config, str(tmp_path / "out2"))
 
 
 def test_means_over_tasks_and_the_per_task_table():
