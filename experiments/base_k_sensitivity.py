@@ -1,0 +1,57 @@
+"""Does the built-in base behave like a pretrained MoE? Its held-out LM loss at every k as pre-training
+goes on (issue 13, item 2: the study needs a base whose loss rises as k drops below k_pre).
+
+  python experiments/base_k_sensitivity.py --steps=480 --text_docs=4000 --out=/tmp/base_k
+
+Pre-trains configs/tiny.py's base (4 layers, 8 experts, k_pre = 2; LM on the wheel's English text, as the
+built-in job does) for --steps steps and evaluates the held-out split (2.5% of the documents) at
+k = 1, 2, 4, 8 every 120 steps. Prints the table and writes OUT/base_k.json. Takes ~35 minutes on 2 CPU
+cores for 480 steps.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+from phds_jax import builtin, platforms, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=int, default=480, help="pre-training steps")
+  parser.add_argument("--text_docs", type=int, default=4000, help="documents in the text corpus")
+  parser.add_argument("--every", type=int, default=120, help="evaluate every N steps")
+  parser.add_argument("--out", required=True, help="output directory (resumes a run left there)")
+  args = parser.parse_args()
+  platforms.use_cpu_without_accelerator()
+  config = tiny_config()
+  config.builtin.text_docs, config.pretrain.steps = args.text_docs, args.steps
+  run = builtin.pretrain_config(config, builtin.prepare_data(config))
+  run.eval.k_values, run.eval.every, run.eval.at_start = "1,2,4,8", args.every, True
+  run.checkpoint.every, run.data.val_fraction = args.every, 0.025  # ~300 held-out rows: short evaluations
+  start = time.time()
+  summary = train.train_and_evaluate(run, args.out)
+  ks, k_pre = summary["eval_k"], summary["select_k"]
+  print(f"\nheld-out LM loss by k (k_pre = {k_pre}), {args.text_docs} documents")
+  print(f"{'step':>6} " + " ".join(f"{f'k={k}':>8}" for k in ks) + f" {'k=1 - k_pre':>12}")
+  for row in summary["history"]:
+    cells = " ".join(f"{row[f'val_loss_k{k}']:>8.4f}" for k in ks)
+    print(f"{row['step']:>6} {cells} {row['val_loss_k1'] - row[f'val_loss_k{k_pre}']:>12.4f}")
+  with open(os.path.join(args.out, "base_k.json"), "w", encoding="utf-8") as f:
+    json.dump({"args": vars(args), "seconds": round(time.time() - start), "history": summary["history"]}, f,
+              indent=2)
+
+
+if __name__ == "__main__":
+  main()
