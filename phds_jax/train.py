@@ -536,7 +536,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     row = {f"val_loss_k{k}": v for k, v in losses.items()}
     evaluated[step] = {"step": step, **row}
     writer.scalars(step, {**row, **{f"val_ppl_k{k}": float(np.exp(min(v, 50))) for k, v in losses.items()}})
-    progress.log(step, {f"val@k{select_k}": losses[select_k], **{f"k{k}": round(v, 4) for k, v in losses.items()}})
+    progress.log(step, {f"val@k{select_k}": losses[select_k],
+                        **{f"k{k}": round(v, 4) for k, v in losses.items()}})
     if is_writer:
       with open(history_file, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **row}) + "\n")
