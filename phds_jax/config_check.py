@@ -183,18 +183,19 @@ def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
 
 def _eval(config) -> list[str]:
   out = []
-  paths = {}
+  paths, labels = {}, []  # field -> checkpoint directory; the labels eval_job.checkpoints gives them
   if config.model_path:
     paths["model_path"] = config.model_path
+    labels.append(config.eval.label or "model")
   for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
     if "=" not in entry:
       out.append(f"eval.compare: entry {entry!r} must be label=path")
     else:
-      paths[f"eval.compare[{entry.split('=', 1)[0]}]"] = entry.split("=", 1)[1].strip()
+      label, path = entry.split("=", 1)
+      paths[f"eval.compare[{label}]"] = path.strip()
+      labels.append(label.strip())
   if not paths:
     out.append("model_path: required; pass the checkpoint to evaluate (HF directory or phds_jax checkpoint)")
-  labels = ([config.eval.label or "model"] if config.model_path else []) + [
-      e.split("=", 1)[0].strip() for e in config.eval.compare.split(",") if "=" in e]
   if config.eval.agreement_with and config.eval.agreement_with not in labels:
     out.append(f"eval.agreement_with={config.eval.agreement_with!r} is not a checkpoint label; the labels are "
                f"{labels}")
