@@ -5,15 +5,29 @@ Public API (see README):
   logits = pj.forward(cfg, params, tokens, k=2)
   pj.hf.save_pretrained(cfg, params, out_dir)
   new_ids = pj.generate(cfg, params, prompts, max_new_tokens=32, k=2)
+  pj.evaluate.multiple_choice(cfg, params, tokenizer, items, k=2)   # accuracy, predictions per item
+  pj.latency.measure(cfg, params, k=2)                               # prefill tok/s, decode ms/token
+  config = pj.configs.base_config(); summary = pj.train_and_evaluate(config, workdir)   # PHDS fine-tune
 """
 
+from phds_jax import configs
 from phds_jax import errors
+from phds_jax import evaluate
 from phds_jax import hf
+from phds_jax import latency
 from phds_jax.generate import generate
 from phds_jax.load import load
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import PRESETS, preset, supported_model_types
 from phds_jax.model.transformer import forward, init_params
 
-__all__ = ["errors", "hf", "load", "ModelConfig", "PRESETS", "preset", "supported_model_types", "forward",
-           "generate", "init_params"]
+__all__ = ["configs", "errors", "evaluate", "hf", "latency", "load", "ModelConfig", "PRESETS", "preset",
+           "supported_model_types", "forward", "generate", "init_params", "train_and_evaluate"]
+
+
+def __getattr__(name):
+  """`train_and_evaluate` is imported on first use: the trainer pulls in orbax and grain."""
+  if name == "train_and_evaluate":
+    from phds_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+    return train_and_evaluate
+  raise AttributeError(f"module 'phds_jax' has no attribute {name!r}")

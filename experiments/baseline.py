@@ -1,0 +1,15 @@
+"""Claim (a), baseline robustness: the base model, never fine-tuned, evaluated at every k_ev <= k_pre.
+
+  python experiments/baseline.py                      # tiny scale, seeds 0,1,2 (each seed: its own items)
+  python experiments/baseline.py --seeds=0 --dry-run  # what it would run
+
+Writes OUT/seed<s>/base/study_eval.json (accuracy per task and k, held-out loss, predictions); builds and
+caches the study base first if needed (study.py). experiments/summarize.py tabulates it.
+"""
+
+import sys
+
+import study
+
+if __name__ == "__main__":
+  study.main(__doc__.split("\n\n")[0], ["baseline"], sys.argv[1:])

