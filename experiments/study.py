@@ -436,8 +436,10 @@ def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str, 
 def run_workers(argv: Sequence[str], out: str, seeds: Sequence[int], cache: str, workers: int):
   """Runs `workers` copies of this script, each on its share of the runs, after preparing what they share;
   their full logs go to OUT/logs/worker<i>.log, their progress lines here."""
+  import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
 
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # run the cleanup below
   start = time.time()
   prepare(out, seeds, cache)
   os.makedirs(os.path.join(out, "logs"), exist_ok=True)
@@ -447,9 +449,14 @@ def run_workers(argv: Sequence[str], out: str, seeds: Sequence[int], cache: str,
     log = open(os.path.join(out, "logs", f"worker{i}.log"), "a", encoding="utf-8")
     procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, f"--worker={i}"],
                                    stdout=log), log))
-  failed = [i for i, (p, _) in enumerate(procs) if p.wait() != 0]
-  for _, log in procs:
-    log.close()
+  try:
+    failed = [i for i, (p, _) in enumerate(procs) if p.wait() != 0]
+  finally:  # stopped (Ctrl-C, SIGTERM): stop the workers too; their finished runs stay
+    for p, log in procs:
+      if p.poll() is None:
+        p.terminate()
+        p.wait()
+      log.close()
   if failed:
     raise SystemExit(f"worker(s) {failed} failed: see {os.path.join(out, 'logs')}; re-run to resume")
   _say(f"all workers finished in {(time.time() - start) / 60:.1f} min")

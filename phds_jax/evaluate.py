@@ -66,7 +66,8 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
 
   With return_greedy also a bool per pair: every continuation token is the argmax given its prefix.
   A pair longer than max_position_embeddings loses context tokens from the left (logged), or raises
-  ValueError naming the pair when `truncate` is False.
+  ValueError naming the pair when `truncate` is False. Pairs are batched in order of length and each batch
+  is padded to its own length bucket (a multiple of 16): short pairs never pay for the longest one.
   """
   expert_backend = resolve_expert_backend(expert_backend)
   limit = cfg.max_position_embeddings
@@ -79,12 +80,14 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
                          f"max_position_embeddings={limit}")
       log.warning("pair %d: %d tokens; dropping context from the left to fit %d", i,
                   len(context) + len(continuation), limit)
-  max_len = min(limit, _bucket(max(len(c) + len(x) for c, x in pairs)))
-  max_cont = min(max_len - 1, _bucket(max(len(x) for _, x in pairs), 4))
   out = np.zeros(len(pairs), np.float64)
   greedy = np.zeros(len(pairs), bool)
+  order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
   for start in range(0, len(pairs), batch_size):
-    chunk = pairs[start:start + batch_size]
+    where_in_pairs = order[start:start + batch_size]
+    chunk = [pairs[i] for i in where_in_pairs]
+    max_len = min(limit, _bucket(max(len(c) + len(x) for c, x in chunk)))
+    max_cont = min(max_len - 1, _bucket(max(len(x) for _, x in chunk), 4))
     tokens = np.zeros((batch_size, max_len), np.int32)
     segments = np.zeros((batch_size, max_len), np.int32)
     where = np.zeros((batch_size, max_cont), np.int32)
@@ -101,8 +104,8 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
     scores, is_greedy = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments),
                                      jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k,
                                      expert_backend)
-    out[start:start + len(chunk)] = np.asarray(scores)[:len(chunk)]
-    greedy[start:start + len(chunk)] = np.asarray(is_greedy)[:len(chunk)]
+    out[where_in_pairs] = np.asarray(scores)[:len(chunk)]
+    greedy[where_in_pairs] = np.asarray(is_greedy)[:len(chunk)]
   return (out, greedy) if return_greedy else out
 
 
