@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -76,25 +76,27 @@ def k_grid(config, cfg) -> list[int]:
   return sorted(set(ks))
 
 
-def predictions(cfg, params, tokenizer, tasks, k: int, config) -> dict[str, list[int]]:
-  """Predicted choice per item of every task at top-k: what agreement is measured against."""
-  e = config.eval
-  return {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
-                                         truncate=e.truncate, expert_backend=config.model.expert_backend)
-          ["predictions"] for name, items in tasks.items()}
-
-
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
-                        reference: dict[str, list[int]]) -> dict[int, Any]:
-  """Metrics per k; multiple-choice agreement against `reference` (predictions per task), text agreement
-  and KL against this checkpoint at reference_k."""
+                        reference: Optional[dict[str, list[int]]] = None) -> tuple[dict[int, Any], dict[str, list[int]]]:
+  """(metrics per k, the multiple-choice predictions per task at reference_k). Agreement is measured
+  against `reference` (predictions per task), or None: this checkpoint's own at reference_k, scored once
+  even when reference_k is in the grid; text agreement and KL against this checkpoint at reference_k."""
   e, backend = config.eval, config.model.expert_backend
+  scored: dict[int, dict[str, Any]] = {}
+
+  def multiple_choice(k):
+    if k not in scored:
+      scored[k] = {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
+                                                  truncate=e.truncate, expert_backend=backend)
+                   for name, items in tasks.items()}
+    return scored[k]
+
+  own = {name: r["predictions"] for name, r in multiple_choice(reference_k).items()} if tasks else {}
+  reference = own if reference is None else reference
   rows: dict[int, Any] = {}
   for k in ks:
     row: dict[str, Any] = {"tasks": {}}
-    for name, items in tasks.items():
-      r = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
-                                   truncate=e.truncate, expert_backend=backend)
+    for name, r in multiple_choice(k).items():
       same = np.array(r["predictions"]) == np.array(reference[name])
       row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n")}
       row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
@@ -111,7 +113,7 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
                                        expert_backend=backend)
     rows[k] = row
     print(f"  k={k} done", flush=True)
-  return rows
+  return rows, own
 
 
 def _task_means(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -205,12 +207,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
     with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
-      reference = shared if shared is not None else predictions(cfg, params, tokenizer, tasks, reference_k, config)
-      if label == anchor:
-        shared = reference
-        agreement = {"label": anchor, "k": reference_k}
-      results[label] = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
-                                           reference)
+      results[label], own = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k,
+                                                config, shared)
+    if label == anchor:  # evaluated first: every later checkpoint is measured against its predictions
+      shared, agreement = own, {"label": anchor, "k": reference_k}
     del params
     title = f"agree@{anchor}:k{agreement['k']}" if anchor else ""
     print(format_table(label, results[label], reference_k, title), flush=True)
