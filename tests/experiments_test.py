@@ -129,6 +129,22 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   json.dumps(data, allow_nan=False)  # strict JSON: no NaN for missing runs
 
 
+def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
+  import agreement  # pylint: disable=import-outside-toplevel
+
+  answers = [0, 0, 0, 0]
+  for seed in (0, 1):
+    for r in (_result("phds", seed, {1: [0, 0, 0, 1], 2: [0, 0, 0, 0]}, answers),
+              _result("oracle_k1", seed, {1: [1, 1, 0, 0], 2: [0, 0, 0, 0]}, answers),
+              _result("oracle_k2", seed, {1: [0, 0, 0, 0], 2: [0, 0, 0, 0]}, answers)):
+      os.makedirs(tmp_path / f"seed{seed}" / r["run"])
+      (tmp_path / f"seed{seed}" / r["run"] / "study_eval.json").write_text(json.dumps(r))
+  monkeypatch.setattr(sys, "argv", ["agreement.py", f"--out={tmp_path}"])
+  agreement.main()
+  line = capsys.readouterr().out.splitlines()[1].split()
+  assert line[:7] == ["1", "0.750", "±", "0.000", "0.500", "±", "0.000"] and line[-1] == "+50.0%"
+
+
 def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
   """A study of two fine-tunes and the base with a 2-layer, 32-wide base, a few steps each; a re-run skips them."""
   from phds_jax import builtin_data
