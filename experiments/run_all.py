@@ -11,7 +11,6 @@ study_eval.json) is skipped, an interrupted one resumes from its checkpoint. olm
 without --dry-run starts) one phds-launch command per run and seed.
 """
 
-import os
 import sys
 
 import study
@@ -22,6 +21,4 @@ if __name__ == "__main__":
   args = study.parse_args(__doc__.split("\n\n")[0], study.GROUPS, argv)
   study.main(__doc__.split("\n\n")[0], study.GROUPS, argv)
   if args.scale == "tiny" and not args.dry_run:
-    summarize.main(["--out", args.out, "--command", "python experiments/run_all.py " + " ".join(argv)]
-                   + (["--notes", os.path.join(study.ROOT, "experiments", "RESULTS_notes.md")]
-                      if os.path.isfile(os.path.join(study.ROOT, "experiments", "RESULTS_notes.md")) else []))
+    summarize.main(["--out", args.out, "--command", "python experiments/run_all.py " + " ".join(argv)])

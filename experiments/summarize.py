@@ -184,10 +184,36 @@ def claims(runs, ks, k_pre: int) -> list[tuple[str, list[tuple[str, dict[int, fl
   out.append(("(d) anchoring helps the lowest k: acc(phds) - acc(phds_no_anchor)",
               [(f"k={k}", paired(per_seed(runs, "phds", acc_at(k)), per_seed(runs, "phds_no_anchor", acc_at(k))))
                for k in ks]))
-  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only)",
-              [(f"k={k}", paired(per_seed(runs, "phds_train_attention", acc_at(k)),
-                                 per_seed(runs, "phds_train_experts", acc_at(k)))) for k in ks]))
+  attention_minus_experts = {k: paired(per_seed(runs, "phds_train_attention", acc_at(k)),
+                                       per_seed(runs, "phds_train_experts", acc_at(k))) for k in ks}
+  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only), and how much larger "
+              "that difference is at k than at k_pre",
+              [(f"k={k}", attention_minus_experts[k]) for k in ks] +
+              [(f"k={k} minus k_pre", paired(attention_minus_experts[k], attention_minus_experts[k_pre])) for k in low]))
+  for name, what in (("phds_eps_1e-3", "soft-mask eps 1e-3"), ("phds_eps_1e-9", "soft-mask eps 1e-9"),
+                     ("phds_hard_mask", "the hard mask"), ("phds_narrow_k", "the narrow k set")):
+    out.append((f"ablation: {what} instead of the reference PHDS: acc({name}) - acc(phds)",
+                [(f"k={k}", paired(per_seed(runs, name, acc_at(k)), per_seed(runs, "phds", acc_at(k)))) for k in ks]))
   return out
+
+
+def claim_words(tests) -> str:
+  """One plain line per claim or ablation: where its differences are clearly positive, clearly negative, or
+  not clearly different from 0 (the verdict rule), straight from the table above it."""
+  lines = []
+  for title, diffs in tests:
+    by = {}
+    for name, d in diffs:
+      if d:
+        by.setdefault(verdict(d), []).append(name)
+    if not by:
+      continue
+    parts = [f"{label} at {', '.join(by[key])}" for key, label in
+             (("positive", "clearly > 0"), ("negative", "clearly < 0"), ("no clear difference", "not clearly "
+                                                                         "different from 0"),
+              ("too few seeds", "too few seeds")) if key in by]
+    lines.append(f"- {title.split(':')[0]}: " + "; ".join(parts) + ".")
+  return "\n".join(lines)
 
 
 def claim_lines(tests) -> str:
@@ -314,7 +340,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   lines += ["## Claim by claim (differences paired by seed)", "",
             "Verdict: positive / negative when every seed has that sign and the mean is more than two standard "
             "errors (std / sqrt(seeds)) from 0; otherwise no clear difference.", "",
-            claim_lines(claims(runs, ks, k_pre))]
+            claim_words(claims(runs, ks, k_pre)), "", claim_lines(claims(runs, ks, k_pre))]
   if "phds" in runs:
     lines += ["## Per task (phds)", "", per_task_table(runs, "phds", ks), ""]
   lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
