@@ -212,7 +212,7 @@ def claim_words(tests) -> str:
              (("positive", "clearly > 0"), ("negative", "clearly < 0"), ("no clear difference", "not clearly "
                                                                          "different from 0"),
               ("too few seeds", "too few seeds")) if key in by]
-    lines.append(f"- {title.split(':')[0]}: " + "; ".join(parts) + ".")
+    lines.append(f"- {title.rsplit(':', 1)[0]}: " + "; ".join(parts) + ".")
   return "\n".join(lines)
 
 
@@ -254,6 +254,8 @@ def plots(values_acc, values_agree, latency, ks, directory: str) -> list[str]:
     for method in shown:
       if method in values:
         curve(ax, values, x_of, method)
+    if name != "accuracy_vs_latency.png":
+      ax.set_xticks(list(ks))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -341,8 +343,9 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
             "Verdict: positive / negative when every seed has that sign and the mean is more than two standard "
             "errors (std / sqrt(seeds)) from 0; otherwise no clear difference.", "",
             claim_words(claims(runs, ks, k_pre)), "", claim_lines(claims(runs, ks, k_pre))]
-  if "phds" in runs:
-    lines += ["## Per task (phds)", "", per_task_table(runs, "phds", ks), ""]
+  for name in ("base", "phds"):
+    if name in runs:
+      lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
   lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
   text = "\n".join(lines)
   data = {"command": command, "commit": _commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
