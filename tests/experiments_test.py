@@ -146,32 +146,33 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
 
 
 def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
-  """A study of two fine-tunes and the base with a 2-layer, 32-wide base, a few steps each; a re-run skips them."""
+  """The base (built here: 2 layers, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps each,
+  evaluated at k = 1, 2 on three items per task; a re-run skips both."""
   from phds_jax import builtin_data
 
   monkeypatch.setattr(study, "MODEL_OVERRIDES", dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32,
                                                      num_hidden_layers=2))
-  monkeypatch.setattr(study, "BASE", {**study.BASE, "text_docs": 50, "steps": 2, "batch_size": 4, "seq_len": 64})
+  monkeypatch.setattr(study, "BASE", {**study.BASE, "num_experts": 4, "k_pre": 2, "text_docs": 50, "steps": 2,
+                                      "batch_size": 4, "seq_len": 64})
   monkeypatch.setattr(study, "TASKS", {name: (member, 3, 12) for name, (member, _, _) in study.TASKS.items()})
-  monkeypatch.setattr(study, "SCALES", {"tiny": study.dataclasses.replace(study.SCALES["tiny"], steps=2)})
+  scale = study.dataclasses.replace(study.SCALES["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2",
+                                    steps=2)
+  monkeypatch.setattr(study, "SCALES", {"tiny": scale})
   monkeypatch.setattr(study, "FINETUNE", {**study.FINETUNE, "every": 2, "seq_len": 64})
   monkeypatch.setattr(study, "base_dir", lambda cache: str(tmp_path / "base"))
   monkeypatch.setattr(study, "measure_latency", lambda cfg, params, ks: {str(k): {"decode_ms_per_token": float(k),
                                                                                  "prefill_tokens_per_s": 1.0,
                                                                                  "device": "cpu"} for k in ks})
-  chosen = [r for r in study.runs(study.SCALES["tiny"]) if r.name in ("base", "oracle_k1", "phds")]
+  chosen = [r for r in study.runs(scale) if r.name in ("base", "phds")]
   out = str(tmp_path / "study")
   study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
-  result = json.load(open(os.path.join(out, "seed1", "oracle_k1", "study_eval.json")))
-  assert result["select_k"] == 1 and sorted(result["evaluation"]) == ["1", "2", "3", "4"]
-  assert all(t["n"] == 3 for t in result["evaluation"]["1"]["tasks"].values())
   phds = json.load(open(os.path.join(out, "seed1", "phds", "study_eval.json")))
-  assert phds["select_k"] == 4 and phds["selected_phase"] in ("start", "multi_k", "anchoring")
-  tasks = phds["evaluation"]["4"]["tasks"]  # accuracy per task is its predictions against the items' answers
-  for name, task in tasks.items():
+  assert phds["select_k"] == 2 and phds["selected_phase"] in ("start", "multi_k", "anchoring")
+  assert sorted(phds["evaluation"]) == ["1", "2"]
+  for name, task in phds["evaluation"]["2"]["tasks"].items():  # accuracy is the predictions against the answers
     answers = [json.loads(line)["answer"] for line in open(os.path.join(out, "data", "seed1", f"eval_{name}.jsonl"))]
-    assert task["acc"] == pytest.approx(np.mean(np.array(task["predictions"]) == np.array(answers)))
+    assert task["n"] == 3 and task["acc"] == pytest.approx(np.mean(np.array(task["predictions"]) == np.array(answers)))
   study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
-  assert capsys.readouterr().out.count("done before, skipped") == 3
+  assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
-  assert "The base's held-out LM loss by k" in text and "| oracle (own k) |" in text
+  assert "The base's held-out LM loss by k" in text and "| phds |" in text
