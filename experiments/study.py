@@ -465,8 +465,11 @@ def _mean_acc(row: dict[str, Any]) -> float:
   return sum(t["acc"] for t in row["tasks"].values()) / len(row["tasks"])
 
 
-def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int) -> str:
+def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int, cache: str) -> str:
   """How much is done in `out` and, from the finished runs' own durations, about how long the rest takes."""
+  base = os.path.join(base_dir(cache), "best")
+  base_note = (f"the base is cached ({base})" if os.path.isdir(base) else
+               "the base is not cached: building it takes about 25-30 min first")
   todo = [os.path.join(out, f"seed{seed}", run.name, "study_eval.json") for seed in seeds for run in chosen]
   done = [path for path in todo if os.path.isfile(path)]
   seconds = []
@@ -475,10 +478,10 @@ def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int
       seconds.append(json.load(f).get("seconds", 0.0))
   if not seconds:
     return (f"none of the {len(todo)} runs is done in {out}; each took about 130 s in a worker, two workers on "
-            "2 CPU cores (2026-11-26), plus about 30 min once for the base when it is not cached")
+            f"2 CPU cores (2026-11-26); {base_note}")
   left = (len(todo) - len(done)) * (sum(seconds) / len(seconds)) / workers / 60
   return (f"{len(done)} of {len(todo)} runs done in {out} ({sum(seconds) / len(seconds):.0f} s each on average in "
-          f"a worker); about {left:.0f} min left with {workers} worker(s)")
+          f"a worker); about {left:.0f} min left with {workers} worker(s); {base_note}")
 
 
 # ---- pod scale: launcher commands -------------------------------------------------------------------
@@ -599,7 +602,9 @@ def main(description: str, default_groups: Sequence[str], argv=None):
     for run in chosen:
       print(f"  {run.group:>8} {run.name:<20} claim {run.claim:<8} "
             + " ".join(f"{k}={v}" for k, v in run.fields.items()))
-    print(estimate(args.out, args.seeds, chosen, args.workers))
+    from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+
+    print(estimate(args.out, args.seeds, chosen, args.workers, args.cache or builtin_data.cache_dir()))
     return
   # One XLA CPU thread: this model's small matmuls ran 1.3x faster on one thread than on two (0.40 vs 0.52 s
   # per training step of 1,024 tokens, 2-core machine); set before JAX starts. A user's XLA_FLAGS win.
