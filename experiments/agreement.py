@@ -21,7 +21,8 @@ def main():
   runs = summarize.load_runs(args.out)
   missing = [name for name in ("phds", "oracle_k1") if name not in runs]
   if missing:
-    raise SystemExit(f"{args.out} has no {missing} runs: run experiments/phds.py and experiments/oracles.py first")
+    raise SystemExit(f"{args.out} has no {missing} runs: run experiments/phds.py and experiments/oracles.py "
+                     "first")
   any_result = next(iter(runs["phds"].values()))
   k_pre = any_result["k_pre"]
   ks = sorted(int(k) for k in any_result["evaluation"] if int(k) < k_pre)

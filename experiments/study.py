@@ -196,8 +196,8 @@ def runs(scale: Scale) -> list[Run]:
           "train.trainable": "all"}
   out = [Run("base", "baseline", {}, "a")]
   for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at their own k (phds.select_k = 0)
-    out.append(Run(f"oracle_k{k}", "oracles", {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False,
-                                               "phds.k_mode": "static"}, "b,c"))
+    fields = {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False, "phds.k_mode": "static"}
+    out.append(Run(f"oracle_k{k}", "oracles", fields, "b,c"))
   out.append(Run("phds", "phds", phds, "b,c,d"))
   out.append(Run("phds_no_anchor", "phds", {**phds, "phds.anchor": False}, "d"))
   for subset in ("attention", "experts", "router"):
@@ -258,7 +258,8 @@ def finetune_config(run: Run, base_path: str, tokenizer: str, data_dir: str, see
   config = tiny_base_config()
   f = FINETUNE
   config.mode, config.model_path, config.tokenizer_path, config.seed = "train", base_path, tokenizer, seed
-  config.data.format, config.data.train_files, config.data.val_files = "sft", os.path.join(data_dir, "train.jsonl"), ""
+  config.data.format, config.data.val_files = "sft", ""
+  config.data.train_files = os.path.join(data_dir, "train.jsonl")
   config.data.seq_len, config.data.max_loss_tokens = f["seq_len"], f["max_loss_tokens"]
   config.data.val_fraction, config.data.seed, config.phds.seed = f["val_fraction"], seed, seed
   config.train.steps, config.train.batch_size = scale.steps, f["batch_size"]
@@ -293,7 +294,8 @@ def build_base(cache: str, say: Callable[[str], None]) -> tuple[str, dict[str, s
   say(f"base: pre-training {BASE['num_experts']} experts at k_pre={BASE['k_pre']} for {BASE['steps']} steps "
       f"on {BASE['text_docs']} documents into {out} (once) ...")
   run = builtin.pretrain_config(config, paths)
-  run.eval.k_values, run.eval.every, run.eval.at_start = ",".join(map(str, SCALES["tiny"].k_grid)), BASE["steps"], False
+  run.eval.k_values = ",".join(map(str, SCALES["tiny"].k_grid))
+  run.eval.every, run.eval.at_start = BASE["steps"], False
   run.data.val_fraction = 0.025
   train.train_and_evaluate(run, out)
   return best, paths
@@ -315,19 +317,22 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, 
   from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-  tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in TASKS}
+  tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl"))
+           for name in TASKS}
   items = [it for task in tasks.values() for it in task]
-  rows = data_lib.pack(data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer), FINETUNE["seq_len"])
+  heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
+  rows = data_lib.pack(heldout, FINETUNE["seq_len"])
   batches = data_lib.eval_batches(rows, 16)
   out = {}
   for k in ks:
-    predictions = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)["predictions"]
+    scored = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)
+    predictions = scored["predictions"]
     row, at = {"tasks": {}}, 0
     for name, task in tasks.items():
       mine = predictions[at:at + len(task)]
       correct = [p == it["answer"] for p, it in zip(mine, task)]
-      row["tasks"][name] = {"acc": float(sum(correct) / len(task)), "acc_se": evaluate.standard_error(correct),
-                            "n": len(task), "predictions": mine}
+      row["tasks"][name] = {"acc": float(sum(correct) / len(task)), "n": len(task), "predictions": mine,
+                            "acc_se": evaluate.standard_error(correct)}
       at += len(task)
     row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k)["nll"]
     out[str(k)] = row
@@ -477,11 +482,12 @@ def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int
     with open(path, encoding="utf-8") as f:
       seconds.append(json.load(f).get("seconds", 0.0))
   if not seconds:
-    return (f"none of the {len(todo)} runs is done in {out}; each took about 130 s in a worker, two workers on "
-            f"2 CPU cores (2026-11-26); {base_note}")
+    return (f"none of the {len(todo)} runs is done in {out}; each took about 130 s in a worker, two "
+            f"workers on 2 CPU cores (2026-11-26); {base_note}")
   left = (len(todo) - len(done)) * (sum(seconds) / len(seconds)) / workers / 60
-  return (f"{len(done)} of {len(todo)} runs done in {out} ({sum(seconds) / len(seconds):.0f} s each on average in "
-          f"a worker); about {left:.0f} min left with {workers} worker(s); {base_note}")
+  mean = sum(seconds) / len(seconds)
+  return (f"{len(done)} of {len(todo)} runs done in {out} ({mean:.0f} s each on average in a worker); "
+          f"about {left:.0f} min left with {workers} worker(s); {base_note}")
 
 
 # ---- pod scale: launcher commands -------------------------------------------------------------------
@@ -497,12 +503,13 @@ def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int],
       if run.name == "base":
         continue
       name = f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}"
-      flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}", f"--config.seed={seed}",
-               f"--config.phds.seed={seed}", f"--config.data.seed={seed}", f"--config.train.steps={scale.steps}",
+      flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}",
+               f"--config.seed={seed}", f"--config.phds.seed={seed}", f"--config.data.seed={seed}",
+               f"--config.train.steps={scale.steps}",
                f"--config.data.train_files={out}/data/seed{seed}/train.jsonl", "--config.data.format=sft"]
       flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
-      commands.append(["phds-launch", "tpu", "run", "--name", name, "--zone", zone, "--accelerator", scale.topology,
-                       "--", *flags, *extra])
+      commands.append(["phds-launch", "tpu", "run", "--name", name, "--zone", zone,
+                       "--accelerator", scale.topology, "--", *flags, *extra])
   return commands
 
 
@@ -516,7 +523,8 @@ def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
   step = next((p for p in plan["programs"] if p["name"].startswith("train")), None)
   if step is None or not step.get("flops"):
     return None
-  seconds = max(step["flops"] / plan["peak_flops_per_device"], step["min_bytes"] / plan["hbm_bandwidth_per_device"])
+  seconds = max(step["flops"] / plan["peak_flops_per_device"],
+                step["min_bytes"] / plan["hbm_bandwidth_per_device"])
   return seconds * steps / 60
 
 
@@ -531,9 +539,10 @@ def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str,
               f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
   print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
         f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
-  print(f"data: {out}/data/seed<s>/ (python experiments/study.py --prepare_data --out=LOCAL_DIR, then copy it "
-        f"there); evaluation: configs/eval.py at k_ev in {','.join(map(str, scale.k_grid))} on "
-        f"{out}/data/seed<s>/eval_*.jsonl (eval.task_files; eval.agreement_with=oracle_k{scale.k_pre} for claim c)")
+  print(f"data: {out}/data/seed<s>/ (python experiments/study.py --prepare_data --out=LOCAL_DIR, then "
+        f"copy it there); evaluation: configs/eval.py at k_ev in {','.join(map(str, scale.k_grid))} on "
+        f"{out}/data/seed<s>/eval_*.jsonl (eval.task_files; eval.agreement_with=oracle_k{scale.k_pre} "
+        "for claim c)")
   for argv in commands:
     print(shlex.join(argv), flush=True)
     if not dry_run:
@@ -549,7 +558,8 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None):
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data split, k draws, order)")
   parser.add_argument("--out", default=os.path.join(ROOT, "workdir", "study"),
                       help="output directory (tiny: run directories; pod scale: a gs:// or shared path)")
-  parser.add_argument("--groups", default=",".join(default_groups), help=f"groups of runs among {list(GROUPS)}")
+  parser.add_argument("--groups", default=",".join(default_groups),
+                      help=f"groups of runs among {list(GROUPS)}")
   parser.add_argument("--cache", default="", help="cache of the wheel and the base ('' = $PHDS_CACHE or "
                       "~/.cache/phds_jax)")
   parser.add_argument("--dry-run", action="store_true", help="print the plan (runs, and commands) and exit")
@@ -557,10 +567,11 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None):
   parser.add_argument("--zone", default="", help="pod scale: the Cloud zone of the TPU slices")
   parser.add_argument("--prepare_data", action="store_true", help="only write OUT/data/seed<s>/ (every scale "
                       "fine-tunes and evaluates on these files) and exit")
-  parser.add_argument("--workers", type=int, default=2, help="tiny: processes running runs side by side, one XLA "
-                      "thread each (2 on 2 cores: 1.4x the throughput of one process)")
-  parser.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # set for the worker processes
-  parser.add_argument("extra", nargs="*", help="pod scale: more main.py flags for every run (model_path, data)")
+  parser.add_argument("--workers", type=int, default=2, help="tiny: processes running runs side by side, "
+                      "one XLA thread each (2 on 2 cores: 1.4x the throughput of one process)")
+  parser.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # set in worker processes
+  parser.add_argument("extra", nargs="*",
+                      help="pod scale: more main.py flags for every run (model_path, data)")
   args, unknown = parser.parse_known_args(argv)
   stray = [a for a in unknown if not a.startswith("--config.")]
   if stray:

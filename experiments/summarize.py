@@ -131,8 +131,9 @@ def oracle_curve(runs, ks, fn_at) -> dict[int, dict[int, float]]:
 
 # ---- the report ------------------------------------------------------------------------------------------
 
-METHOD_ORDER = ("base", "oracle (own k)", "phds", "phds_no_anchor", "phds_train_attention", "phds_train_experts",
-                "phds_train_router", "phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_narrow_k")
+METHOD_ORDER = ("base", "oracle (own k)", "phds", "phds_no_anchor", "phds_train_attention",
+                "phds_train_experts", "phds_train_router", "phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask",
+                "phds_narrow_k")
 
 
 def method_values(runs, ks, fn_at) -> dict[str, dict[int, dict[int, float]]]:
@@ -157,10 +158,12 @@ def table(title: str, values: dict[str, dict[int, dict[int, float]]], ks, k_pre:
 
 def per_task_table(runs, name: str, ks) -> str:
   tasks = sorted(next(iter(runs[name].values()))["evaluation"][str(ks[0])]["tasks"])
-  lines = [f"| {name}: task (items) | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+  lines = [f"| {name}: task (items) | " + " | ".join(f"k={k}" for k in ks) + " |",
+           "|---" * (len(ks) + 1) + "|"]
   for task in tasks:
     n = next(iter(runs[name].values()))["evaluation"][str(ks[0])]["tasks"][task]["n"]
-    cells = [fmt(per_seed(runs, name, lambda r, k=k: r["evaluation"][str(k)]["tasks"][task]["acc"])) for k in ks]
+    cells = [fmt(per_seed(runs, name, lambda r, k=k: r["evaluation"][str(k)]["tasks"][task]["acc"]))
+             for k in ks]
     lines.append(f"| {task} ({n}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -168,32 +171,33 @@ def per_task_table(runs, name: str, ks) -> str:
 def claims(runs, ks, k_pre: int) -> list[tuple[str, list[tuple[str, dict[int, float]]]]]:
   """Each claim with the paired differences that test it."""
   low = [k for k in ks if k < k_pre]
-  out = []
-  out.append(("(a) the base tolerates moderate k shifts: base accuracy and held-out loss at k minus at k_pre",
-              [(f"acc k={k} - k_pre", paired(per_seed(runs, "base", acc_at(k)), per_seed(runs, "base", acc_at(k_pre))))
-               for k in low] +
-              [(f"held-out NLL k={k} - k_pre", paired(per_seed(runs, "base", nll_at(k)),
-                                                     per_seed(runs, "base", nll_at(k_pre)))) for k in low]))
-  out.append(("(b) PHDS matches or beats the oracle at each k: acc(phds, k) - acc(oracle_k, k)",
-              [(f"k={k}", paired(per_seed(runs, "phds", acc_at(k)), per_seed(runs, f"oracle_k{k}", acc_at(k))))
-               for k in ks]))
-  out.append(("(c) PHDS raises cross-sparsity agreement: agreement within phds (k vs k_pre) - within the oracle "
-              "family (oracle_k at k vs oracle_k_pre at k_pre)",
-              [(f"k={k}", paired(per_seed(runs, "phds", self_agreement_at(k, k_pre)),
-                                 oracle_family_agreement(runs, k, k_pre))) for k in low]))
-  out.append(("(d) anchoring helps the lowest k: acc(phds) - acc(phds_no_anchor)",
-              [(f"k={k}", paired(per_seed(runs, "phds", acc_at(k)), per_seed(runs, "phds_no_anchor", acc_at(k))))
-               for k in ks]))
-  attention_minus_experts = {k: paired(per_seed(runs, "phds_train_attention", acc_at(k)),
-                                       per_seed(runs, "phds_train_experts", acc_at(k))) for k in ks}
-  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only), and how much larger "
-              "that difference is at k than at k_pre",
-              [(f"k={k}", attention_minus_experts[k]) for k in ks] +
-              [(f"k={k} minus k_pre", paired(attention_minus_experts[k], attention_minus_experts[k_pre])) for k in low]))
+
+  def acc(name, k):
+    return per_seed(runs, name, acc_at(k))
+
+  def nll(name, k):
+    return per_seed(runs, name, nll_at(k))
+
+  out = [("(a) the base tolerates moderate k shifts: base accuracy and held-out loss at k minus at k_pre",
+          [(f"acc k={k} - k_pre", paired(acc("base", k), acc("base", k_pre))) for k in low] +
+          [(f"held-out NLL k={k} - k_pre", paired(nll("base", k), nll("base", k_pre))) for k in low]),
+         ("(b) PHDS matches or beats the oracle at each k: acc(phds, k) - acc(oracle_k, k)",
+          [(f"k={k}", paired(acc("phds", k), acc(f"oracle_k{k}", k))) for k in ks]),
+         ("(c) PHDS raises cross-sparsity agreement: agreement within phds (k vs k_pre) - within the oracle "
+          "family (oracle_k at k vs oracle_k_pre at k_pre)",
+          [(f"k={k}", paired(per_seed(runs, "phds", self_agreement_at(k, k_pre)),
+                             oracle_family_agreement(runs, k, k_pre))) for k in low]),
+         ("(d) anchoring helps the lowest k: acc(phds) - acc(phds_no_anchor)",
+          [(f"k={k}", paired(acc("phds", k), acc("phds_no_anchor", k))) for k in ks])]
+  gap = {k: paired(acc("phds_train_attention", k), acc("phds_train_experts", k)) for k in ks}
+  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only), and how much "
+              "larger that difference is at k than at k_pre",
+              [(f"k={k}", gap[k]) for k in ks] +
+              [(f"k={k} minus k_pre", paired(gap[k], gap[k_pre])) for k in low]))
   for name, what in (("phds_eps_1e-3", "soft-mask eps 1e-3"), ("phds_eps_1e-9", "soft-mask eps 1e-9"),
                      ("phds_hard_mask", "the hard mask"), ("phds_narrow_k", "the narrow k set")):
     out.append((f"ablation: {what} instead of the reference PHDS: acc({name}) - acc(phds)",
-                [(f"k={k}", paired(per_seed(runs, name, acc_at(k)), per_seed(runs, "phds", acc_at(k)))) for k in ks]))
+                [(f"k={k}", paired(acc(name, k), acc("phds", k))) for k in ks]))
   return out
 
 
