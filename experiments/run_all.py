@@ -5,11 +5,17 @@
   python experiments/study.py --prepare_data --out=/tmp/study_data   # pod scale: the data files first
   python experiments/run_all.py --scale=olmoe --zone=us-west4-a --dry-run --plan=/ckpt/plan/plan.json \
       --out=gs://BUCKET/study --config.model_path=/models/OLMoE-1B-7B-0125
+  python experiments/run_all.py --scale=olmoe --zone=us-west4-a --stage=evaluate --out=gs://BUCKET/study \
+      --config.model_path=/models/OLMoE-1B-7B-0125       # when the fine-tunes are done
+  gsutil -m cp -r gs://BUCKET/study /tmp/study && python experiments/run_all.py --scale=olmoe \
+      --stage=collect --out=/tmp/study                    # writes /tmp/study/RESULTS.md
 
 tiny: builds (once, cached) the study base, then fine-tunes and evaluates 13 runs per seed (study.runs) in
 two worker processes and writes experiments/RESULTS.md with experiments/summarize.py. A finished run (its
 study_eval.json) is skipped, an interrupted one resumes from its checkpoint. olmoe / qwen: prints (and
-without --dry-run starts) one phds-launch command per run and seed, fine-tuning on OUT/data/seed<s>/.
+without --dry-run starts) one phds-launch command per run and seed, fine-tuning on OUT/data/seed<s>/
+(--stage=finetune), then evaluating each selected checkpoint and the base (--stage=evaluate); --stage=collect
+turns the evaluations into study_eval.json files and writes OUT/RESULTS.md with summarize.py.
 """
 
 import sys
@@ -21,5 +27,8 @@ if __name__ == "__main__":
   argv = sys.argv[1:]
   args = study.parse_args(__doc__.split("\n\n")[0], study.GROUPS, argv)
   study.main(__doc__.split("\n\n")[0], study.GROUPS, argv)
+  command = ["--command", "python experiments/run_all.py " + " ".join(argv)]
   if args.scale == "tiny" and not args.dry_run:
-    summarize.main(["--out", args.out, "--command", "python experiments/run_all.py " + " ".join(argv)])
+    summarize.main(["--out", args.out, *command])
+  elif args.stage == "collect":
+    summarize.main(["--out", args.out, "--results", f"{args.out}/RESULTS.md", *command])

@@ -18,7 +18,10 @@ At `--scale=tiny` everything runs on this machine's CPU (in worker processes, `-
   A run whose `study_eval.json` exists is skipped: a re-run resumes the study.
 
 At `--scale=olmoe` / `--scale=qwen` the same runs become `phds-launch` commands (configs/olmoe.py,
-configs/qwen_moe.py): `--dry-run` prints them with the slice and a time estimate from the compile plan.
+configs/qwen_moe.py) in three stages: `--stage=finetune` (`--dry-run` prints them with the slice and a time
+estimate from the compile plan), `--stage=evaluate` (configs/eval.py on each selected checkpoint and on the
+base, with the tiny study's items and k grid) and `--stage=collect` (each evaluation's eval_results.json
+becomes the run's study_eval.json, so summarize.py reads both scales alike).
 """
 
 from __future__ import annotations
@@ -52,19 +55,26 @@ class Scale:
   narrow_k: str  # the paper's kind of set: k_pre / 2 .. k_pre
   steps: int  # fine-tuning steps per run
   topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
+  eval_flags: tuple[str, ...] = ()  # pod scale: main.py flags of the evaluation jobs (configs/eval.py)
 
 
+# Evaluation at pod scale: bfloat16 parameters sharded over every chip (configs/eval.py replicates them),
+# the expert backend and one scored row per chip of the fine-tuning configs.
+_POD_EVAL = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.param_dtype=bfloat16",
+             "--config.model.expert_backend=chunked")
 SCALES = {
     "tiny": Scale("tiny", "configs/tiny.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4", narrow_k="2,3,4",
                   steps=60),
     "olmoe": Scale("olmoe", "configs/olmoe.py", k_pre=8, k_grid=(1, 2, 4, 6, 8), wide_k="1,2,3,4,5,6,7,8",
-                   narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16"),
+                   narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16",
+                   eval_flags=_POD_EVAL + ("--config.eval.batch_size=16",)),
     "qwen": Scale("qwen", "configs/qwen_moe.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4",
-                  narrow_k="2,3,4", steps=2000, topology="v5e-32"),
+                  narrow_k="2,3,4", steps=2000, topology="v5e-32",
+                  eval_flags=_POD_EVAL + ("--config.eval.batch_size=32",)),
 }
 
 # The tiny base (configs/tiny.py's shapes with 16 experts at k_pre 4; base_k_sensitivity.py's recipe).
-BASE = dict(num_experts=16, k_pre=4, text_docs=4000, steps=480, batch_size=16, seq_len=128, lr=3e-3,
+BASE = dict(num_experts=16, k_pre=4, text_docs=4000, steps=240, batch_size=16, seq_len=128, lr=3e-3,
             warmup_steps=20)
 MODEL_OVERRIDES: dict[str, Any] = {}  # more configs/tiny.py model overrides (the tests shrink the model)
 # Fine-tuning of the tiny runs.
@@ -176,6 +186,7 @@ class Run:
   group: str
   fields: dict[str, Any]  # dotted config fields set on top of the scale's fine-tuning config
   claim: str
+  eval_k: tuple[int, ...] = ()  # the declared k it is evaluated at; () = the scale's whole grid
 
 
 def runs(scale: Scale) -> list[Run]:
@@ -184,9 +195,9 @@ def runs(scale: Scale) -> list[Run]:
   phds = {"phds.k_values": scale.wide_k, "phds.mask": "soft", "phds.soft_mask_eps": 1e-6, "phds.anchor": True,
           "train.trainable": "all"}
   out = [Run("base", "baseline", {}, "a")]
-  for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at their own k (phds.select_k = 0)
+  for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at and evaluated at their own k only
     fields = {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False, "phds.k_mode": "static"}
-    out.append(Run(f"oracle_k{k}", "oracles", fields, "b,c"))
+    out.append(Run(f"oracle_k{k}", "oracles", fields, "b,c", eval_k=(k,)))
   out.append(Run("phds", "phds", phds, "b,c,d"))
   out.append(Run("phds_no_anchor", "phds", {**phds, "phds.anchor": False}, "d"))
   for subset in ("attention", "experts", "router"):
@@ -221,14 +232,6 @@ def load_config_file(relative: str, arg: Optional[str] = None):
   return module.get_config(arg)
 
 
-def set_field(config, dotted: str, value: Any):
-  *parents, name = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[name] = value
-
-
 def tiny_base_config():
   """configs/tiny.py with the study base's expert count and k_pre."""
   config = load_config_file("configs/tiny.py")
@@ -244,6 +247,8 @@ def tiny_base_config():
 
 def finetune_config(run: Run, base_path: str, tokenizer: str, data_dir: str, seed: int, scale: Scale):
   """The fine-tuning config of `run` at tiny scale (train.train_and_evaluate)."""
+  from phds_jax import configs  # pylint: disable=g-import-not-at-top
+
   config = tiny_base_config()
   f = FINETUNE
   config.mode, config.model_path, config.tokenizer_path, config.seed = "train", base_path, tokenizer, seed
@@ -255,9 +260,7 @@ def finetune_config(run: Run, base_path: str, tokenizer: str, data_dir: str, see
   config.optim.lr, config.optim.warmup_steps = f["lr"], f["warmup_steps"]
   config.eval.k_values, config.eval.every, config.checkpoint.every = str(scale.k_pre), f["every"], f["every"]
   config.checkpoint.keep, config.export_hf, config.log_every = 1, False, 30
-  for dotted, value in run.fields.items():
-    set_field(config, dotted, value)
-  return config
+  return configs.set_fields(config, run.fields)
 
 
 # ---- base, evaluation, latency --------------------------------------------------------------------------
@@ -310,8 +313,8 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, 
            for name in TASKS}
   items = [it for task in tasks.values() for it in task]
   heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
-  rows = data_lib.pack(heldout, FINETUNE["seq_len"])
-  batches = data_lib.eval_batches(rows, 16)
+  max_loss = FINETUNE["max_loss_tokens"]  # logits only where answers are (every answer token counts)
+  batches = data_lib.eval_batches(data_lib.pack(heldout, FINETUNE["seq_len"], max_loss_tokens=max_loss), 16)
   out = {}
   for k in ks:
     scored = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)
@@ -323,7 +326,7 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, 
       row["tasks"][name] = {"acc": float(sum(correct) / len(task)), "n": len(task), "predictions": mine,
                             "acc_se": evaluate.standard_error(correct)}
       at += len(task)
-    row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k)["nll"]
+    row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=max_loss)["nll"]
     out[str(k)] = row
   return out
 
@@ -412,8 +415,8 @@ def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str, 
     os.makedirs(run_dir, exist_ok=True)
     cfg, params = load(model_path)
     result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
-              "split": split, "k_pre": cfg.k_pre,
-              "evaluation": evaluate_model(cfg, params, tokenizer, data_dir, scale.k_grid)}
+              "split": split, "k_pre": cfg.k_pre, "scale": scale.name,
+              "evaluation": evaluate_model(cfg, params, tokenizer, data_dir, run.eval_k or scale.k_grid)}
     if summary:
       result.update(best_step=summary["best_step"], select_k=summary["select_k"],
                     selected_phase=summary["selected_phase"])
@@ -479,7 +482,18 @@ def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int
           f"about {left:.0f} min left with {workers} worker(s); {base_note}")
 
 
-# ---- pod scale: launcher commands -------------------------------------------------------------------
+# ---- pod scale: launcher commands, then the evaluations' outputs collected -----------------------------
+
+STAGES = ("finetune", "evaluate", "collect")
+
+
+def _launch(scale: Scale, name: str, zone: str, flags: Sequence[str]) -> list[str]:
+  return ["phds-launch", "tpu", "run", "--name", name, "--zone", zone, "--accelerator", scale.topology, "--",
+          *flags]
+
+
+def _job_name(scale: Scale, seed: int, run: Run, suffix: str = "") -> str:
+  return f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}{suffix}"
 
 
 def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
@@ -491,14 +505,12 @@ def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int],
     for run in chosen:
       if run.name == "base":
         continue
-      name = f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}"
       flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}",
                f"--config.seed={seed}", f"--config.phds.seed={seed}", f"--config.data.seed={seed}",
                f"--config.train.steps={scale.steps}",
                f"--config.data.train_files={out}/data/seed{seed}/train.jsonl", "--config.data.format=sft"]
       flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
-      commands.append(["phds-launch", "tpu", "run", "--name", name, "--zone", zone,
-                       "--accelerator", scale.topology, "--", *flags, *extra])
+      commands.append(_launch(scale, _job_name(scale, seed, run), zone, [*flags, *extra]))
   return commands
 
 
@@ -517,21 +529,112 @@ def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
   return seconds * steps / 60
 
 
+def _flag(extra: Sequence[str], field: str) -> str:
+  """The value of `--config.<field>=...` among `extra` ("" when absent)."""
+  prefix = f"--config.{field}="
+  return next((a[len(prefix):] for a in reversed(extra) if a.startswith(prefix)), "")
+
+
+def eval_flags(scale: Scale, run: Run, seed: int, out: str, base_model: str, tokenizer: str) -> list[str]:
+  """main.py flags of one run's evaluation (configs/eval.py), as the tiny study evaluates: every task's
+  evaluation items at the run's k grid (the predicted choice per item included), the NLL of their answers
+  (eval.sft_files) and, for the base, decode latency. Writes OUT/seed<s>/<run>/eval/eval_results.json."""
+  data = f"{out}/data/seed{seed}"
+  model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
+  tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in TASKS)
+  return ["--config=configs/eval.py", f"--workdir={out}/seed{seed}/{run.name}/eval",
+          f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}", f"--config.eval.label={run.name}",
+          f"--config.eval.k_values={','.join(map(str, run.eval_k or scale.k_grid))}",
+          f"--config.eval.reference_k={scale.k_pre}", f"--config.eval.task_files={tasks}",
+          f"--config.eval.sft_files={data}/heldout.jsonl",
+          f"--config.eval.latency.enabled={run.name == 'base'}", *scale.eval_flags]
+
+
+def eval_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
+                  extra: Sequence[str]) -> list[list[str]]:
+  """One `phds-launch tpu` evaluation per (seed, run); the base model (and its tokenizer) is `extra`'s
+  --config.model_path (--config.tokenizer_path when given)."""
+  base_model = _flag(extra, "model_path")
+  tokenizer = _flag(extra, "tokenizer_path") or base_model
+  return [_launch(scale, _job_name(scale, seed, run, "-eval"), zone,
+                  eval_flags(scale, run, seed, out, base_model, tokenizer))
+          for seed in seeds for run in chosen]
+
+
+def from_eval_results(eval_results: dict[str, Any], label: str) -> dict[str, Any]:
+  """The eval job's rows of checkpoint `label` as study_eval.json's "evaluation" (task eval_<name>.jsonl
+  becomes <name>; the NLL of eval.sft_files is the held-out loss)."""
+  out = {}
+  for k, row in eval_results["results"][label].items():
+    tasks = {}
+    for file_name, task in row["tasks"].items():
+      name = re.sub(r"^eval_(.+)\.jsonl$", r"\1", os.path.basename(file_name))
+      tasks[name] = {key: task[key] for key in ("acc", "acc_se", "n", "predictions")}
+    out[str(k)] = {"tasks": tasks, "heldout_nll": row["nll"]}
+  return out
+
+
+def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str) -> list[str]:
+  """Writes each evaluated run's study_eval.json (and latency.json from the base's evaluation) from the pod
+  evaluations' OUT/seed<s>/<run>/eval/eval_results.json, so summarize.py reads the pod study as it reads
+  the tiny one. Returns the runs still without an evaluation."""
+  if "://" in out:
+    raise SystemExit(f"--out={out}: collect reads local files; copy the study there first "
+                     f"(gsutil -m cp -r {out} LOCAL_DIR) and pass --out=LOCAL_DIR")
+  missing = []
+  for seed in seeds:
+    with open(os.path.join(out, "data", f"seed{seed}", "split.json"), encoding="utf-8") as f:
+      split = json.load(f)
+    for run in chosen:
+      path = os.path.join(out, f"seed{seed}", run.name, "eval", "eval_results.json")
+      if not os.path.isfile(path):
+        missing.append(f"seed {seed} {run.name}")
+        continue
+      with open(path, encoding="utf-8") as f:
+        eval_results = json.load(f)
+      evaluation = from_eval_results(eval_results, run.name)
+      result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
+                "split": split, "k_pre": scale.k_pre, "scale": scale.name, "evaluation": evaluation}
+      summary_file = os.path.join(out, f"seed{seed}", run.name, "summary.json")
+      if os.path.isfile(summary_file):
+        with open(summary_file, encoding="utf-8") as f:
+          summary = json.load(f)
+        result.update({key: summary.get(key) for key in ("best_step", "select_k", "selected_phase")})
+      _write_json(os.path.join(out, f"seed{seed}", run.name, "study_eval.json"), result)
+      latency = {k: row["latency"] for k, row in eval_results["results"][run.name].items() if "latency" in row}
+      if run.name == "base" and latency:
+        _write_json(os.path.join(out, "latency.json"), latency)
+  return missing
+
+
 def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str, dry_run: bool,
-            plan_file: str, extra: Sequence[str]):
+            plan_file: str, extra: Sequence[str], stage: str = "finetune"):
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  commands = launcher_commands(scale, chosen, seeds, out, zone, extra)
-  minutes = plan_minutes(plan_file, scale.steps)
-  estimate = (f"{minutes:.0f} min per run from {plan_file} (roofline lower bound)" if minutes is not None else
-              "no estimate: compile a plan first (python -m phds_jax.main --config="
-              f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
-  print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
-        f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
-  print(f"data: {out}/data/seed<s>/ (python experiments/study.py --prepare_data --out=LOCAL_DIR, then "
-        f"copy it there); evaluation: configs/eval.py at k_ev in {','.join(map(str, scale.k_grid))} on "
-        f"{out}/data/seed<s>/eval_*.jsonl (eval.task_files; eval.agreement_with=oracle_k{scale.k_pre} "
-        "for claim c)")
+  if stage != "collect" and not _flag(extra, "model_path"):
+    raise SystemExit(f"--scale={scale.name} fine-tunes and evaluates a pretrained base: give "
+                     "--config.model_path=... (an HF or orbax model directory every TPU worker can read)")
+  if stage == "collect":
+    missing = collect(scale, chosen, seeds, out)
+    done = len(seeds) * len(chosen) - len(missing)
+    print(f"study at scale {scale.name}: {done} evaluated runs collected into {out}/seed<s>/<run>/study_eval.json"
+          + (f"; not evaluated yet: {', '.join(missing)}" if missing else ""))
+    return
+  if stage == "evaluate":
+    commands = eval_commands(scale, chosen, seeds, out, zone, extra)
+    print(f"study at scale {scale.name}: {len(commands)} evaluations on {scale.topology} (the selected "
+          f"checkpoint of each fine-tune, and the base) at k_ev in {','.join(map(str, scale.k_grid))}; each "
+          f"writes {out}/seed<s>/<run>/eval/eval_results.json. Then: --stage=collect --out=LOCAL_COPY")
+  else:
+    commands = launcher_commands(scale, chosen, seeds, out, zone, extra)
+    minutes = plan_minutes(plan_file, scale.steps)
+    estimate = (f"{minutes:.0f} min per run from {plan_file} (roofline lower bound)" if minutes is not None else
+                "no estimate: compile a plan first (python -m phds_jax.main --config="
+                f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
+    print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
+          f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
+    print(f"data: {out}/data/seed<s>/ (python experiments/study.py --prepare_data --out=LOCAL_DIR, then "
+          f"copy it there). Then: --stage=evaluate, --stage=collect")
   for argv in commands:
     print(shlex.join(argv), flush=True)
     if not dry_run:
@@ -554,6 +657,9 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None):
   parser.add_argument("--dry-run", action="store_true", help="print the plan (runs, and commands) and exit")
   parser.add_argument("--plan", default="", help="pod scale: plan.json of the compile plan (time estimate)")
   parser.add_argument("--zone", default="", help="pod scale: the Cloud zone of the TPU slices")
+  parser.add_argument("--stage", choices=STAGES, default="finetune",
+                      help="pod scale: launch the fine-tunes, then their evaluations, then collect the "
+                      "evaluations (a local copy of --out) for summarize.py")
   parser.add_argument("--prepare_data", action="store_true", help="only write OUT/data/seed<s>/ (every scale "
                       "fine-tunes and evaluates on these files) and exit")
   parser.add_argument("--workers", type=int, default=2, help="tiny: processes running runs side by side, "
@@ -574,7 +680,10 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None):
     parser.error("--seeds is empty")
   if args.workers < 1:
     parser.error(f"--workers={args.workers}: give 1 or more")
-  if args.scale != "tiny" and not args.zone and not args.prepare_data:
+  if args.scale == "tiny" and args.stage != "finetune":
+    parser.error(f"--stage={args.stage} is for --scale=olmoe/qwen: at tiny scale each run is evaluated "
+                 "right after its fine-tune")
+  if args.scale != "tiny" and not args.zone and not args.prepare_data and args.stage != "collect":
     parser.error(f"--scale={args.scale} launches Cloud TPU slices: give --zone (e.g. --zone=us-west4-a)")
   args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
   return args
@@ -593,7 +702,7 @@ def main(description: str, default_groups: Sequence[str], argv=None):
       print(f"seed {seed}: {os.path.join(args.out, 'data', f'seed{seed}')} {split['tasks']}")
     return
   if args.scale != "tiny":
-    run_pod(scale, chosen, args.seeds, args.out, args.zone, args.dry_run, args.plan, args.extra)
+    run_pod(scale, chosen, args.seeds, args.out, args.zone, args.dry_run, args.plan, args.extra, args.stage)
     return
   if args.extra:
     raise SystemExit(f"unexpected arguments {args.extra}: extra main.py flags are for --scale=olmoe/qwen")

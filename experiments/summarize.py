@@ -297,7 +297,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   runs = load_runs(out)
   any_result = next(iter(next(iter(runs.values())).values()))
   k_pre = any_result["k_pre"]
-  ks = sorted(int(k) for k in any_result["evaluation"])
+  ks = sorted({int(k) for r in runs.values() for result in r.values() for k in result["evaluation"]})
   latency_file = os.path.join(out, "latency.json")
   latency = json.load(open(latency_file, encoding="utf-8")) if os.path.isfile(latency_file) else {}
   seeds = sorted({s for r in runs.values() for s in r})
@@ -311,7 +311,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
                latency, ks, directory)
   split = any_result["split"]["tasks"]
   lines = [
-      "# Results of the study at tiny scale",
+      f"# Results of the study at {any_result.get('scale', 'tiny')} scale",
       "",
       f"Written by `experiments/summarize.py` from `{os.path.relpath(out, ROOT) if out.startswith(ROOT) else out}`. "
       f"Command: `{command}`. Commit `{_commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "

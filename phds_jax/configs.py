@@ -145,6 +145,21 @@ def base_config(arg=None):
   return c
 
 
+def eval_checkpoints(config) -> tuple[dict[str, tuple[str, str]], list[str]]:
+  """The eval job's checkpoints, label -> (config field, path), from `model_path` (labelled `eval.label`,
+  default "model") and `eval.compare` ("label=path,label2=path2"), and the problems of malformed entries."""
+  out, problems = {}, []
+  if config.model_path:
+    out[config.eval.label or "model"] = ("model_path", config.model_path)
+  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
+    if "=" not in entry:
+      problems.append(f"eval.compare: entry {entry!r} must be label=path")
+      continue
+    label, path = (part.strip() for part in entry.split("=", 1))
+    out[label] = (f"eval.compare[{label}]", path)
+  return out, problems
+
+
 def _default_rules() -> dict[str, str]:
   from phds_jax.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
 
@@ -184,6 +199,15 @@ def apply_arg(config, arg):
     node, name = _locate(config, key.strip())
     current = node[name]
     node[name] = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true", "yes")
+  return config
+
+
+def set_fields(config, changes):
+  """Sets fields named as in `arg` (dotted, or a bare name found in one block) to the given values, e.g.
+  {"train.steps": 5, "phds.mask": "hard"}; returns the config."""
+  for key, value in changes.items():
+    node, name = _locate(config, key)
+    node[name] = value
   return config
 
 

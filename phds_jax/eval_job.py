@@ -1,8 +1,9 @@
 """`mode="eval"` (configs/eval.py): one or more checkpoints evaluated over a grid of declared k.
 
-Per checkpoint and k: multiple-choice acc / acc_norm on OLMo suite tasks and user JSONL tasks, their
-cross-sparsity agreement with the reference k (share of items with the same predicted choice), mean NLL
-and perplexity on text / SFT data with next-token agreement and KL to the reference k, and latency.
+Per checkpoint and k: multiple-choice acc / acc_norm on OLMo suite tasks and user JSONL tasks with the
+predicted choice per item and the cross-sparsity agreement with the reference k (share of items with the
+same predicted choice), mean NLL and perplexity on text / SFT data with next-token agreement and KL to the
+reference k, and latency.
 Writes `eval_results.json`, prints one table per checkpoint and plots accuracy against decode latency
 (`accuracy_vs_latency.png`, one curve per checkpoint).
 """
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from phds_jax import configs
 from phds_jax import data as data_lib
 from phds_jax import evaluate
 from phds_jax import latency
@@ -29,14 +31,10 @@ log = logging.getLogger("phds_jax")
 
 def checkpoints(config) -> dict[str, str]:
   """label -> path from `model_path` and `eval.compare` ("label=path,label2=path2")."""
-  out = {}
-  if config.model_path:
-    out[config.eval.label or "model"] = config.model_path
-  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
-    if "=" not in entry:
-      raise ValueError(f"eval.compare entry {entry!r} must be label=path")
-    label, path = entry.split("=", 1)
-    out[label.strip()] = path.strip()
+  entries, problems = configs.eval_checkpoints(config)
+  if problems:
+    raise ValueError(problems[0])
+  out = {label: path for label, (_, path) in entries.items()}
   if not out:
     raise ValueError("eval needs --config.model_path (and optionally --config.eval.compare=label=path,...)")
   return out
@@ -98,7 +96,7 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
     row: dict[str, Any] = {"tasks": {}}
     for name, r in multiple_choice(k).items():
       same = np.array(r["predictions"]) == np.array(reference[name])
-      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n")}
+      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n", "predictions")}
       row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
     if tasks:
       row.update(_task_means(row["tasks"]))

@@ -82,11 +82,14 @@ class KSchedule:
     return out[0] if draws is None else out
 
   def phase(self, step: int) -> str:
-    """What produced the parameters after `step` optimizer steps: "start" (none yet), "multi_k", or
-    "anchoring" once a step at or after anchor_start was trained."""
+    """What produced the parameters after `step` optimizer steps: "start" (none yet), "multi_k" (or
+    "fixed_k" for a schedule of one k, an oracle), or "anchoring" once a step at or after anchor_start was
+    trained."""
     if step == 0:
       return "start"
-    return "anchoring" if self.anchor_start is not None and step > self.anchor_start else "multi_k"
+    if self.anchor_start is not None and step > self.anchor_start:
+      return "anchoring"
+    return "fixed_k" if len(set(self.k_values)) == 1 else "multi_k"
 
 
 def parse_numbers(value, cast=int) -> tuple:

@@ -173,13 +173,9 @@ def write_toy_sft(path, n=300, seed=0, bad_lines=()):
 
 def set_fields(config, **changes):
   """Sets dotted fields ("train.steps": 5) of a ConfigDict; returns it."""
-  for key, value in changes.items():
-    node = config
-    *parents, name = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[name] = value
-  return config
+  from phds_jax import configs
+
+  return configs.set_fields(config, changes)
 
 
 def load_config(name, arg=None, **changes):

@@ -12,6 +12,9 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import study  # noqa: E402  pylint: disable=wrong-import-position
 import summarize  # noqa: E402  pylint: disable=wrong-import-position
+from conftest import load_config  # noqa: E402  pylint: disable=wrong-import-position
+from phds_jax import configs  # noqa: E402  pylint: disable=wrong-import-position
+from phds_jax import main  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_split_keeps_groups_apart_and_follows_the_seed():
@@ -87,6 +90,19 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   assert "--workdir=gs://b/s/seed1/oracle_k8" in out and "100 min per run" in out  # 2000 steps x 3 s
   with pytest.raises(SystemExit):
     study.parse_args("study", ["phds"], ["--scale=qwen"])  # no --zone
+  study.main("study", ["baseline", "oracles"], ["--scale=olmoe", "--seeds=0", "--dry-run", "--zone=z",
+                                                "--stage=evaluate", "--out=gs://b/s", "--config.model_path=/m"])
+  commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phds-launch")]
+  assert len(commands) == 1 + 5  # the base and the oracles
+  assert "--config.model_path=/m --config.tokenizer_path=/m" in commands[0]
+  assert "--config.eval.latency.enabled=True" in commands[0] and "latency.enabled=False" in commands[1]
+  assert "--config.model_path=gs://b/s/seed0/oracle_k1/best" in commands[1]
+  assert "--config.eval.k_values=1 " in commands[1] and "--config.eval.k_values=1,2,4,6,8 " in commands[0]
+  assert "--config.mesh.fsdp=-1" in commands[1] and "--workdir=gs://b/s/seed0/oracle_k1/eval" in commands[1]
+  with pytest.raises(SystemExit, match="give --config.model_path"):
+    study.main("study", ["phds"], ["--scale=olmoe", "--dry-run", "--zone=z", "--stage=evaluate"])
+  with pytest.raises(SystemExit, match="collect reads local files"):
+    study.main("study", ["phds"], ["--scale=olmoe", "--stage=collect", "--out=gs://b/s"])
 
 
 def _result(run, seed, predictions, answers, k_pre=2, nll=1.0):
@@ -176,3 +192,33 @@ def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
   assert "The base's held-out LM loss by k" in text and "| phds |" in text
+
+  # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
+  tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json"))) for name in ("base", "phds")}
+  base, paths = study.build_base(builtin_data.cache_dir(), print)
+  commands = study.eval_commands(scale, chosen, [1], out, "zone", [f"--config.model_path={base}",
+                                                                   f"--config.tokenizer_path={paths['tokenizer']}"])
+  assert [c[c.index("--name") + 1] for c in commands] == ["study-tiny-s1-base-eval", "study-tiny-s1-phds-eval"]
+  for command in commands:
+    flags = command[command.index("--") + 1:] + ["--config.eval.latency.prompt_len=8",
+                                                 "--config.eval.latency.decode_tokens=2",
+                                                 "--config.eval.latency.repeats=1"]
+    main.run(*_config_from_flags(flags))
+  assert study.collect(scale, chosen, [1], out) == []
+  for name, before in tiny.items():
+    after = json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
+    assert after["group"] == before["group"] and after["k_pre"] == before["k_pre"] == 2
+    for k, row in before["evaluation"].items():
+      assert after["evaluation"][k]["tasks"] == row["tasks"]  # acc, se, n and every predicted choice
+      assert after["evaluation"][k]["heldout_nll"] == pytest.approx(row["heldout_nll"], rel=1e-4)
+  assert sorted(json.load(open(os.path.join(out, "latency.json")))) == ["1", "2"]
+
+
+def _config_from_flags(flags):
+  """(config, workdir) from main.py's command-line flags: --config=configs/<name>.py, --workdir=DIR and
+  --config.<field>=<value> (read as the field's type, as configs.apply_arg reads a config file's arg)."""
+  options = dict(flag[2:].split("=", 1) for flag in flags)
+  config = load_config(os.path.basename(options.pop("config"))[:-len(".py")])
+  workdir = options.pop("workdir")
+  configs.apply_arg(config, ";".join(f"{key[len('config.'):]}={value}" for key, value in options.items()))
+  return config, workdir

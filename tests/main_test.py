@@ -106,7 +106,8 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   # derived data are cached per setting: this shortened corpus is never what the default run reads
   paths = builtin.prepare_data(config)
   assert paths["text"].endswith("text_50_docs.jsonl") and "copycolors_96_objects" in paths["heldout"]
-  default = builtin.prepare_data(load_config("tiny"))
+  assert builtin.data_paths(config) == paths
+  default = builtin.data_paths(load_config("tiny"))
   assert default["text"].endswith("text_2000_docs.jsonl") and "copycolors_80_objects" in default["heldout"]
 
 

@@ -85,7 +85,7 @@ def test_phase_of_a_step():
   s = sparsity.KSchedule(k_values=(1, 2), anchor_start=8, anchor_steps=2)
   # after `step` optimizer steps: anchoring once the step numbered anchor_start (the 9th) was trained
   assert [s.phase(t) for t in (0, 1, 8, 9, 20)] == ["start", "multi_k", "multi_k", "anchoring", "anchoring"]
-  assert sparsity.KSchedule(k_values=(2,)).phase(50) == "multi_k"
+  assert sparsity.KSchedule(k_values=(2,)).phase(50) == "fixed_k"  # an oracle's schedule
 
 
 def test_schedule_from_config_and_parsing():
