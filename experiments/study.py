@@ -466,7 +466,7 @@ def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int
   """How much is done in `out` and, from the finished runs' own durations, about how long the rest takes."""
   base = os.path.join(base_dir(cache), "best")
   base_note = (f"the base is cached ({base})" if os.path.isdir(base) else
-               "the base is not cached: building it takes about 25-30 min first")
+               "the base is not cached: building it takes about 12-15 min first")
   todo = [os.path.join(out, f"seed{seed}", run.name, "study_eval.json") for seed in seeds for run in chosen]
   done = [path for path in todo if os.path.isfile(path)]
   seconds = []
@@ -474,7 +474,7 @@ def estimate(out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int
     with open(path, encoding="utf-8") as f:
       seconds.append(json.load(f).get("seconds", 0.0))
   if not seconds:
-    return (f"none of the {len(todo)} runs is done in {out}; each took about 130 s in a worker, two "
+    return (f"none of the {len(todo)} runs is done in {out}; each took about 115 s in a worker, two "
             f"workers on 2 CPU cores (2026-11-26); {base_note}")
   left = (len(todo) - len(done)) * (sum(seconds) / len(seconds)) / workers / 60
   mean = sum(seconds) / len(seconds)
@@ -543,7 +543,8 @@ def eval_flags(scale: Scale, run: Run, seed: int, out: str, base_model: str, tok
   model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
   tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in TASKS)
   return ["--config=configs/eval.py", f"--workdir={out}/seed{seed}/{run.name}/eval",
-          f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}", f"--config.eval.label={run.name}",
+          f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}",
+          f"--config.eval.label={run.name}",
           f"--config.eval.k_values={','.join(map(str, run.eval_k or scale.k_grid))}",
           f"--config.eval.reference_k={scale.k_pre}", f"--config.eval.task_files={tasks}",
           f"--config.eval.sft_files={data}/heldout.jsonl",
@@ -617,7 +618,8 @@ def run_pod(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str,
   if stage == "collect":
     missing = collect(scale, chosen, seeds, out)
     done = len(seeds) * len(chosen) - len(missing)
-    print(f"study at scale {scale.name}: {done} evaluated runs collected into {out}/seed<s>/<run>/study_eval.json"
+    print(f"study at scale {scale.name}: {done} evaluated runs collected into "
+          f"{out}/seed<s>/<run>/study_eval.json"
           + (f"; not evaluated yet: {', '.join(missing)}" if missing else ""))
     return
   if stage == "evaluate":

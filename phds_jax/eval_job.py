@@ -74,6 +74,18 @@ def k_grid(config, cfg) -> list[int]:
   return sorted(set(ks))
 
 
+def projected_positions(batches: list[dict[str, np.ndarray]]) -> int:
+  """How many positions per row need the vocabulary projection to score every trained token: the most
+  trained tokens of any row, rounded up to a multiple of 16; 0 (all) when that is the row length (text).
+  SFT rows train on answers only, so this skips most of the [rows, length, vocabulary] logits."""
+  if not batches:
+    return 0
+  most = max(int((batch["weights"] > 0).sum(axis=1).max()) for batch in batches)
+  length = batches[0]["weights"].shape[1]
+  cap = -(-max(most, 1) // 16) * 16
+  return cap if cap < length else 0
+
+
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
                         reference: Optional[dict[str, list[int]]] = None) -> tuple[dict[int, Any], dict[str, list[int]]]:
   """(metrics per k, the multiple-choice predictions per task at reference_k). Agreement is measured
@@ -89,6 +101,7 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
                    for name, items in tasks.items()}
     return scored[k]
 
+  projected = projected_positions(text_batches)
   own = {name: r["predictions"] for name, r in multiple_choice(reference_k).items()} if tasks else {}
   reference = own if reference is None else reference
   rows: dict[int, Any] = {}
@@ -96,14 +109,16 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
     row: dict[str, Any] = {"tasks": {}}
     for name, r in multiple_choice(k).items():
       same = np.array(r["predictions"]) == np.array(reference[name])
-      row["tasks"][name] = {key: r[key] for key in ("acc", "acc_se", "acc_norm", "acc_norm_se", "n", "predictions")}
+      keys = ("acc", "acc_se", "acc_norm", "acc_norm_se", "n", "predictions")
+      row["tasks"][name] = {key: r[key] for key in keys}
       row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
     if tasks:
       row.update(_task_means(row["tasks"]))
     if text_batches:
-      row.update(evaluate.mean_nll(cfg, params, text_batches, k=k, expert_backend=backend))
+      row.update(evaluate.mean_nll(cfg, params, text_batches, k=k, max_loss_tokens=projected,
+                                   expert_backend=backend))
       row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k,
-                                               expert_backend=backend))
+                                               max_loss_tokens=projected, expert_backend=backend))
     if e.latency.enabled:
       lat = e.latency
       row["latency"] = latency.measure(cfg, params, k, batch_size=lat.batch_size, prompt_len=lat.prompt_len,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.data import DataError, ReadStats, read_jsonl
-from phds_jax.losses import RunSpec, token_nll
+from phds_jax.losses import RunSpec, token_nll, trained_positions
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
 
@@ -170,27 +170,30 @@ def _nll_batch(cfg, params, batch, run):
 
 
 def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
-                         reference_k: int, expert_backend: str = "auto") -> dict[str, float]:
+                         reference_k: int, max_loss_tokens: int = 0,
+                         expert_backend: str = "auto") -> dict[str, float]:
   """Over the trained positions of `batches`: share of greedy next tokens equal to those at reference_k,
-  and the mean KL(reference || k) of the next-token distributions."""
+  and the mean KL(reference || k) of the next-token distributions. max_loss_tokens > 0 projects only that
+  many positions per row to the vocabulary (those with the largest weights; see mean_nll)."""
   expert_backend = resolve_expert_backend(expert_backend)
   same, kl, count = 0.0, 0.0, 0.0
   for batch in batches:
     s, d, c = _agreement_batch(cfg, params, {key: jnp.asarray(v) for key, v in batch.items()}, k, reference_k,
-                               expert_backend)
+                               max_loss_tokens, expert_backend)
     same, kl, count = same + float(s), kl + float(d), count + float(c)
   return {"top1_agreement": same / max(count, 1.0), "mean_kl": kl / max(count, 1.0)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "reference_k", "expert_backend"))
-def _agreement_batch(cfg, params, batch, k, reference_k, expert_backend):
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "reference_k", "max_loss_tokens", "expert_backend"))
+def _agreement_batch(cfg, params, batch, k, reference_k, max_loss_tokens, expert_backend):
   def logp(k_value):
-    logits = forward(cfg, params, batch["inputs"], k=k_value, positions=batch["positions"],
-                     segment_ids=batch["segment_ids"], expert_backend=expert_backend)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    hidden = forward(cfg, params, batch["inputs"], k=k_value, positions=batch["positions"],
+                     segment_ids=batch["segment_ids"], return_hidden=True, expert_backend=expert_backend)
+    _, hidden = trained_positions(max_loss_tokens, batch["weights"], hidden)
+    return jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
 
   ref, cur = logp(reference_k), logp(k)
-  w = batch["weights"]
+  w = trained_positions(max_loss_tokens, batch["weights"])[0]
   same = jnp.sum((jnp.argmax(ref, -1) == jnp.argmax(cur, -1)) * w)
   kl = jnp.sum(jnp.sum(jnp.exp(ref) * (ref - cur), axis=-1) * w)
   return same, kl, jnp.sum(w)

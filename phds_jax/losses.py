@@ -44,15 +44,20 @@ def token_nll(cfg: ModelConfig, params, batch: dict[str, jax.Array], run: RunSpe
   hidden, aux = forward(cfg, params, batch["inputs"], k=run.k, k_max=run.k_max, soft_mask_eps=run.soft_mask_eps,
                         positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
                         return_hidden=True, expert_backend=run.expert_backend, remat=run.remat)
-  targets, weights = batch["targets"], batch["weights"]
-  if run.max_loss_tokens:
-    _, index = jax.lax.top_k(weights, run.max_loss_tokens)  # [B, C]
-    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
-    targets = jnp.take_along_axis(targets, index, axis=1)
-    weights = jnp.take_along_axis(weights, index, axis=1)
+  weights, hidden, targets = trained_positions(run.max_loss_tokens, batch["weights"], hidden, batch["targets"])
   logits = project_logits(cfg, params, hidden).astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   return jnp.sum(nll * weights), jnp.sum(weights), aux
+
+
+def trained_positions(max_loss_tokens: int, weights: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """(weights, *arrays) at the max_loss_tokens positions per row with the largest weights ([B, L, ...] ->
+  [B, C, ...]), or unchanged when max_loss_tokens is 0: only those positions need the vocabulary projection."""
+  if not max_loss_tokens:
+    return (weights, *arrays)
+  _, index = jax.lax.top_k(weights, max_loss_tokens)  # [B, C]
+  take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+  return (take(weights), *(take(a) for a in arrays))
 
 
 def nll_and_router_losses(cfg: ModelConfig, params, batch, run: RunSpec, *, lb_coef: float,

@@ -194,24 +194,51 @@ def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
   assert "The base's held-out LM loss by k" in text and "| phds |" in text
 
   # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
-  tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json"))) for name in ("base", "phds")}
+  tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
+          for name in ("base", "phds")}
   base, paths = study.build_base(builtin_data.cache_dir(), print)
-  commands = study.eval_commands(scale, chosen, [1], out, "zone", [f"--config.model_path={base}",
-                                                                   f"--config.tokenizer_path={paths['tokenizer']}"])
+  extra = [f"--config.model_path={base}", f"--config.tokenizer_path={paths['tokenizer']}"]
+  commands = study.eval_commands(scale, chosen, [1], out, "zone", extra)
   assert [c[c.index("--name") + 1] for c in commands] == ["study-tiny-s1-base-eval", "study-tiny-s1-phds-eval"]
-  for command in commands:
-    flags = command[command.index("--") + 1:] + ["--config.eval.latency.prompt_len=8",
-                                                 "--config.eval.latency.decode_tokens=2",
-                                                 "--config.eval.latency.repeats=1"]
-    main.run(*_config_from_flags(flags))
-  assert study.collect(scale, chosen, [1], out) == []
-  for name, before in tiny.items():
-    after = json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
-    assert after["group"] == before["group"] and after["k_pre"] == before["k_pre"] == 2
-    for k, row in before["evaluation"].items():
-      assert after["evaluation"][k]["tasks"] == row["tasks"]  # acc, se, n and every predicted choice
-      assert after["evaluation"][k]["heldout_nll"] == pytest.approx(row["heldout_nll"], rel=1e-4)
-  assert sorted(json.load(open(os.path.join(out, "latency.json")))) == ["1", "2"]
+  assert "--config.model_path=" + os.path.join(out, "seed1", "phds", "best") in commands[1]
+  base_flags = commands[0][commands[0].index("--") + 1:]  # test time: the base's job only, at k_pre only
+  main.run(*_config_from_flags(base_flags + ["--config.eval.k_values=2",
+                                             "--config.eval.latency.enabled=False"]))
+  assert study.collect(scale, chosen, [1], out) == ["seed 1 phds"]  # not evaluated: its tiny result stays
+  after = json.load(open(os.path.join(out, "seed1", "base", "study_eval.json")))
+  assert after["group"] == "baseline" and after["k_pre"] == 2 and after["scale"] == "tiny"
+  assert list(after["evaluation"]) == ["2"]
+  row, before = after["evaluation"]["2"], tiny["base"]["evaluation"]["2"]
+  assert row["tasks"] == before["tasks"]  # acc, se, n and every predicted choice
+  assert row["heldout_nll"] == pytest.approx(before["heldout_nll"], rel=1e-4)
+  assert json.load(open(os.path.join(out, "seed1", "phds", "study_eval.json"))) == tiny["phds"]
+
+
+def test_collect_takes_the_summary_and_the_base_latency(tmp_path):
+  """collect: the fine-tune's summary.json fields and the base evaluation's latency rows (eval_job's
+  eval_results.json layout), with the run's group and claim from study.runs."""
+  scale = study.SCALES["olmoe"]
+  out = tmp_path / "study"
+  (out / "data" / "seed0").mkdir(parents=True)
+  (out / "data" / "seed0" / "split.json").write_text(json.dumps({"seed": 0, "tasks": {}}))
+  task = {"acc": 0.5, "acc_se": 0.5, "acc_norm": 0.5, "acc_norm_se": 0.5, "n": 2, "predictions": [1, 0],
+          "agreement": 1.0, "agreement_se": 0.0}
+  for name, latency in (("base", {"decode_ms_per_token": 3.0}), ("phds", None)):
+    rows = {str(k): {"tasks": {"/x/eval_logic.jsonl": task}, "nll": 2.0 + k} for k in scale.k_grid}
+    for row in rows.values():
+      row.update({"latency": latency} if latency else {})
+    (out / "seed0" / name / "eval").mkdir(parents=True)
+    (out / "seed0" / name / "eval" / "eval_results.json").write_text(json.dumps({"results": {name: rows}}))
+  (out / "seed0" / "phds" / "summary.json").write_text(json.dumps({"best_step": 7, "select_k": 8,
+                                                                   "selected_phase": "anchoring"}))
+  chosen = study.select(scale, ["phds"])
+  assert study.collect(scale, chosen, [0], str(out)) == ["seed 0 phds_no_anchor"]
+  phds = json.load(open(out / "seed0" / "phds" / "study_eval.json"))
+  assert (phds["group"], phds["claim"], phds["best_step"]) == ("phds", "b,c,d", 7)
+  assert phds["selected_phase"] == "anchoring"
+  logic = {"acc": 0.5, "acc_se": 0.5, "n": 2, "predictions": [1, 0]}
+  assert phds["evaluation"]["8"] == {"tasks": {"logic": logic}, "heldout_nll": 10.0}
+  assert json.load(open(out / "latency.json")) == {str(k): {"decode_ms_per_token": 3.0} for k in scale.k_grid}
 
 
 def _config_from_flags(flags):

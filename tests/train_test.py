@@ -305,7 +305,7 @@ def test_an_oracle_is_selected_and_exported_at_its_own_k(tmp_path):
   assert summary["select_k"] == 1
   by_k1 = min(summary["history"], key=lambda row: row["val_loss_k1"])
   assert summary["best_step"] == by_k1["step"] and summary["best_val_loss"] == by_k1["val_loss_k1"]
-  assert summary["selected_phase"] == ("start" if by_k1["step"] == 0 else "multi_k")
+  assert summary["selected_phase"] == ("start" if by_k1["step"] == 0 else "fixed_k")
   with open(tmp_path / "oracle" / "hf_export" / "config.json") as f:
     assert json.load(f)["num_experts_per_tok"] == 1
   assert pj.load(str(tmp_path / "oracle" / "best"))[0].k_pre == 2  # the checkpoint itself keeps its k_pre
