@@ -3,6 +3,7 @@
 Public API (see README):
   cfg, params = pj.load(path, dtype="float32")   # HF directory or phds_jax orbax checkpoint
   logits = pj.forward(cfg, params, tokens, k=2)
+  logp = pj.forward(cfg, params, tokens, k=2, roe=pj.RoE(members=4, tau=0.5))  # ensemble of routings
   pj.hf.save_pretrained(cfg, params, out_dir)
   new_ids = pj.generate(cfg, params, prompts, max_new_tokens=32, k=2)
   pj.evaluate.multiple_choice(cfg, params, tokenizer, items, k=2)   # accuracy, predictions per item
@@ -19,10 +20,11 @@ from phds_jax.generate import generate
 from phds_jax.load import load
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import PRESETS, preset, supported_model_types
+from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import forward, init_params
 
 __all__ = ["configs", "errors", "evaluate", "hf", "latency", "load", "ModelConfig", "PRESETS", "preset",
-           "supported_model_types", "forward", "generate", "init_params", "train_and_evaluate"]
+           "supported_model_types", "forward", "RoE", "generate", "init_params", "train_and_evaluate"]
 
 
 def __getattr__(name):

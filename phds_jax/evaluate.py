@@ -18,6 +18,7 @@ import numpy as np
 from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.losses import RunSpec, token_nll, trained_positions
 from phds_jax.model.config import ModelConfig
+from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
@@ -47,13 +48,17 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   return items
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend"))
-def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend):
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe"))
+def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend, roe=None):
   """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding)."""
-  hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
-                   expert_backend=expert_backend)
-  hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, C, H]: logits only where scored
-  logp = jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
+  if roe is None:
+    hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
+                     expert_backend=expert_backend)
+    hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, C, H]: logits only where scored
+    logp = jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
+  else:  # the ensemble's log-probabilities at every position, then those scored
+    logp = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, expert_backend=expert_backend, roe=roe)
+    logp = jnp.take_along_axis(logp, where[..., None], axis=1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   greedy = jnp.all((jnp.argmax(logp, axis=-1) == targets) | (weights == 0), axis=-1)
   return jnp.sum(picked * weights, axis=-1), greedy
@@ -61,13 +66,14 @@ def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, e
 
 def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[int], list[int]]], *, k: int,
                           batch_size: int = 32, truncate: bool = True, return_greedy: bool = False,
-                          expert_backend: str = "auto"):
+                          expert_backend: str = "auto", roe: Optional[RoE] = None):
   """Summed log p(continuation | context) for each (context ids, continuation ids) pair, at top-k.
 
   With return_greedy also a bool per pair: every continuation token is the argmax given its prefix.
   A pair longer than max_position_embeddings loses context tokens from the left (logged), or raises
   ValueError naming the pair when `truncate` is False. Pairs are batched in order of length and each batch
   is padded to its own length bucket (a multiple of 16): short pairs never pay for the longest one.
+  roe: score with a Roster-of-Experts ensemble (pj.RoE): log-probabilities of the members' mean.
   """
   expert_backend = resolve_expert_backend(expert_backend)
   limit = cfg.max_position_embeddings
@@ -103,7 +109,7 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
       weights[row, :n] = 1.0
     scores, is_greedy = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments),
                                      jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k,
-                                     expert_backend)
+                                     expert_backend, roe)
     out[where_in_pairs] = np.asarray(scores)[:len(chunk)]
     greedy[where_in_pairs] = np.asarray(is_greedy)[:len(chunk)]
   return (out, greedy) if return_greedy else out
@@ -115,15 +121,16 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
-                    batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto") -> dict[str, Any]:
+                    batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto",
+                    roe: Optional[RoE] = None) -> dict[str, Any]:
   """acc, acc_norm (each with its standard error over items, *_se), the item count n and the predicted
-  choices (raw and length-normalised) per item at top-k."""
+  choices (raw and length-normalised) per item at top-k (with `roe`, by a routing ensemble)."""
   pairs = []
   for item in items:
     context = tokenizer.encode(item["context"], add_special_tokens=False)
     pairs += [(context, tokenizer.encode(choice, add_special_tokens=False)) for choice in item["choices"]]
   scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size, truncate=truncate,
-                                 expert_backend=expert_backend)
+                                 expert_backend=expert_backend, roe=roe)
   predicted, predicted_norm = [], []
   at = 0
   for item in items:
@@ -147,17 +154,21 @@ def standard_error(values) -> float:
 
 def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,
              max_loss_tokens: int = 0, place: Optional[Callable] = None,
-             expert_backend: str = "auto") -> dict[str, float]:
+             expert_backend: str = "auto", roe: Optional[RoE] = None) -> dict[str, float]:
   """Mean NLL per trained token of packed rows (data.eval_batches) at top-k, its perplexity, the count.
 
   place: host batch -> device arrays (the trainer shards them over its mesh); default jnp.asarray.
+  roe: the NLL of a Roster-of-Experts ensemble's next-token distribution (pj.RoE).
   """
   place = place or (lambda batch: {key: jnp.asarray(v) for key, v in batch.items()})
   expert_backend = resolve_expert_backend(expert_backend)
   total, count = 0.0, 0.0
   for batch in batches:
-    nll_sum, weight = _nll_batch(cfg, params, place(batch), RunSpec(k, max_loss_tokens=max_loss_tokens,
-                                                                    expert_backend=expert_backend))
+    if roe is not None:
+      nll_sum, weight = _ensemble_nll_batch(cfg, params, place(batch), k, expert_backend, roe)
+    else:
+      nll_sum, weight = _nll_batch(cfg, params, place(batch), RunSpec(k, max_loss_tokens=max_loss_tokens,
+                                                                      expert_backend=expert_backend))
     total, count = total + float(nll_sum), count + float(weight)
   nll = total / max(count, 1.0)
   return {"nll": nll, "ppl": float(np.exp(min(nll, 80.0))), "tokens": int(count)}
@@ -167,6 +178,14 @@ def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]],
 def _nll_batch(cfg, params, batch, run):
   nll_sum, weight, _ = token_nll(cfg, params, batch, run)
   return nll_sum, weight
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe"))
+def _ensemble_nll_batch(cfg, params, batch, k, expert_backend, roe):
+  logp = forward(cfg, params, batch["inputs"], k=k, positions=batch["positions"],
+                 segment_ids=batch["segment_ids"], expert_backend=expert_backend, roe=roe)
+  picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  return -jnp.sum(picked * batch["weights"]), jnp.sum(batch["weights"])
 
 
 def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,

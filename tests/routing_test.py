@@ -97,3 +97,32 @@ def test_z_loss_is_mean_squared_logsumexp():
   stats = routing.router_stats(logits, probs, routing.route(probs, k=1, width=1, norm_topk_prob=False))
   expected = np.mean(np.square(jax.nn.logsumexp(logits, axis=-1)))
   np.testing.assert_allclose(float(routing.router_z_loss(stats)), expected, rtol=1e-6)
+
+
+def test_gumbel_routing_samples_sets_without_replacement_from_the_router():
+  """Roster of Experts: with tau = 1, the chosen pair of experts follows sampling without replacement from
+  the router's probabilities (chi-square over the 10 pairs of 5 experts, fixed seed); tau = 0 tokens are
+  routed exactly as without noise, weights are the chosen experts' probabilities."""
+  from scipy import stats as scipy_stats
+
+  tokens, p = 20000, np.array([0.4, 0.25, 0.15, 0.12, 0.08])
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (tokens, 5))
+  probs = routing.router_probs(logits)
+  tau = jnp.ones((tokens,), jnp.float32)
+  r = routing.route(probs, k=2, width=2, norm_topk_prob=False,
+                    scores=routing.gumbel_scores(logits, probs, tau, jax.random.key(0)))
+  chosen = np.sort(np.asarray(r.experts), axis=-1)
+  pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+  observed = np.array([np.sum((chosen[:, 0] == i) & (chosen[:, 1] == j)) for i, j in pairs])
+  expected = tokens * np.array([p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j]) for i, j in pairs])
+  assert scipy_stats.chisquare(observed, expected).pvalue > 0.01
+  np.testing.assert_allclose(np.asarray(r.weights), p[np.asarray(r.experts)], rtol=1e-6)
+  # tau = 0 rows (and tau = 0 everywhere) are today's routing, bit for bit
+  _, probs8 = _probs()
+  tau_rows = jnp.array([0.0, 1.0] * 8, jnp.float32)
+  noisy = routing.route(probs8, k=2, width=3, norm_topk_prob=True, soft_mask_eps=1e-6,
+                        scores=routing.gumbel_scores(jnp.log(probs8), probs8, tau_rows, jax.random.key(1)))
+  plain = routing.route(probs8, k=2, width=3, norm_topk_prob=True, soft_mask_eps=1e-6)
+  for field in ("experts", "weights", "selected"):
+    np.testing.assert_array_equal(np.asarray(getattr(noisy, field))[::2], np.asarray(getattr(plain, field))[::2])
+  assert not np.array_equal(np.asarray(noisy.experts)[1::2], np.asarray(plain.experts)[1::2])

@@ -194,16 +194,23 @@ class SparseMoeBlock(nn.Module):
   expert_backend: str = "auto"
 
   @nn.compact
-  def __call__(self, x, *, k, width: int, soft_mask_eps: Optional[float], token_mask):
-    """x [B, L, H]; k static int or int32 [B] (traced); token_mask [B, L] -> ([B, L, H], RouterStats)."""
+  def __call__(self, x, *, k, width: int, soft_mask_eps: Optional[float], token_mask, roe_tau=None,
+               roe_key=None):
+    """x [B, L, H]; k static int or int32 [B] (traced); token_mask [B, L] -> ([B, L, H], RouterStats).
+
+    roe_tau: float32 [B], each row's Gumbel temperature (Roster of Experts; 0 = deterministic), with
+    roe_key, this layer's PRNG key; None routes every row deterministically."""
     cfg = self.cfg
     b, length, hidden = x.shape
     flat = x.reshape(b * length, hidden)
     router_logits = dense(cfg.num_experts, False, cfg, self.param_dtype, "gate")(flat)  # [T, E]
     probs = routing.router_probs(router_logits)
     k_tok = k if isinstance(k, int) else jnp.repeat(jnp.asarray(k, jnp.int32), length)
+    scores = None
+    if roe_tau is not None:
+      scores = routing.gumbel_scores(router_logits, probs, jnp.repeat(roe_tau, length), roe_key)
     routed = routing.route(probs, k=k_tok, width=width, norm_topk_prob=cfg.norm_topk_prob,
-                           soft_mask_eps=soft_mask_eps)
+                           soft_mask_eps=soft_mask_eps, scores=scores)
     weights = routed.weights.astype(router_logits.dtype)  # transformers casts to the hidden dtype
     out = RoutedExperts(cfg, self.param_dtype, self.expert_backend, name="experts")(flat, routed.experts, weights)
     if cfg.shared_expert_intermediate_size:

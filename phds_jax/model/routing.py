@@ -61,15 +61,33 @@ def compute_width(*, k_static: Optional[int], k_max: Optional[int], k_pre: int,
   return width
 
 
+def gumbel_scores(router_logits: jax.Array, probs: jax.Array, tau: jax.Array, key: jax.Array) -> jax.Array:
+  """Ranking scores for Roster-of-Experts routing (arXiv 2509.17238): router_logits + tau * G with G i.i.d.
+  Gumbel(0, 1) [T, E], whose top-k samples k experts without replacement from softmax(logits / tau); tokens
+  with tau = 0 rank by `probs` itself, so their routing is exactly the deterministic one.
+
+  router_logits, probs: [T, E]; tau: float32 [T] (one temperature per token, >= 0); key: a PRNG key.
+  """
+  noise = jax.random.gumbel(key, probs.shape, jnp.float32)
+  noisy = router_logits.astype(jnp.float32) + tau[:, None] * noise
+  return jnp.where(tau[:, None] > 0, noisy, probs)
+
+
 def route(probs: jax.Array, *, k: KType, width: int, norm_topk_prob: bool,
-          soft_mask_eps: Optional[float] = None) -> Routing:
+          soft_mask_eps: Optional[float] = None, scores: Optional[jax.Array] = None) -> Routing:
   """Top-`width` routing of `probs` [T, E] with ranks >= k masked.
 
   k: a Python int (static) or an int32 array broadcastable to [T] (traced, per token); 1 <= k <= width.
   Hard routing zeroes ranks >= k; with `soft_mask_eps` they get weight eps and gradients still reach the
   kept probabilities. With `norm_topk_prob` the weights are divided by their sum (eps terms included).
+  scores: [T, E] values to rank experts by instead of `probs` (gumbel_scores); the weights stay the chosen
+  experts' probabilities.
   """
-  top_p, experts = jax.lax.top_k(probs, width)  # [T, W] each
+  if scores is None:
+    top_p, experts = jax.lax.top_k(probs, width)  # [T, W] each
+  else:
+    _, experts = jax.lax.top_k(scores, width)
+    top_p = jnp.take_along_axis(probs, experts, axis=-1)
   ranks = jnp.arange(width, dtype=jnp.int32)  # [W]
   if isinstance(k, int):
     selected = jnp.broadcast_to(ranks < k, top_p.shape)

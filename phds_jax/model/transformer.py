@@ -21,6 +21,7 @@ import numpy as np
 
 from phds_jax.model import experts as experts_lib
 from phds_jax.model import layers
+from phds_jax.model import roe as roe_lib
 from phds_jax.model import routing
 from phds_jax.model.config import ModelConfig
 from phds_jax.sharding import constrain
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, token_mask, k=None, width=None, soft_mask_eps=None, cache=None,
-               cache_index=None):
+               cache_index=None, roe_tau=None, roe_key=None):
     cfg, dt = self.cfg, self.param_dtype
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
     attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index)
@@ -54,7 +55,8 @@ class DecoderLayer(nn.Module):
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
     if self.is_moe:
       out, stats = layers.SparseMoeBlock(cfg, dt, self.expert_backend, name="mlp")(
-          h, k=k, width=width, soft_mask_eps=soft_mask_eps, token_mask=token_mask)
+          h, k=k, width=width, soft_mask_eps=soft_mask_eps, token_mask=token_mask, roe_tau=roe_tau,
+          roe_key=roe_key)
     else:
       out, stats = layers.MLP(cfg, cfg.intermediate_size, dt, name="mlp")(h), None
     return x + out, stats, cache
@@ -71,8 +73,9 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
-               cache=None, cache_index=None, kv_valid=None):
-    """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int).
+               cache=None, cache_index=None, kv_valid=None, roe_taus=None, roe_key=None):
+    """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int). roe_taus: float32
+    [num_moe_layers, B], each row's Gumbel temperature per MoE layer, with roe_key (Roster of Experts).
 
     Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache` (one
     {"k", "v"} per layer, [B, S, KV, D]) the tokens take slots cache_index.., attend to earlier valid
@@ -98,9 +101,11 @@ class Decoder(nn.Module):
       if self.remat != "none" and cache is None:  # k (when an int), width and eps are static (self = 0)
         static = (6, 7, 8) if k is None or isinstance(k, int) else (7, 8)
         layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=static)
+      noisy = is_moe and roe_taus is not None
       x, stats, layer_cache = layer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
           x, cos, sin, mask, token_mask, k, width, soft_mask_eps,
-          None if cache is None else cache[i], cache_index)
+          None if cache is None else cache[i], cache_index, roe_taus[moe_slot] if noisy else None,
+          jax.random.fold_in(roe_key, moe_slot) if noisy else None)
       x = constrain(x, ("batch", "length", "embed"))
       new_cache.append(layer_cache)
       if is_moe:
@@ -237,14 +242,17 @@ def resolve_expert_backend(expert_backend: str, platform: Optional[str] = None) 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
-                                             "return_aux", "return_hidden", "expert_backend", "remat"))
-def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer_k, layer_width,
-                 soft_mask_eps, return_aux, return_hidden, expert_backend, remat):
+                                             "return_aux", "return_hidden", "expert_backend", "remat",
+                                             "roe_members"))
+def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe_key, *, cfg, layer_k,
+                 layer_width, soft_mask_eps, return_aux, return_hidden, expert_backend, remat, roe_members=0):
   if layer_k is None:
     layer_k = k_traced
   logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
-      soft_mask_eps=soft_mask_eps)
+      soft_mask_eps=soft_mask_eps, roe_taus=roe_taus, roe_key=roe_key)
+  if roe_members:
+    return roe_lib.ensemble_log_probs(logits, roe_members)
   if not return_aux:
     return logits
   total = routing.combine_stats(stats)
@@ -259,7 +267,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, *, cfg, layer
 def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
             soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
             return_aux: bool = False, return_hidden: bool = False, expert_backend: str = "auto",
-            remat: str = "none"):
+            remat: str = "none", roe: Optional[roe_lib.RoE] = None):
   """Runs the decoder at a declared k.
 
   tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
@@ -271,6 +279,10 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   see model/experts.py): an execution choice, every backend computes the same function.
   remat: what each layer keeps for a backward pass (REMAT_POLICIES: "none", "dots", "full"); the same
   function, less memory for more compute under jax.grad.
+  roe: a Roster-of-Experts ensemble (pj.RoE(members, tau, seed)): the members run as extra batch rows of
+  one program and the result is the ensemble's float32 next-token log-probabilities [B, L, V], the log of
+  the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). Inference only:
+  not with return_aux or return_hidden.
   """
   expert_backend = resolve_expert_backend(expert_backend)
   if remat not in REMAT_POLICIES:
@@ -284,11 +296,26 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
     if arr is not None and tuple(arr.shape) != (batch, length):
       raise ValueError(f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}")
+  if roe is not None:
+    if not isinstance(roe, roe_lib.RoE):
+      raise ValueError(f"roe={roe!r} must be a pj.RoE(members=..., tau=..., seed=...)")
+    if return_aux or return_hidden:
+      raise ValueError("roe returns the ensemble's log-probabilities: return_aux and return_hidden are not "
+                       "available with it")
+    taus = roe.layer_taus(len(cfg.moe_layer_indices))  # validates a per-layer tuple's length
   plan = plan_k(cfg, k, k_max, soft_mask_eps, batch)
   tokens = jnp.asarray(tokens, jnp.int32)
   segment_ids = jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
   positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
   eps = None if soft_mask_eps is None else float(soft_mask_eps)
-  return _forward_jit(params, tokens, positions, segment_ids, plan.traced, cfg=cfg, layer_k=plan.static,
-                      layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
-                      return_hidden=return_hidden, expert_backend=expert_backend, remat=remat)
+  traced, roe_taus, roe_key, members = plan.traced, None, None, 0
+  if roe is not None:
+    tokens, positions, segment_ids = roe.tile(tokens), roe.tile(positions), roe.tile(segment_ids)
+    traced = None if traced is None else tuple(roe.tile(t) for t in traced)
+    members = roe.members
+    if any(t > 0 for t in taus) and members > 1:  # otherwise every member is the deterministic model
+      roe_taus, roe_key = roe.row_taus(len(taus), batch), jax.random.key(roe.seed)
+  return _forward_jit(params, tokens, positions, segment_ids, traced, roe_taus, roe_key, cfg=cfg,
+                      layer_k=plan.static, layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
+                      return_hidden=return_hidden, expert_backend=expert_backend, remat=remat,
+                      roe_members=members)

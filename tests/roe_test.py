@@ -1,0 +1,81 @@
+"""Roster of Experts in pj.forward: an ensemble of Gumbel-noised routings as extra batch rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import phds_jax as pj
+
+
+def _model(variant, hf_dirs):
+  return pj.hf.load_pretrained(hf_dirs[variant][0])
+
+
+def test_one_deterministic_member_is_log_softmax_of_todays_logits(hf_dirs, tokens):
+  cfg, params = _model("qwen3_sparse_step", hf_dirs)  # a family that renormalises the top k
+  for k, k_max in ((2, None), (jnp.array([1, 3], jnp.int32), 4)):  # static and per-row traced k
+    plain = jax.nn.log_softmax(pj.forward(cfg, params, tokens, k=k, k_max=k_max).astype(jnp.float32), -1)
+    for roe in (pj.RoE(), pj.RoE(members=1, tau=2.0, seed=3)):  # member 0 never gets noise
+      np.testing.assert_array_equal(pj.forward(cfg, params, tokens, k=k, k_max=k_max, roe=roe), plain)
+
+
+def test_members_are_seeded_noisy_routings_mixed_with_the_deterministic_one(hf_dirs, tokens):
+  cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
+  roe = pj.RoE(members=4, tau=1.0, seed=0)
+  ens = np.asarray(pj.forward(cfg, params, tokens, k=2, roe=roe))
+  assert ens.shape == (*tokens.shape, cfg.vocab_size) and ens.dtype == np.float32
+  np.testing.assert_allclose(np.exp(ens).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(pj.forward(cfg, params, tokens, k=2, roe=roe), ens)  # same seed, same output
+  other = np.asarray(pj.forward(cfg, params, tokens, k=2, roe=pj.RoE(members=4, tau=1.0, seed=1)))
+  assert np.abs(other - ens).max() > 1e-3  # another seed, other routings
+  p_det = np.exp(jax.nn.log_softmax(pj.forward(cfg, params, tokens, k=2).astype(jnp.float32), -1))
+  assert np.all(np.exp(ens) >= p_det / 4 - 1e-6)  # member 0 (deterministic) is a quarter of the mixture
+  assert np.abs(np.exp(ens) - p_det).max() > 1e-3  # and the others differ from it
+  # tau = 0 in every layer: every member is the deterministic model
+  zero = pj.forward(cfg, params, tokens, k=2, roe=pj.RoE(members=3, tau=(0.0,) * len(cfg.moe_layer_indices)))
+  np.testing.assert_allclose(np.exp(zero), p_det, atol=1e-6)
+
+
+def test_roe_composes_with_the_soft_mask(hf_dirs, tokens):
+  cfg, params = _model("qwen_sparse_step", hf_dirs)
+  soft = pj.forward(cfg, params, tokens, k=1, soft_mask_eps=1e-6, roe=pj.RoE(members=2, tau=0.5, seed=0))
+  hard = pj.forward(cfg, params, tokens, k=1, roe=pj.RoE(members=2, tau=0.5, seed=0))
+  assert np.all(np.isfinite(soft)) and np.abs(np.asarray(soft) - np.asarray(hard)).max() < 1e-3
+
+
+@pytest.mark.parametrize("roe, message", [
+    (dict(members=0), "members=0 must be an int >= 1"),
+    (dict(members=2, tau=-0.1), "tau=-0.1 must be a float >= 0"),
+    (dict(members=2, tau=(0.1, float("nan"))), "must be a float >= 0"),
+])
+def test_bad_roe_arguments_are_value_errors(roe, message):
+  with pytest.raises(ValueError, match=message):
+    pj.RoE(**roe)
+
+
+def test_a_tau_per_layer_must_match_the_moe_layers(hf_dirs, tokens):
+  cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
+  n = len(cfg.moe_layer_indices)
+  with pytest.raises(ValueError, match=f"RoE tau has {n + 1} entries; the model has {n} MoE layers"):
+    pj.forward(cfg, params, tokens, roe=pj.RoE(members=2, tau=(0.5,) * (n + 1)))
+  with pytest.raises(ValueError, match="return_aux and return_hidden are not available"):
+    pj.forward(cfg, params, tokens, return_hidden=True, roe=pj.RoE(members=2, tau=0.5))
+
+
+def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
+  from conftest import write_toy_sft, write_toy_tokenizer
+  from phds_jax import data, evaluate
+
+  cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
+  pairs = [([3, 4, 5], [6]), ([7, 8], [9, 10, 11]), ([12], [13, 14])]
+  plain = evaluate.continuation_logprobs(cfg, params, pairs, k=2)
+  np.testing.assert_allclose(evaluate.continuation_logprobs(cfg, params, pairs, k=2, roe=pj.RoE()), plain,
+                             rtol=1e-5)
+  noisy = evaluate.continuation_logprobs(cfg, params, pairs, k=2, roe=pj.RoE(members=3, tau=1.0, seed=0))
+  assert np.abs(noisy - plain).max() > 1e-4
+  tokenizer = data.load_tokenizer(write_toy_tokenizer(tmp_path / "tok"))
+  batches = data.eval_batches(data.pack(data.read_sft(write_toy_sft(tmp_path / "s.jsonl", n=8), tokenizer), 64), 4)
+  nll = evaluate.mean_nll(cfg, params, batches, k=2)
+  assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE()) == pytest.approx(nll, rel=1e-5)
+  assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE(members=2, tau=1.0))["nll"] != nll["nll"]
