@@ -6,7 +6,8 @@
 Importing this module registers the model; `phds-lm-eval` is lm-eval's own command line with it
 registered (lm-eval finds no models outside its package by itself). Model arguments: path (HF or orbax
 checkpoint), k (declared top-k; default k_pre), dtype, batch_size, tokenizer (default: path),
-max_gen_toks, expert_backend.
+max_gen_toks, expert_backend, and a Roster-of-Experts ensemble for the log-likelihoods: roe_members
+(default 1: none), roe_tau (a float, or one per MoE layer separated by ":"), roe_seed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from phds_jax import data as data_lib
 from phds_jax import evaluate
 from phds_jax.generate import generate
 from phds_jax.load import load
+from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import resolve_expert_backend
 
 
@@ -30,13 +32,17 @@ class PhdsLM(LM):
 
   def __init__(self, path: str, k: Optional[int] = None, dtype: str = "float32", batch_size: int = 16,
                tokenizer: Optional[str] = None, max_gen_toks: int = 256, expert_backend: str = "",
-               **unused: Any):
+               roe_members: int = 1, roe_tau: Any = 0.0, roe_seed: int = 0, **unused: Any):
     super().__init__()
     self.cfg, self.params = load(path, dtype)
     self.expert_backend = resolve_expert_backend(expert_backend or "auto")
     self.k = int(k) if k not in (None, "") else self.cfg.k_pre
     if not 1 <= self.k <= self.cfg.num_experts:
       raise ValueError(f"k={self.k} must lie in [1, {self.cfg.num_experts}] for {path}")
+    taus = tuple(float(t) for t in str(roe_tau).split(":"))
+    roe = RoE(members=int(roe_members), tau=taus if len(taus) > 1 else taus[0], seed=int(roe_seed))
+    roe.layer_taus(len(self.cfg.moe_layer_indices))  # a per-layer tau of the wrong length fails here
+    self.roe = roe if roe.members > 1 else None
     self.tokenizer = data_lib.load_tokenizer(tokenizer or path)
     self.batch_size = int(batch_size)
     self.max_gen_toks = int(max_gen_toks)
@@ -58,7 +64,7 @@ class PhdsLM(LM):
     pairs = [self._split(*r.args) for r in requests]
     scores, greedy = evaluate.continuation_logprobs(self.cfg, self.params, pairs, k=self.k,
                                                     batch_size=self.batch_size, return_greedy=True,
-                                                    expert_backend=self.expert_backend)
+                                                    expert_backend=self.expert_backend, roe=self.roe)
     return [(float(s), bool(g)) for s, g in zip(scores, greedy)]
 
   def loglikelihood_rolling(self, requests) -> list[float]:
@@ -67,12 +73,15 @@ class PhdsLM(LM):
       windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
           self._encode(request.args[0]), self.prefix_token_id, self.cfg.max_position_embeddings, 1)]
       scores = evaluate.continuation_logprobs(self.cfg, self.params, windows, k=self.k,
-                                              batch_size=self.batch_size,
-                                              expert_backend=self.expert_backend) if windows else []
+                                              batch_size=self.batch_size, expert_backend=self.expert_backend,
+                                              roe=self.roe) if windows else []
       out.append(float(sum(scores)))
     return out
 
   def generate_until(self, requests) -> list[str]:
+    if self.roe is not None:
+      raise ValueError("generation tasks with roe_members > 1: ensembled generation is not built yet "
+                       "(issue 14); run them with roe_members=1")
     out = []
     for request in requests:
       context, kwargs = request.args

@@ -87,6 +87,15 @@ def test_adapter_methods(setup):
   assert isinstance(generated, str) and "w9" not in generated
   with pytest.raises(ValueError, match="k=99 must lie in"):
     PhdsLM(path=setup["model"], k=99)
+  # a Roster-of-Experts ensemble for the log-likelihoods (model_args are strings)
+  ensemble = PhdsLM(path=setup["model"], k="2", roe_members="3", roe_tau="1.0", roe_seed="0")
+  (noisy, _), = ensemble.loglikelihood([Request("say first of : w1", " w1")])
+  assert noisy < 0 and noisy != pytest.approx(score, abs=1e-6)
+  assert PhdsLM(path=setup["model"], k="2", roe_members="1", roe_tau="1.0").roe is None  # member 0 only
+  with pytest.raises(ValueError, match="RoE tau has 3 entries"):
+    PhdsLM(path=setup["model"], roe_members="2", roe_tau="0.1:0.2:0.3")
+  with pytest.raises(ValueError, match="ensembled generation is not built yet"):
+    ensemble.generate_until([Request("say first of : w1 w2", {"until": ["w9"], "max_gen_toks": 5})])
 
 
 def test_command_line_wrapper_lists_the_model(setup, monkeypatch, capsys):
