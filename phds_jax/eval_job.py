@@ -74,18 +74,6 @@ def k_grid(config, cfg) -> list[int]:
   return sorted(set(ks))
 
 
-def projected_positions(batches: list[dict[str, np.ndarray]]) -> int:
-  """How many positions per row need the vocabulary projection to score every trained token: the most
-  trained tokens of any row, rounded up to a multiple of 16; 0 (all) when that is the row length (text).
-  SFT rows train on answers only, so this skips most of the [rows, length, vocabulary] logits."""
-  if not batches:
-    return 0
-  most = max(int((batch["weights"] > 0).sum(axis=1).max()) for batch in batches)
-  length = batches[0]["weights"].shape[1]
-  cap = -(-max(most, 1) // 16) * 16
-  return cap if cap < length else 0
-
-
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
                         reference: Optional[dict[str, list[int]]] = None) -> tuple[dict[int, Any], dict[str, list[int]]]:
   """(metrics per k, the multiple-choice predictions per task at reference_k). Agreement is measured
@@ -101,7 +89,7 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
                    for name, items in tasks.items()}
     return scored[k]
 
-  projected = projected_positions(text_batches)
+  projected = evaluate.projected_positions(text_batches)
   own = {name: r["predictions"] for name, r in multiple_choice(reference_k).items()} if tasks else {}
   reference = own if reference is None else reference
   rows: dict[int, Any] = {}

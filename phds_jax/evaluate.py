@@ -120,6 +120,18 @@ def _bucket(n: int, multiple: int = 16) -> int:
   return -(-n // multiple) * multiple
 
 
+def projected_positions(batches: Sequence[dict[str, np.ndarray]]) -> int:
+  """max_loss_tokens for mean_nll / next_token_agreement that still scores every trained token of
+  `batches`: the most trained tokens of any row, rounded up to a multiple of 16; 0 (all positions) when
+  that is the row length (text). SFT rows train on answers only, so this skips most of the
+  [rows, length, vocabulary] logits."""
+  if not batches:
+    return 0
+  most = max(int((batch["weights"] > 0).sum(axis=1).max()) for batch in batches)
+  cap = _bucket(max(most, 1))
+  return cap if cap < batches[0]["weights"].shape[1] else 0
+
+
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
                     batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto",
                     roe: Optional[RoE] = None) -> dict[str, Any]:

@@ -49,13 +49,13 @@ def test_agreement_of_a_model_with_itself_is_one(hf_dirs, tmp_path):
   other = evaluate.next_token_agreement(cfg, params, batches, k=1, reference_k=8)
   assert other["top1_agreement"] < 1.0 and other["mean_kl"] > 0
   # SFT rows train on a few answer tokens: projecting only those to the vocabulary gives the same numbers
-  projected = eval_job.projected_positions(batches)
+  projected = evaluate.projected_positions(batches)
   assert 0 < projected < 64 and projected % 16 == 0
   assert projected >= max(int((b["weights"] > 0).sum(axis=1).max()) for b in batches)
   assert evaluate.next_token_agreement(cfg, params, batches, k=1, reference_k=8,
                                        max_loss_tokens=projected) == pytest.approx(other, rel=1e-5)
   text = data.pack(data.chunk_examples([data.Example(list(range(3, 40)), [True] * 37)] * 4, 16), 16)
-  assert eval_job.projected_positions(data.eval_batches(text, 2)) == 0  # text: every position is trained
+  assert evaluate.projected_positions(data.eval_batches(text, 2)) == 0  # text: every position is trained
 
 
 def test_k_grid_rejects_out_of_range_k():
