@@ -1,5 +1,7 @@
 """Text generation at a declared k: one prefill, then KV-cached decoding, all in one jitted program.
 
+Optionally by a Roster-of-Experts routing ensemble (`roe`), decoded against one clean cache.
+
 Prompts of different lengths are left-padded into one batch (positions count real tokens only, as
 transformers does); each prompt may get its own k (a traced int32 [B]); decoding is greedy, or samples
 with temperature and nucleus (top-p) filtering; a prompt stops at its first stop token. Shapes are
@@ -17,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phds_jax.model import roe as roe_lib
 from phds_jax.model.config import ModelConfig
+from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import Decoder, plan_k, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
@@ -43,12 +47,15 @@ def _sample(logits, rng, temperature: float, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
-                                             "top_p", "stop_ids", "expert_backend"))
-def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, layer_width, max_new, temperature,
-              top_p, stop_ids, expert_backend):
+                                             "top_p", "stop_ids", "expert_backend", "roe_members"))
+def _generate(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *, cfg, layer_k, layer_width,
+              max_new, temperature, top_p, stop_ids, expert_backend, roe_members=0):
   """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
 
   max_new (static) sizes the cache; decoding stops after `limit` (traced) tokens or when all rows stopped.
+  roe_members > 0: a Roster-of-Experts ensemble (roe_taus [n_moe, M * B], roe_key). The prompt but its last
+  token is prefilled deterministically; from the last prompt token on, each step runs M * B rows for one
+  token against the clean [B] cache and samples from the members' mean distribution.
   """
   batch, prompt_len = tokens.shape
   slots = prompt_len + max_new
@@ -60,14 +67,34 @@ def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, laye
   lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
   model = Decoder(cfg, expert_backend=expert_backend)
   layer_k = layer_k if layer_k is not None else k_traced
+  members = max(roe_members, 1)
+  tile = lambda a: jnp.tile(a, (members,) + (1,) * (a.ndim - 1))  # [B, ...] -> [M * B, ...], member-major
+  member_k = layer_k if roe_members == 0 or k_traced is None else tuple(tile(k) for k in layer_k)
 
-  def run(tokens, positions, segments, cache, index):
-    return model.apply({"params": params}, tokens, positions, segments, layer_k=layer_k,
-                       layer_width=layer_width, cache=cache, cache_index=index, kv_valid=kv_valid)
+  def run(tokens, positions, segments, cache, index, k=layer_k, roe_taus=None, roe_key=None):
+    return model.apply({"params": params}, tokens, positions, segments, layer_k=k, layer_width=layer_width,
+                       cache=cache, cache_index=index, kv_valid=kv_valid, roe_taus=roe_taus, roe_key=roe_key)
 
-  logits, _, cache = run(tokens, positions, valid.astype(jnp.int32), cache, 0)
+  def step(token, t, cache):
+    """token [B] at slot prompt_len + t -> (next-token scores [B, V], cache)."""
+    if roe_members == 0:
+      logits, _, cache = run(token[:, None], (lengths + t)[:, None], jnp.ones((batch, 1), jnp.int32), cache,
+                             prompt_len + t)
+      return logits[:, 0], cache
+    logits, _, cache = run(tile(token[:, None]), tile((lengths + t)[:, None]),
+                           jnp.ones((members * batch, 1), jnp.int32), cache, prompt_len + t, k=member_k,
+                           roe_taus=roe_taus, roe_key=jax.random.fold_in(roe_key, prompt_len + t))
+    return roe_lib.ensemble_log_probs(logits, members)[:, 0], cache
+
+  if roe_members == 0:
+    logits, _, cache = run(tokens, positions, valid.astype(jnp.int32), cache, 0)
+    scores = logits[:, -1]
+  else:
+    if prompt_len > 1:
+      _, _, cache = run(tokens[:, :-1], positions[:, :-1], valid[:, :-1].astype(jnp.int32), cache, 0)
+    scores, cache = step(tokens[:, -1], -1, cache)
   rng, first = jax.random.split(rng)
-  token = _sample(logits[:, -1], first, temperature, top_p)
+  token = _sample(scores, first, temperature, top_p)
   stops = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
 
   def cond(state):
@@ -78,10 +105,9 @@ def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, laye
     t, token, cache, done, out, rng = state
     out = out.at[:, t].set(jnp.where(done, -1, token))
     done = done | jnp.isin(token, stops)
-    logits, _, cache = run(token[:, None], (lengths + t)[:, None], jnp.ones((batch, 1), jnp.int32), cache,
-                           prompt_len + t)
-    rng, step = jax.random.split(rng)
-    return t + 1, _sample(logits[:, 0], step, temperature, top_p), cache, done, out, rng
+    scores, cache = step(token, t, cache)
+    rng, key = jax.random.split(rng)
+    return t + 1, _sample(scores, key, temperature, top_p), cache, done, out, rng
 
   out = jnp.full((batch, max_new), -1, jnp.int32)
   state = (jnp.int32(0), token, cache, jnp.zeros((batch,), jnp.bool_), out, rng)
@@ -91,19 +117,29 @@ def _generate(params, tokens, valid, k_traced, rng, limit, *, cfg, layer_k, laye
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
-             bucket: int = 16, expert_backend: str = "auto") -> list[list[int]]:
+             bucket: int = 16, expert_backend: str = "auto", roe: Optional[RoE] = None) -> list[list[int]]:
   """New token ids for each prompt (ragged lists of ids), decoded at top-k.
 
   k: None (k_pre), an int, or one int per prompt (one compiled program for the mix, computing k_max
     = max(k) experts, the others zero-weighted). stop_tokens: default the config's eos ids; a prompt's
     output ends with its first stop token. Prompts longer than max_position_embeddings - max_new_tokens
     are cut from the left with a warning.
+  roe: decode with a Roster-of-Experts ensemble (pj.RoE(members, tau, seed)): each new token is chosen from
+    the mean of the members' next-token distributions (greedy or sampled as above); the KV cache stays
+    [B] (member 0's keys/values: the clean cache), so its memory does not grow with members. members = 1
+    or tau = 0 is the deterministic model, decoded as without roe.
   """
   if not isinstance(prompts, (list, tuple)) or not prompts:
     raise ValueError("prompts must be a non-empty list of token-id lists")
   for i, p in enumerate(prompts):
     if not len(p) or not all(isinstance(t, numbers.Integral) and 0 <= t < cfg.vocab_size for t in p):
       raise ValueError(f"prompts[{i}] must be a non-empty list of token ids in [0, {cfg.vocab_size})")
+  ensemble = None
+  if roe is not None:
+    if not isinstance(roe, RoE):
+      raise ValueError(f"roe={roe!r} must be a pj.RoE(members=..., tau=..., seed=...)")
+    taus = roe.layer_taus(len(cfg.moe_layer_indices))  # validates a per-layer tuple's length
+    ensemble = roe if roe.members > 1 and any(t > 0 for t in taus) else None
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
   if temperature < 0 or not 0.0 < top_p <= 1.0:
@@ -139,10 +175,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   if stop_tokens is None:
     eos = cfg.eos_token_id
     stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+  roe_taus = None if ensemble is None else ensemble.row_taus(len(cfg.moe_layer_indices), batch)
+  roe_key = None if ensemble is None else jax.random.key(ensemble.seed)
   out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
-                  jnp.int32(max_new_tokens), cfg=cfg,
-                  layer_k=plan.static, layer_width=plan.widths, max_new=max_new, temperature=float(temperature),
-                  top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
+                  jnp.int32(max_new_tokens), roe_taus, roe_key, cfg=cfg,
+                  roe_members=ensemble.members if ensemble else 0, layer_k=plan.static, layer_width=plan.widths,
+                  max_new=max_new, temperature=float(temperature), top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
   results = []
   for row in np.asarray(out):
     new = [int(t) for t in row[:max_new_tokens] if t >= 0]

@@ -6,7 +6,7 @@
 Importing this module registers the model; `phds-lm-eval` is lm-eval's own command line with it
 registered (lm-eval finds no models outside its package by itself). Model arguments: path (HF or orbax
 checkpoint), k (declared top-k; default k_pre), dtype, batch_size, tokenizer (default: path),
-max_gen_toks, expert_backend, and a Roster-of-Experts ensemble for the log-likelihoods: roe_members
+max_gen_toks, expert_backend, and a Roster-of-Experts ensemble for every request type: roe_members
 (default 1: none), roe_tau (a float, or one per MoE layer separated by ":"), roe_seed.
 """
 
@@ -79,9 +79,6 @@ class PhdsLM(LM):
     return out
 
   def generate_until(self, requests) -> list[str]:
-    if self.roe is not None:
-      raise ValueError("generation tasks with roe_members > 1: ensembled generation is not built yet "
-                       "(issue 14); run them with roe_members=1")
     out = []
     for request in requests:
       context, kwargs = request.args
@@ -93,7 +90,7 @@ class PhdsLM(LM):
       prompt = self._encode(context) or [self.prefix_token_id]
       (new,) = generate(self.cfg, self.params, [prompt], max_new_tokens=max_new, k=self.k,
                         temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-                        expert_backend=self.expert_backend)
+                        expert_backend=self.expert_backend, roe=self.roe)
       text = self.tokenizer.decode(new, skip_special_tokens=True)
       for stop in until:
         if stop and stop in text:

@@ -94,8 +94,8 @@ def test_adapter_methods(setup):
   assert PhdsLM(path=setup["model"], k="2", roe_members="1", roe_tau="1.0").roe is None  # member 0 only
   with pytest.raises(ValueError, match="RoE tau has 3 entries"):
     PhdsLM(path=setup["model"], roe_members="2", roe_tau="0.1:0.2:0.3")
-  with pytest.raises(ValueError, match="ensembled generation is not built yet"):
-    ensemble.generate_until([Request("say first of : w1 w2", {"until": ["w9"], "max_gen_toks": 5})])
+  request = Request("say first of : w1 w2", {"until": ["w9"], "max_gen_toks": 5})
+  assert ensemble.generate_until([request]) == ensemble.generate_until([request])  # seeded routings
 
 
 def test_command_line_wrapper_lists_the_model(setup, monkeypatch, capsys):

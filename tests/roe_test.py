@@ -79,3 +79,41 @@ def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
   nll = evaluate.mean_nll(cfg, params, batches, k=2)
   assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE()) == pytest.approx(nll, rel=1e-5)
   assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE(members=2, tau=1.0))["nll"] != nll["nll"]
+
+
+def test_members_attend_to_the_clean_cache_and_their_own_new_keys():
+  from phds_jax.model import layers
+
+  rng = np.random.default_rng(0)
+  m, b, kv, g, length, slots, d, index = 3, 2, 2, 2, 2, 9, 4, 5
+  q = jnp.asarray(rng.normal(size=(m, b, kv, g, length, d)), jnp.float32)
+  own_k, own_v = (jnp.asarray(rng.normal(size=(m, b, kv, length, d)), jnp.float32) for _ in range(2))
+  past_k, past_v = (jnp.asarray(rng.normal(size=(b, kv, slots, d)), jnp.float32) for _ in range(2))
+  kv_valid = jnp.asarray(np.arange(slots)[None, :] >= np.array([[0], [2]]))  # row 1 is left-padded
+  mask = layers.cache_attention_mask(kv_valid, index, length)
+  got = layers.attend_members(q, own_k, own_v, past_k, past_v, mask & (jnp.arange(slots) < index), d ** -0.5)
+  for member in range(m):  # the reference: plain attention over a cache holding this member's own keys
+    keys = past_k.at[:, :, index:index + length].set(own_k[member])
+    values = past_v.at[:, :, index:index + length].set(own_v[member])
+    want = layers.attend(q[member], keys, values, mask, d ** -0.5)
+    np.testing.assert_allclose(got[member], want, rtol=1e-5, atol=1e-6)
+
+
+def test_ensembled_generation_decodes_members_against_one_clean_cache(hf_dirs):
+  cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
+  prompts, n = [[5, 6, 7, 8, 9], [10, 11, 12], [40]], len(cfg.moe_layer_indices)
+  for k in (2, [1, 4, 2]):  # static and per-prompt k
+    plain = pj.generate(cfg, params, prompts, max_new_tokens=6, k=k, stop_tokens=[])
+    assert pj.generate(cfg, params, prompts, max_new_tokens=6, k=k, stop_tokens=[],
+                       roe=pj.RoE(members=4, tau=0.0)) == plain  # deterministic members: today's program
+    # tau ~ 0 takes the ensemble path (M x B rows per step, clean cache) with every member routed like member 0
+    assert pj.generate(cfg, params, prompts, max_new_tokens=6, k=k, stop_tokens=[],
+                       roe=pj.RoE(members=3, tau=1e-30)) == plain, k
+  noisy = pj.RoE(members=3, tau=(2.0,) * n, seed=0)
+  ens = pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[], roe=noisy)
+  assert ens == pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[], roe=noisy)
+  assert ens != pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[])
+  with pytest.raises(ValueError, match="must be a pj.RoE"):
+    pj.generate(cfg, params, prompts, roe=4)
+  with pytest.raises(ValueError, match=f"RoE tau has {n + 1} entries"):
+    pj.generate(cfg, params, prompts, roe=pj.RoE(members=2, tau=(0.5,) * (n + 1)))

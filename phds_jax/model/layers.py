@@ -95,6 +95,9 @@ class Attention(nn.Module):
 
     Without a cache S = L. With a KV cache {"k", "v": [B, S, KV, D]} the new keys/values are written at
     slots cache_index .. cache_index + L - 1 and attention runs over all S slots (the mask says which).
+    With M * B rows against a B-row cache (Roster-of-Experts members, member-major) the cache is clean:
+    only member 0's keys/values are written, and each member attends to the cached slots before
+    cache_index plus its own new keys/values (`attend_members`).
     """
     cfg = self.cfg
     d, n, kv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -113,18 +116,28 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, length, kv, d)
+    o_proj = dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")
     new_cache = None
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-      new_cache = {"k": k, "v": v}
+      members = b // cache["k"].shape[0]  # > 1: Roster-of-Experts members share one clean cache
+      rows, start = b // members, (0, cache_index, 0, 0)
+      new_cache = {name: jax.lax.dynamic_update_slice(cache[name], own[:rows].astype(cache[name].dtype), start)
+                   for name, own in (("k", k), ("v", v))}
+      if members > 1:
+        split = lambda t: t.reshape((members, rows) + t.shape[1:])  # member-major rows -> [M, B, ...]
+        q = split(q).reshape(members, rows, length, kv, n // kv, d).transpose(0, 1, 3, 4, 2, 5)
+        own_k, own_v = (split(t).transpose(0, 1, 3, 2, 4) for t in (k, v))  # [M, B, KV, L, D]
+        past_k, past_v = (new_cache[name].transpose(0, 2, 1, 3) for name in ("k", "v"))  # [B, KV, S, D]
+        past_mask = mask & (jnp.arange(past_k.shape[2]) < cache_index)
+        out = attend_members(q, own_k, own_v, past_k, past_v, past_mask, d ** -0.5)  # [M, B, KV, G, L, D]
+        return o_proj(out.transpose(0, 1, 4, 2, 3, 5).reshape(b, length, n * d)), new_cache
+      k, v = new_cache["k"], new_cache["v"]
     q = q.reshape(b, length, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, L, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     causal_chunk = ATTENTION_QUERY_CHUNK if cache is None else None
     out = attend(q, k, v, mask, d ** -0.5, causal_chunk)  # [B, KV, G, L, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n * d)
-    return dense(cfg.hidden_size, cfg.o_bias, cfg, self.param_dtype, "o_proj")(out), new_cache
+    return o_proj(out), new_cache
 
 
 def attend(q, k, v, mask, scale: float, causal_chunk: Optional[int] = None):
@@ -148,6 +161,26 @@ def attend(q, k, v, mask, scale: float, causal_chunk: Optional[int] = None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     outs.append(jnp.einsum("bkgls,bksd->bkgld", probs, v[:, :, keys]))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+
+def attend_members(q, own_k, own_v, past_k, past_v, past_mask, scale: float):
+  """Decoding M routing-ensemble members of B sequences against one shared ("clean") KV cache.
+
+  q [M, B, KV, G, L, D]; own_k/own_v [M, B, KV, L, D], each member's keys/values of the L new tokens;
+  past_k/past_v [B, KV, S, D], the cache; past_mask bool [B, 1, 1, L, S], the cached slots a query may see
+  (before the new tokens) -> [M, B, KV, G, L, D]. Each member attends to the past and, causally, to its own
+  new tokens, in one softmax (float32 scores, as `attend`).
+  """
+  floor = jnp.finfo(jnp.float32).min
+  past = jnp.einsum("mbkgld,bksd->mbkgls", q, past_k) * scale
+  own = jnp.einsum("mbkgld,mbkjd->mbkglj", q, own_k) * scale
+  causal = jnp.tril(jnp.ones((q.shape[4], q.shape[4]), jnp.bool_))
+  scores = jnp.concatenate([jnp.where(past_mask[None], past.astype(jnp.float32), floor),
+                            jnp.where(causal, own.astype(jnp.float32), floor)], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(own_v.dtype)
+  slots = past_k.shape[2]
+  return (jnp.einsum("mbkgls,bksd->mbkgld", probs[..., :slots], past_v)
+          + jnp.einsum("mbkglj,mbkjd->mbkgld", probs[..., slots:], own_v))
 
 
 class MLP(nn.Module):
