@@ -201,6 +201,7 @@ def _eval(config) -> list[str]:
   for path in (p.strip() for p in config.eval.task_files.split(",") if p.strip()):
     if not os.path.isfile(path):
       out.append(f"eval.task_files: {path!r} does not exist")
+  out += configs.eval_roe_settings(config)[1]
   out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
   out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
   return list(dict.fromkeys(out))

@@ -108,6 +108,8 @@ def base_config(arg=None):
   c.eval.sft_files = ""  # eval: SFT JSONL, perplexity on response tokens only
   c.eval.max_rows = 0  # eval: packed text rows evaluated (0 = all)
   c.eval.truncate = True  # eval: drop context from the left when an item exceeds max positions (False: error)
+  c.eval.roe = ""  # eval: Roster-of-Experts settings "members:tau,..." (e.g. 4:0.5,8:1.0), each one more curve
+  c.eval.roe_seed = 0  # eval: the seed of the RoE routings
   c.eval.latency = ml_collections.ConfigDict()
   c.eval.latency.enabled = True  # eval: measure prefill and decode speed per k
   c.eval.latency.batch_size = 1  # sequences per timed call
@@ -143,6 +145,22 @@ def base_config(arg=None):
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
   return c
+
+
+def eval_roe_settings(config) -> tuple[list[tuple[int, float]], list[str]]:
+  """(members, tau) pairs of `eval.roe` ("4:0.5,8:1.0"; members >= 2, tau > 0) and the problems of bad ones."""
+  out, problems = [], []
+  for entry in (e.strip() for e in config.eval.roe.split(",") if e.strip()):
+    members, _, tau = entry.partition(":")
+    try:
+      pair = (int(members), float(tau))
+    except ValueError:
+      pair = None
+    if pair is None or pair[0] < 2 or not pair[1] > 0:
+      problems.append(f"eval.roe: entry {entry!r} must be members:tau with members >= 2 and tau > 0 (e.g. 4:0.5)")
+    else:
+      out.append(pair)
+  return out, problems
 
 
 def eval_checkpoints(config) -> tuple[dict[str, tuple[str, str]], list[str]]:

@@ -3,9 +3,10 @@
 Per checkpoint and k: multiple-choice acc / acc_norm on OLMo suite tasks and user JSONL tasks with the
 predicted choice per item and the cross-sparsity agreement with the reference k (share of items with the
 same predicted choice), mean NLL and perplexity on text / SFT data with next-token agreement and KL to the
-reference k, and latency.
-Writes `eval_results.json`, prints one table per checkpoint and plots accuracy against decode latency
-(`accuracy_vs_latency.png`, one curve per checkpoint).
+reference k, latency and the cost model's FLOPs per decoded token. `eval.roe` adds Roster-of-Experts
+routing ensembles (members:tau settings), each evaluated like a checkpoint of its own at every k.
+Writes `eval_results.json`, prints one table per checkpoint (and ensemble) and plots accuracy against decode
+latency and against FLOPs (`accuracy_vs_latency.png`, `accuracy_vs_flops.png`, one curve each).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from phds_jax import olmo_tasks
 from phds_jax import sparsity
 from phds_jax import sharding as sharding_lib
 from phds_jax.load import load
+from phds_jax.model.roe import RoE
+from phds_jax.plan import forward_flops_per_token
 
 log = logging.getLogger("phds_jax")
 
@@ -75,23 +78,30 @@ def k_grid(config, cfg) -> list[int]:
 
 
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
-                        reference: Optional[dict[str, list[int]]] = None) -> tuple[dict[int, Any], dict[str, list[int]]]:
+                        reference: Optional[dict[str, list[int]]] = None,
+                        roe: Optional[RoE] = None) -> tuple[dict[int, Any], dict[str, list[int]]]:
   """(metrics per k, the multiple-choice predictions per task at reference_k). Agreement is measured
   against `reference` (predictions per task), or None: this checkpoint's own at reference_k, scored once
-  even when reference_k is in the grid; text agreement and KL against this checkpoint at reference_k."""
+  even when reference_k is in the grid; text agreement and KL against this checkpoint at reference_k.
+  roe: every metric of that routing ensemble (text agreement and KL are left out; pass the deterministic
+  model's predictions as `reference`). Each row also has the cost model's FLOPs per decoded token."""
   e, backend = config.eval, config.model.expert_backend
   scored: dict[int, dict[str, Any]] = {}
 
   def multiple_choice(k):
     if k not in scored:
       scored[k] = {name: evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=e.batch_size,
-                                                  truncate=e.truncate, expert_backend=backend)
+                                                  truncate=e.truncate, expert_backend=backend, roe=roe)
                    for name, items in tasks.items()}
     return scored[k]
 
   projected = evaluate.projected_positions(text_batches)
-  own = {name: r["predictions"] for name, r in multiple_choice(reference_k).items()} if tasks else {}
+  own = {}
+  if tasks and reference is None:
+    own = {name: r["predictions"] for name, r in multiple_choice(reference_k).items()}
   reference = own if reference is None else reference
+  members = roe.members if roe else 1
+  context = e.latency.prompt_len + e.latency.decode_tokens / 2
   rows: dict[int, Any] = {}
   for k in ks:
     row: dict[str, Any] = {"tasks": {}}
@@ -104,14 +114,16 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
       row.update(_task_means(row["tasks"]))
     if text_batches:
       row.update(evaluate.mean_nll(cfg, params, text_batches, k=k, max_loss_tokens=projected,
-                                   expert_backend=backend))
-      row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k,
-                                               max_loss_tokens=projected, expert_backend=backend))
+                                   expert_backend=backend, roe=roe))
+      if roe is None:
+        row.update(evaluate.next_token_agreement(cfg, params, text_batches, k=k, reference_k=reference_k,
+                                                 max_loss_tokens=projected, expert_backend=backend))
+    row["flops_per_token"] = members * forward_flops_per_token(cfg, k, context)
     if e.latency.enabled:
       lat = e.latency
       row["latency"] = latency.measure(cfg, params, k, batch_size=lat.batch_size, prompt_len=lat.prompt_len,
                                        decode_tokens=lat.decode_tokens, repeats=lat.repeats,
-                                       expert_backend=backend)
+                                       expert_backend=backend, roe=roe)
     rows[k] = row
     print(f"  k={k} done", flush=True)
   return rows, own
@@ -129,7 +141,7 @@ def _task_means(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(label: str, rows: dict[int, Any], reference_k: int, agreement_title: str = "") -> str:
   """One line per k: mean accuracy and agreement over tasks (+- standard error, items), text metrics,
-  latency; then, with several tasks, one line per task and k. agreement_title names the multiple-choice
+  latency, FLOPs per decoded token; then, with several tasks, one line per task and k. agreement_title names the multiple-choice
   reference (default: agree@reference_k)."""
   agree = agreement_title or f"agree@{reference_k}"
   columns = [("acc", "acc_mean"), ("+-se", "acc_mean_se"), (agree, "agreement_mean"),
@@ -141,11 +153,15 @@ def format_table(label: str, rows: dict[int, Any], reference_k: int, agreement_t
   header += f"\n{'k':>3} " + " ".join(f"{t:>14}" for t, _ in present)
   if any("latency" in r for r in rows.values()):
     header += f" {'prefill tok/s':>14} {'decode ms/tok':>14}"
+  if any("flops_per_token" in r for r in rows.values()):
+    header += f" {'MFLOP/tok':>10}"
   lines = [header, "-" * len(header.splitlines()[-1])]
   for k, r in rows.items():
     line = f"{k:>3} " + " ".join(f"{r[key]:>14.4f}" if key in r else f"{'-':>14}" for _, key in present)
     if "latency" in r:
       line += f" {r['latency']['prefill_tokens_per_s']:>14.0f} {r['latency']['decode_ms_per_token']:>14.3f}"
+    if "flops_per_token" in r:
+      line += f" {r['flops_per_token'] / 1e6:>10.4g}"
     lines.append(line)
   task_names = sorted({name for r in rows.values() for name in r.get("tasks", {})})
   if len(task_names) > 1:
@@ -159,31 +175,42 @@ def format_table(label: str, rows: dict[int, Any], reference_k: int, agreement_t
   return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[int, Any]], path: str) -> bool:
-  """Accuracy (mean over tasks) against decode latency, one curve per checkpoint; False if nothing to plot."""
-  curves = {label: [(r["latency"]["decode_ms_per_token"], r["acc_mean"], k) for k, r in rows.items()
-                    if "latency" in r and "acc_mean" in r] for label, rows in results.items()}
+AXES = {"latency": ("decode latency (ms / token)", lambda r: r.get("latency", {}).get("decode_ms_per_token")),
+        "flops": ("FLOPs per decoded token (cost model: members x forward at k)", lambda r: r.get("flops_per_token"))}
+
+
+def plot(results: dict[str, dict[int, Any]], path: str, axis: str = "latency") -> bool:
+  """Accuracy (mean over tasks) against decode latency or FLOPs (`AXES`), one curve per checkpoint and
+  routing-ensemble setting, points labelled by k; False if nothing to plot."""
+  title, x_of = AXES[axis]
+  curves = {label: [(x_of(r), r["acc_mean"], k) for k, r in rows.items()
+                    if x_of(r) is not None and "acc_mean" in r] for label, rows in results.items()}
   if not any(curves.values()):
     return False
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for label, points in curves.items():
     points.sort()
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     for x, y, k in points:
       ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  ax.set_xlabel("decode latency (ms / token)")
+  ax.set_xlabel(title)
   ax.set_ylabel("accuracy (mean over tasks)")
-  ax.set_title("accuracy vs latency across declared k")
+  ax.set_title(f"accuracy vs {axis} across declared k")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
+
+
+def roe_label(label: str, roe: RoE) -> str:
+  """The name of a checkpoint's routing-ensemble curve in tables, plots and eval_results.json."""
+  return f"{label} RoE M={roe.members} tau={roe.tau:g}"
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -192,6 +219,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   anchor = config.eval.agreement_with
   if anchor and anchor not in paths:
     raise ValueError(f"eval.agreement_with={anchor!r} is not a checkpoint label; the labels are {list(paths)}")
+  settings, problems = configs.eval_roe_settings(config)
+  if problems:
+    raise ValueError(problems[0])
+  ensembles = [RoE(members=m, tau=tau, seed=config.eval.roe_seed) for m, tau in settings]
   tasks = _tasks(config)
   results: dict[str, Any] = {}
   tokenizer = None
@@ -212,16 +243,25 @@ def run(config, workdir: str) -> dict[str, Any]:
                                                 config, shared)
     if label == anchor:  # evaluated first: every later checkpoint is measured against its predictions
       shared, agreement = own, {"label": anchor, "k": reference_k}
-    del params
     title = f"agree@{anchor}:k{agreement['k']}" if anchor else ""
     print(format_table(label, results[label], reference_k, title), flush=True)
-  results = {label: results[label] for label in paths}
+    for roe in ensembles:
+      curve = roe_label(label, roe)
+      print(f"evaluating {curve}", flush=True)
+      with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+        results[curve], _ = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k,
+                                                config, shared if anchor else own, roe=roe)
+      print(format_table(curve, results[curve], reference_k, title), flush=True)
+    del params
+  order = [name for label in paths for name in (label, *(roe_label(label, roe) for roe in ensembles))]
+  results = {name: results[name] for name in order}
   out = os.path.join(workdir, "eval_results.json")
   with open(out, "w", encoding="utf-8") as f:
     json.dump({"checkpoints": paths, "tasks": list(tasks), "agreement_with": agreement or None,
                "results": results}, f, indent=2)
   print(f"wrote {out}")
-  png = os.path.join(workdir, "accuracy_vs_latency.png")
-  if plot(results, png):
-    print(f"wrote {png}")
+  for axis in AXES:
+    png = os.path.join(workdir, f"accuracy_vs_{axis}.png")
+    if plot(results, png, axis):
+      print(f"wrote {png}")
   return results

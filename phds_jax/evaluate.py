@@ -18,7 +18,7 @@ import numpy as np
 from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.losses import RunSpec, token_nll, trained_positions
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.roe import RoE
+from phds_jax.model.roe import RoE, ensemble_log_probs
 from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
@@ -51,14 +51,11 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe"))
 def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend, roe=None):
   """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding)."""
-  if roe is None:
-    hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
-                     expert_backend=expert_backend)
-    hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, C, H]: logits only where scored
-    logp = jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
-  else:  # the ensemble's log-probabilities at every position, then those scored
-    logp = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, expert_backend=expert_backend, roe=roe)
-    logp = jnp.take_along_axis(logp, where[..., None], axis=1)
+  members = 1 if roe is None else roe.members
+  hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
+                   expert_backend=expert_backend, roe=roe)  # [members * B, L, H]
+  hidden = jnp.take_along_axis(hidden, jnp.tile(where, (members, 1))[..., None], axis=1)  # only where scored
+  logp = ensemble_log_probs(project_logits(cfg, params, hidden), members)  # [B, C, V]
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   greedy = jnp.all((jnp.argmax(logp, axis=-1) == targets) | (weights == 0), axis=-1)
   return jnp.sum(picked * weights, axis=-1), greedy
@@ -177,7 +174,7 @@ def mean_nll(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]],
   total, count = 0.0, 0.0
   for batch in batches:
     if roe is not None:
-      nll_sum, weight = _ensemble_nll_batch(cfg, params, place(batch), k, expert_backend, roe)
+      nll_sum, weight = _ensemble_nll_batch(cfg, params, place(batch), k, max_loss_tokens, expert_backend, roe)
     else:
       nll_sum, weight = _nll_batch(cfg, params, place(batch), RunSpec(k, max_loss_tokens=max_loss_tokens,
                                                                       expert_backend=expert_backend))
@@ -192,12 +189,16 @@ def _nll_batch(cfg, params, batch, run):
   return nll_sum, weight
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe"))
-def _ensemble_nll_batch(cfg, params, batch, k, expert_backend, roe):
-  logp = forward(cfg, params, batch["inputs"], k=k, positions=batch["positions"],
-                 segment_ids=batch["segment_ids"], expert_backend=expert_backend, roe=roe)
-  picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  return -jnp.sum(picked * batch["weights"]), jnp.sum(batch["weights"])
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "max_loss_tokens", "expert_backend", "roe"))
+def _ensemble_nll_batch(cfg, params, batch, k, max_loss_tokens, expert_backend, roe):
+  hidden = forward(cfg, params, batch["inputs"], k=k, positions=batch["positions"],
+                   segment_ids=batch["segment_ids"], return_hidden=True, expert_backend=expert_backend,
+                   roe=roe)  # [members * B, L, H]
+  weights, targets = trained_positions(max_loss_tokens, batch["weights"], batch["targets"])
+  _, hidden = trained_positions(max_loss_tokens, roe.tile(batch["weights"]), hidden)  # each member's own rows
+  logp = ensemble_log_probs(project_logits(cfg, params, hidden), roe.members)
+  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return -jnp.sum(picked * weights), jnp.sum(weights)
 
 
 def next_token_agreement(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]], *, k: int,

@@ -22,7 +22,7 @@ import numpy as np
 from phds_jax.model import roe as roe_lib
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.roe import RoE
-from phds_jax.model.transformer import Decoder, plan_k, resolve_expert_backend
+from phds_jax.model.transformer import Decoder, plan_k, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
 
@@ -66,14 +66,15 @@ def _generate(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *,
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
   lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
   model = Decoder(cfg, expert_backend=expert_backend)
+  prefill_model = Decoder(cfg, expert_backend=expert_backend, skip_head=True)  # the head at one position only
   layer_k = layer_k if layer_k is not None else k_traced
   members = max(roe_members, 1)
   tile = lambda a: jnp.tile(a, (members,) + (1,) * (a.ndim - 1))  # [B, ...] -> [M * B, ...], member-major
   member_k = layer_k if roe_members == 0 or k_traced is None else tuple(tile(k) for k in layer_k)
 
-  def run(tokens, positions, segments, cache, index, k=layer_k, roe_taus=None, roe_key=None):
-    return model.apply({"params": params}, tokens, positions, segments, layer_k=k, layer_width=layer_width,
-                       cache=cache, cache_index=index, kv_valid=kv_valid, roe_taus=roe_taus, roe_key=roe_key)
+  def run(tokens, positions, segments, cache, index, k=layer_k, roe_taus=None, roe_key=None, decoder=model):
+    return decoder.apply({"params": params}, tokens, positions, segments, layer_k=k, layer_width=layer_width,
+                         cache=cache, cache_index=index, kv_valid=kv_valid, roe_taus=roe_taus, roe_key=roe_key)
 
   def step(token, t, cache):
     """token [B] at slot prompt_len + t -> (next-token scores [B, V], cache)."""
@@ -87,11 +88,12 @@ def _generate(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *,
     return roe_lib.ensemble_log_probs(logits, members)[:, 0], cache
 
   if roe_members == 0:
-    logits, _, cache = run(tokens, positions, valid.astype(jnp.int32), cache, 0)
-    scores = logits[:, -1]
+    hidden, _, cache = run(tokens, positions, valid.astype(jnp.int32), cache, 0, decoder=prefill_model)
+    scores = project_logits(cfg, params, hidden[:, -1])
   else:
     if prompt_len > 1:
-      _, _, cache = run(tokens[:, :-1], positions[:, :-1], valid[:, :-1].astype(jnp.int32), cache, 0)
+      _, _, cache = run(tokens[:, :-1], positions[:, :-1], valid[:, :-1].astype(jnp.int32), cache, 0,
+                        decoder=prefill_model)
     scores, cache = step(tokens[:, -1], -1, cache)
   rng, first = jax.random.split(rng)
   token = _sample(scores, first, temperature, top_p)
@@ -129,6 +131,25 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     [B] (member 0's keys/values: the clean cache), so its memory does not grow with members. members = 1
     or tau = 0 is the deterministic model, decoded as without roe.
   """
+  args, statics = _program_inputs(cfg, params, prompts, max_new_tokens=max_new_tokens, k=k, k_max=k_max,
+                                  temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                                  bucket=bucket, expert_backend=expert_backend, roe=roe)
+  out = np.asarray(_generate(*args, **statics))
+  return [[int(t) for t in row[:max_new_tokens] if t >= 0] for row in out]
+
+
+def lower_generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], **options) -> jax.stages.Lowered:
+  """The program `generate(cfg, params, prompts, **options)` runs, lowered (for .compile().memory_analysis())."""
+  args, statics = _program_inputs(cfg, params, prompts, **options)
+  return _generate.lower(*args, **statics)
+
+
+def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                    k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None,
+                    temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None,
+                    seed: int = 0, bucket: int = 16, expert_backend: str = "auto",
+                    roe: Optional[RoE] = None) -> tuple[tuple, dict]:
+  """Validates `generate`'s arguments (ValueError naming one) -> (arrays, static arguments) of `_generate`."""
   if not isinstance(prompts, (list, tuple)) or not prompts:
     raise ValueError("prompts must be a non-empty list of token-id lists")
   for i, p in enumerate(prompts):
@@ -177,12 +198,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
   roe_taus = None if ensemble is None else ensemble.row_taus(len(cfg.moe_layer_indices), batch)
   roe_key = None if ensemble is None else jax.random.key(ensemble.seed)
-  out = _generate(params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
-                  jnp.int32(max_new_tokens), roe_taus, roe_key, cfg=cfg,
-                  roe_members=ensemble.members if ensemble else 0, layer_k=plan.static, layer_width=plan.widths,
-                  max_new=max_new, temperature=float(temperature), top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
-  results = []
-  for row in np.asarray(out):
-    new = [int(t) for t in row[:max_new_tokens] if t >= 0]
-    results.append(new)
-  return results
+  args = (params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
+          jnp.int32(max_new_tokens), roe_taus, roe_key)
+  statics = dict(cfg=cfg, roe_members=ensemble.members if ensemble else 0, layer_k=plan.static,
+                 layer_width=plan.widths, max_new=max_new, temperature=float(temperature), top_p=float(top_p),
+                 stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
+  return args, statics

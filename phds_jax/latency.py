@@ -1,6 +1,7 @@
 """Latency and throughput at a declared k, measured after compilation (median of repeats).
 
-prefill: one forward over [batch, prompt_len] tokens at static k -> tokens/s.
+prefill: one forward over [batch, prompt_len] tokens at static k -> tokens/s (with a Roster-of-Experts
+ensemble: its scoring forward, members x batch rows).
 decode: generate() with stop tokens off; ms per new token = (time for n tokens - time for 1) / (n - 1),
 so the prefill and the program launch cancel out.
 """
@@ -8,7 +9,7 @@ so the prefill and the program launch cancel out.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 
 from phds_jax.generate import generate
 from phds_jax.model.config import ModelConfig
+from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import forward
 
 
@@ -39,16 +41,19 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure(cfg: ModelConfig, params, k: int, *, batch_size: int = 1, prompt_len: int = 128,
-            decode_tokens: int = 16, repeats: int = 3, seed: int = 0, expert_backend: str = "auto") -> dict[str, Any]:
-  """prefill tokens/s and decode ms/token at top-k for random prompts of `prompt_len` tokens."""
+            decode_tokens: int = 16, repeats: int = 3, seed: int = 0, expert_backend: str = "auto",
+            roe: Optional[RoE] = None) -> dict[str, Any]:
+  """prefill tokens/s and decode ms/token at top-k for random prompts of `prompt_len` tokens (with `roe`,
+  of that routing ensemble)."""
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, prompt_len)), jnp.int32)
-  prefill = median_seconds(lambda: forward(cfg, params, tokens, k=k, expert_backend=expert_backend), repeats)
+  prefill = median_seconds(lambda: forward(cfg, params, tokens, k=k, expert_backend=expert_backend, roe=roe),
+                           repeats)
   prompts = np.asarray(tokens).tolist()
 
   def run(n):
     return lambda: generate(cfg, params, prompts, max_new_tokens=n, k=k, stop_tokens=[], bucket=decode_tokens,
-                            expert_backend=expert_backend)
+                            expert_backend=expert_backend, roe=roe)
 
   one, many = median_seconds(run(1), repeats), median_seconds(run(decode_tokens), repeats)
   device = jax.devices()[0]

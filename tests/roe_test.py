@@ -59,8 +59,8 @@ def test_a_tau_per_layer_must_match_the_moe_layers(hf_dirs, tokens):
   n = len(cfg.moe_layer_indices)
   with pytest.raises(ValueError, match=f"RoE tau has {n + 1} entries; the model has {n} MoE layers"):
     pj.forward(cfg, params, tokens, roe=pj.RoE(members=2, tau=(0.5,) * (n + 1)))
-  with pytest.raises(ValueError, match="return_aux and return_hidden are not available"):
-    pj.forward(cfg, params, tokens, return_hidden=True, roe=pj.RoE(members=2, tau=0.5))
+  with pytest.raises(ValueError, match="return_aux is not available"):
+    pj.forward(cfg, params, tokens, return_aux=True, roe=pj.RoE(members=2, tau=0.5))
 
 
 def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
@@ -78,7 +78,28 @@ def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
   batches = data.eval_batches(data.pack(data.read_sft(write_toy_sft(tmp_path / "s.jsonl", n=8), tokenizer), 64), 4)
   nll = evaluate.mean_nll(cfg, params, batches, k=2)
   assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE()) == pytest.approx(nll, rel=1e-5)
-  assert evaluate.mean_nll(cfg, params, batches, k=2, roe=pj.RoE(members=2, tau=1.0))["nll"] != nll["nll"]
+  noisy = pj.RoE(members=2, tau=1.0)
+  full = evaluate.mean_nll(cfg, params, batches, k=2, roe=noisy)
+  assert full["nll"] != nll["nll"]
+  # projecting only each member's trained positions to the vocabulary gives the same ensemble NLL
+  projected = evaluate.mean_nll(cfg, params, batches, k=2, roe=noisy,
+                                max_loss_tokens=evaluate.projected_positions(batches))
+  assert projected == pytest.approx(full, rel=1e-5)
+
+
+def test_scored_positions_alone_give_the_ensembles_log_probs(hf_dirs, tokens):
+  from phds_jax import evaluate
+
+  cfg, params = _model("qwen_norm_tied", hf_dirs)  # a tied head
+  roe = pj.RoE(members=3, tau=1.0, seed=2)
+  where = np.array([[2, 3, 4], [5, 6, 0]], np.int32)
+  weights = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+  targets = np.take_along_axis(tokens, where + 1, axis=1)
+  scores, _ = evaluate._score_batch(cfg, params, tokens, np.ones_like(tokens), where, targets, weights, 2,
+                                    "reference", roe)  # pylint: disable=protected-access
+  logp = np.asarray(pj.forward(cfg, params, tokens, k=2, expert_backend="reference", roe=roe))  # every position
+  want = np.take_along_axis(np.take_along_axis(logp, where[..., None], 1), targets[..., None], 2)[..., 0]
+  np.testing.assert_allclose(scores, (want * weights).sum(-1), rtol=1e-5)
 
 
 def test_members_attend_to_the_clean_cache_and_their_own_new_keys():

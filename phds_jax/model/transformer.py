@@ -251,7 +251,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe
   logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
       soft_mask_eps=soft_mask_eps, roe_taus=roe_taus, roe_key=roe_key)
-  if roe_members:
+  if roe_members and not return_hidden:
     return roe_lib.ensemble_log_probs(logits, roe_members)
   if not return_aux:
     return logits
@@ -281,8 +281,9 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   function, less memory for more compute under jax.grad.
   roe: a Roster-of-Experts ensemble (pj.RoE(members, tau, seed)): the members run as extra batch rows of
   one program and the result is the ensemble's float32 next-token log-probabilities [B, L, V], the log of
-  the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). Inference only:
-  not with return_aux or return_hidden.
+  the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). With
+  return_hidden the members' hidden states come instead, [members * B, L, H] member-major (project the
+  positions needed, then pj.model.roe.ensemble_log_probs). Inference only: not with return_aux.
   """
   expert_backend = resolve_expert_backend(expert_backend)
   if remat not in REMAT_POLICIES:
@@ -299,9 +300,8 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   if roe is not None:
     if not isinstance(roe, roe_lib.RoE):
       raise ValueError(f"roe={roe!r} must be a pj.RoE(members=..., tau=..., seed=...)")
-    if return_aux or return_hidden:
-      raise ValueError("roe returns the ensemble's log-probabilities: return_aux and return_hidden are not "
-                       "available with it")
+    if return_aux:
+      raise ValueError("roe runs an inference ensemble: return_aux is not available with it")
     taus = roe.layer_taus(len(cfg.moe_layer_indices))  # validates a per-layer tuple's length
   plan = plan_k(cfg, k, k_max, soft_mask_eps, batch)
   tokens = jnp.asarray(tokens, jnp.int32)
