@@ -18,7 +18,7 @@ import numpy as np
 from phds_jax.data import DataError, ReadStats, read_jsonl
 from phds_jax.losses import RunSpec, token_nll, trained_positions
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.roe import RoE, ensemble_log_probs
+from phds_jax.model.roe import RoE, ensemble_argmax, ensemble_target_log_probs
 from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
@@ -48,16 +48,20 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   return items
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe"))
-def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend, roe=None):
-  """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe", "with_greedy"))
+def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend, roe=None,
+                 with_greedy=False):
+  """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding) and,
+  with_greedy, whether every target is the argmax (else None)."""
   members = 1 if roe is None else roe.members
   hidden = forward(cfg, params, tokens, k=k, segment_ids=segment_ids, return_hidden=True,
                    expert_backend=expert_backend, roe=roe)  # [members * B, L, H]
   hidden = jnp.take_along_axis(hidden, jnp.tile(where, (members, 1))[..., None], axis=1)  # only where scored
-  logp = ensemble_log_probs(project_logits(cfg, params, hidden), members)  # [B, C, V]
-  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  greedy = jnp.all((jnp.argmax(logp, axis=-1) == targets) | (weights == 0), axis=-1)
+  logits = project_logits(cfg, params, hidden)  # [members * B, C, V]
+  picked = ensemble_target_log_probs(logits, targets, members)
+  greedy = None
+  if with_greedy:
+    greedy = jnp.all((ensemble_argmax(logits, members) == targets) | (weights == 0), axis=-1)
   return jnp.sum(picked * weights, axis=-1), greedy
 
 
@@ -106,9 +110,10 @@ def continuation_logprobs(cfg: ModelConfig, params, pairs: Sequence[tuple[list[i
       weights[row, :n] = 1.0
     scores, is_greedy = _score_batch(cfg, params, jnp.asarray(tokens), jnp.asarray(segments),
                                      jnp.asarray(where), jnp.asarray(targets), jnp.asarray(weights), k,
-                                     expert_backend, roe)
+                                     expert_backend, roe, return_greedy)
     out[where_in_pairs] = np.asarray(scores)[:len(chunk)]
-    greedy[where_in_pairs] = np.asarray(is_greedy)[:len(chunk)]
+    if return_greedy:
+      greedy[where_in_pairs] = np.asarray(is_greedy)[:len(chunk)]
   return (out, greedy) if return_greedy else out
 
 
@@ -196,8 +201,7 @@ def _ensemble_nll_batch(cfg, params, batch, k, max_loss_tokens, expert_backend, 
                    roe=roe)  # [members * B, L, H]
   weights, targets = trained_positions(max_loss_tokens, batch["weights"], batch["targets"])
   _, hidden = trained_positions(max_loss_tokens, roe.tile(batch["weights"]), hidden)  # each member's own rows
-  logp = ensemble_log_probs(project_logits(cfg, params, hidden), roe.members)
-  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  picked = ensemble_target_log_probs(project_logits(cfg, params, hidden), targets, roe.members)
   return -jnp.sum(picked * weights), jnp.sum(weights)
 
 

@@ -95,11 +95,15 @@ def test_scored_positions_alone_give_the_ensembles_log_probs(hf_dirs, tokens):
   where = np.array([[2, 3, 4], [5, 6, 0]], np.int32)
   weights = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
   targets = np.take_along_axis(tokens, where + 1, axis=1)
-  scores, _ = evaluate._score_batch(cfg, params, tokens, np.ones_like(tokens), where, targets, weights, 2,
-                                    "reference", roe)  # pylint: disable=protected-access
+  targets[1, 0] = 0  # not the argmax (below), so the greedy check has a False to find
   logp = np.asarray(pj.forward(cfg, params, tokens, k=2, expert_backend="reference", roe=roe))  # every position
-  want = np.take_along_axis(np.take_along_axis(logp, where[..., None], 1), targets[..., None], 2)[..., 0]
+  scored = np.take_along_axis(logp, where[..., None], 1)
+  targets[0] = scored[0].argmax(-1)  # row 0 continues greedily
+  scores, greedy = evaluate._score_batch(cfg, params, tokens, np.ones_like(tokens), where, targets, weights, 2,
+                                         "reference", roe, True)  # pylint: disable=protected-access
+  want = np.take_along_axis(scored, targets[..., None], 2)[..., 0]
   np.testing.assert_allclose(scores, (want * weights).sum(-1), rtol=1e-5)
+  assert list(np.asarray(greedy)) == [True, False]
 
 
 def test_members_attend_to_the_clean_cache_and_their_own_new_keys():

@@ -65,3 +65,27 @@ def ensemble_log_probs(logits: jax.Array, members: int) -> jax.Array:
     return logp
   logp = logp.reshape((members, -1) + logp.shape[1:])
   return jax.nn.logsumexp(logp, axis=0) - jnp.log(jnp.float32(members))
+
+
+def _member_major(array: jax.Array, members: int) -> jax.Array:
+  return array.reshape((members, -1) + array.shape[1:])
+
+
+def ensemble_target_log_probs(logits: jax.Array, targets: jax.Array, members: int) -> jax.Array:
+  """[members * B, C, V] member logits, targets int [B, C] -> [B, C] float32 log of the members' mean
+  probability of each target: one logsumexp pass over the vocabulary per member, no [.., V] log-probs."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [M * B, C]
+  picked = jnp.take_along_axis(logits, jnp.tile(targets, (members, 1))[..., None], axis=-1)[..., 0] - lse
+  if members == 1:
+    return picked
+  return jax.nn.logsumexp(_member_major(picked, members), axis=0) - jnp.log(jnp.float32(members))
+
+
+def ensemble_argmax(logits: jax.Array, members: int) -> jax.Array:
+  """[members * B, C, V] member logits -> int32 [B, C], the most likely token of the members' mean."""
+  logits = logits.astype(jnp.float32)
+  if members == 1:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+  return jnp.argmax(jnp.sum(_member_major(probs, members), axis=0), axis=-1).astype(jnp.int32)
