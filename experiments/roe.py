@@ -57,42 +57,23 @@ def mean_accuracy(scored: dict[str, dict[str, Any]]) -> float:
   return sum(r["acc"] for r in scored.values()) / len(scored)
 
 
-def score_tasks(cfg, params, tokenizer, tasks, k: int, roe) -> dict[str, dict[str, Any]]:
-  """Each task's accuracy, its standard error, n and the predictions, all items scored in one call."""
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
-
-  items = [it for task in tasks.values() for it in task]
-  predictions = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=64, roe=roe)["predictions"]
-  out, at = {}, 0
-  for name, task in tasks.items():
-    mine = predictions[at:at + len(task)]
-    correct = [p == it["answer"] for p, it in zip(mine, task)]
-    out[name] = {"acc": sum(correct) / len(task), "acc_se": evaluate.standard_error(correct), "n": len(task),
-                 "predictions": mine}
-    at += len(task)
-  return out
-
-
 def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, members, taus, seed: int, say):
   """{k: {M: {"tau", "validation": {tau: acc}, "tasks", "heldout_nll"}}} for one checkpoint."""
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
   import phds_jax as pj  # pylint: disable=g-import-not-at-top
 
-  tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in study.TASKS}
-  heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
-  max_loss = study.FINETUNE["max_loss_tokens"]
-  batches = data_lib.eval_batches(data_lib.pack(heldout, study.FINETUNE["seq_len"], max_loss_tokens=max_loss), 16)
+  tasks, batches = study.evaluation_tasks(data_dir), study.heldout_batches(tokenizer, data_dir)
   out = {}
   for k in ks:
     out[str(k)] = {}
     for m in members:
-      val = {tau: mean_accuracy(score_tasks(cfg, params, tokenizer, validation, k,
-                                            pj.RoE(members=m, tau=tau, seed=seed))) for tau in taus}
+      val = {tau: mean_accuracy(study.score_tasks(cfg, params, tokenizer, validation, k,
+                                                  roe=pj.RoE(members=m, tau=tau, seed=seed))) for tau in taus}
       tau = max(taus, key=lambda t: (val[t], -t))
       roe = pj.RoE(members=m, tau=tau, seed=seed + 1000)  # other routings than validation's
-      scored = score_tasks(cfg, params, tokenizer, tasks, k, roe)
-      nll = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=max_loss, roe=roe)["nll"]
+      scored = study.score_tasks(cfg, params, tokenizer, tasks, k, roe=roe)
+      nll = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=study.HELDOUT_LOSS_TOKENS,
+                              roe=roe)["nll"]
       out[str(k)][str(m)] = {"tau": tau, "validation": {str(t): v for t, v in val.items()}, "tasks": scored,
                              "heldout_nll": nll}
       say(f"  k={k} M={m}: tau={tau} (validation " + ", ".join(f"{t}: {v:.3f}" for t, v in val.items())

@@ -302,33 +302,55 @@ def base_lm_losses(run_dir: str) -> dict[str, Any]:
                                              if key.startswith("val_loss_k")}}
 
 
-def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, batch_size: int = 64):
-  """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items.
-
-  The tasks' items are scored in one call per k (one compiled shape instead of one per task)."""
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+def score_tasks(cfg, params, tokenizer, tasks: dict[str, list[dict[str, Any]]], k: int, *, roe=None,
+                batch_size: int = 64) -> dict[str, dict[str, Any]]:
+  """Each task's accuracy, its standard error, n and the predicted choice per item at top-k (with `roe`, of
+  that routing ensemble), all tasks' items scored in one call (one compiled shape instead of one per task)."""
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-  tasks = {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl"))
-           for name in TASKS}
   items = [it for task in tasks.values() for it in task]
-  heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
-  max_loss = FINETUNE["max_loss_tokens"]  # logits only where answers are (every answer token counts)
-  batches = data_lib.eval_batches(data_lib.pack(heldout, FINETUNE["seq_len"], max_loss_tokens=max_loss), 16)
+  predictions = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size,
+                                         roe=roe)["predictions"]
+  out, at = {}, 0
+  for name, task in tasks.items():
+    mine = predictions[at:at + len(task)]
+    correct = [p == it["answer"] for p, it in zip(mine, task)]
+    out[name] = {"acc": float(sum(correct) / len(task)), "n": len(task), "predictions": mine,
+                 "acc_se": evaluate.standard_error(correct)}
+    at += len(task)
+  return out
+
+
+def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, batch_size: int = 64):
+  """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items."""
+  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  tasks, batches = evaluation_tasks(data_dir), heldout_batches(tokenizer, data_dir)
   out = {}
   for k in ks:
-    scored = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size)
-    predictions = scored["predictions"]
-    row, at = {"tasks": {}}, 0
-    for name, task in tasks.items():
-      mine = predictions[at:at + len(task)]
-      correct = [p == it["answer"] for p, it in zip(mine, task)]
-      row["tasks"][name] = {"acc": float(sum(correct) / len(task)), "n": len(task), "predictions": mine,
-                            "acc_se": evaluate.standard_error(correct)}
-      at += len(task)
-    row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=max_loss)["nll"]
+    row = {"tasks": score_tasks(cfg, params, tokenizer, tasks, k, batch_size=batch_size)}
+    row["heldout_nll"] = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=HELDOUT_LOSS_TOKENS)["nll"]
     out[str(k)] = row
   return out
+
+
+def evaluation_tasks(data_dir: str) -> dict[str, list[dict[str, Any]]]:
+  """task -> the seed's evaluation items (eval_<task>.jsonl)."""
+  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  return {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in TASKS}
+
+
+HELDOUT_LOSS_TOKENS = FINETUNE["max_loss_tokens"]  # logits only where answers are (every answer token counts)
+
+
+def heldout_batches(tokenizer, data_dir: str) -> list[dict[str, Any]]:
+  """The evaluation items' answers (heldout.jsonl) packed for mean_nll with HELDOUT_LOSS_TOKENS."""
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
+  return data_lib.eval_batches(data_lib.pack(heldout, FINETUNE["seq_len"], max_loss_tokens=HELDOUT_LOSS_TOKENS),
+                               16)
 
 
 def measure_latency(cfg, params, ks: Sequence[int]) -> dict[str, Any]:
