@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
+from phds_jax.generate import lower_generate
 
 
 def _model(variant, hf_dirs):
@@ -135,6 +136,10 @@ def test_ensembled_generation_decodes_members_against_one_clean_cache(hf_dirs):
     assert pj.generate(cfg, params, prompts, max_new_tokens=6, k=k, stop_tokens=[],
                        roe=pj.RoE(members=3, tau=1e-30)) == plain, k
   noisy = pj.RoE(members=3, tau=(2.0,) * n, seed=0)
+  # the program's KV cache is [B, S, KV, D] (prompts and new tokens bucketed to 16 each), never [M * B, ...]
+  text = lower_generate(cfg, params, prompts, max_new_tokens=6, k=2, roe=noisy).as_text()
+  kv, d = cfg.num_key_value_heads, cfg.resolved_head_dim
+  assert f"tensor<3x32x{kv}x{d}xf32>" in text and f"tensor<9x32x{kv}x{d}xf32>" not in text
   ens = pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[], roe=noisy)
   assert ens == pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[], roe=noisy)
   assert ens != pj.generate(cfg, params, prompts, max_new_tokens=6, k=2, stop_tokens=[])
