@@ -19,6 +19,7 @@ Writes OUT/roe/seed<s>/<model>.json (a finished one is skipped: a re-run resumes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import subprocess
@@ -57,14 +58,19 @@ def mean_accuracy(scored: dict[str, dict[str, Any]]) -> float:
   return sum(r["acc"] for r in scored.values()) / len(scored)
 
 
-def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, members, taus, seed: int, say):
-  """{k: {M: {"tau", "validation": {tau: acc}, "tasks", "heldout_nll"}}} for one checkpoint."""
+def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, members, taus, seed: int, say,
+                   done=None, save=None):
+  """{k: {M: {"tau", "validation": {tau: acc}, "tasks", "heldout_nll"}}} for one checkpoint; `done` holds
+  the ks finished before (kept), save(partial result) is called after each k."""
   from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
   import phds_jax as pj  # pylint: disable=g-import-not-at-top
 
   tasks, batches = study.evaluation_tasks(data_dir), study.heldout_batches(tokenizer, data_dir)
-  out = {}
+  out = dict(done or {})
   for k in ks:
+    if str(k) in out:
+      say(f"  k={k}: done before, kept")
+      continue
     out[str(k)] = {}
     for m in members:
       val = {tau: mean_accuracy(study.score_tasks(cfg, params, tokenizer, validation, k,
@@ -78,6 +84,8 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, member
                              "heldout_nll": nll}
       say(f"  k={k} M={m}: tau={tau} (validation " + ", ".join(f"{t}: {v:.3f}" for t, v in val.items())
           + f"), accuracy {mean_accuracy(scored):.3f}, held-out NLL {nll:.4f}")
+    if save:
+      save(out)
   return out
 
 
@@ -115,12 +123,18 @@ def run_jobs(args, worker: int, workers: int):
     say(f"[{number}/{len(todo)}] seed {seed} {model}: members {args.members}, taus {args.taus}, k={list(ks)}")
     path = base_path if model == "base" else os.path.join(args.out, f"seed{seed}", model, "best")
     cfg, params = load(path)
+    header = {"model": model, "seed": seed, "members": args.members, "taus": args.taus, "val_items": args.val_items}
+    partial_file = result_file + ".partial_ks"  # finished ks of an interrupted job (same settings only)
+    done = {}
+    if os.path.isfile(partial_file):
+      with open(partial_file, encoding="utf-8") as f:
+        partial = json.load(f)
+      done = partial["evaluation"] if {key: partial[key] for key in header} == header else {}
     evaluation = evaluate_model(cfg, params, tokenizer, os.path.join(args.out, "data", f"seed{seed}"),
                                 validation_items(wheel, seed, args.val_items), ks, args.members, args.taus, seed,
-                                say)
-    write_json(result_file, {"model": model, "seed": seed, "members": args.members, "taus": args.taus,
-                                    "val_items": args.val_items, "evaluation": evaluation,
-                                    "seconds": round(time.time() - t0, 1)})
+                                say, done, lambda ev: write_json(partial_file, {**header, "evaluation": ev}))
+    write_json(result_file, {**header, "evaluation": evaluation, "seconds": round(time.time() - t0, 1)})
+    os.remove(partial_file)
     say(f"[{number}/{len(todo)}] seed {seed} {model}: done in {time.time() - t0:.0f} s")
 
 

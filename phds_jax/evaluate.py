@@ -48,7 +48,7 @@ def read_multiple_choice(path: str) -> list[dict[str, Any]]:
   return items
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "roe", "with_greedy"))
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "with_greedy"))
 def _score_batch(cfg, params, tokens, segment_ids, where, targets, weights, k, expert_backend, roe=None,
                  with_greedy=False):
   """Summed log-probs of `targets` [B, C] predicted at positions `where` [B, C] (weights mask padding) and,
@@ -194,7 +194,7 @@ def _nll_batch(cfg, params, batch, run):
   return nll_sum, weight
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "max_loss_tokens", "expert_backend", "roe"))
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "max_loss_tokens", "expert_backend"))
 def _ensemble_nll_batch(cfg, params, batch, k, max_loss_tokens, expert_backend, roe):
   hidden = forward(cfg, params, batch["inputs"], k=k, positions=batch["positions"],
                    segment_ids=batch["segment_ids"], return_hidden=True, expert_backend=expert_backend,

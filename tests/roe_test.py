@@ -105,6 +105,11 @@ def test_scored_positions_alone_give_the_ensembles_log_probs(hf_dirs, tokens):
   want = np.take_along_axis(scored, targets[..., None], 2)[..., 0]
   np.testing.assert_allclose(scores, (want * weights).sum(-1), rtol=1e-5)
   assert list(np.asarray(greedy)) == [True, False]
+  programs = evaluate._score_batch._cache_size()  # pylint: disable=protected-access
+  other, _ = evaluate._score_batch(cfg, params, tokens, np.ones_like(tokens), where, targets, weights, 2,
+                                   "reference", pj.RoE(members=3, tau=0.3, seed=5), True)  # pylint: disable=protected-access
+  assert np.abs(np.asarray(other) - np.asarray(scores)).max() > 1e-4
+  assert evaluate._score_batch._cache_size() == programs  # pylint: disable=protected-access  (tau, seed traced)
 
 
 def test_members_attend_to_the_clean_cache_and_their_own_new_keys():

@@ -38,13 +38,14 @@ class RoE:
     if isinstance(self.tau, list):
       object.__setattr__(self, "tau", tuple(self.tau))
 
-  def layer_taus(self, num_moe_layers: int) -> tuple[float, ...]:
-    """One temperature per MoE layer; ValueError when a tuple has the wrong length."""
+  def layer_taus(self, num_moe_layers: int) -> tuple:
+    """One temperature per MoE layer (floats, or tracers inside jit); ValueError when a tuple has the wrong
+    length."""
     if not isinstance(self.tau, tuple):
-      return (float(self.tau),) * num_moe_layers
+      return (self.tau,) * num_moe_layers
     if len(self.tau) != num_moe_layers:
       raise ValueError(f"RoE tau has {len(self.tau)} entries; the model has {num_moe_layers} MoE layers")
-    return tuple(float(t) for t in self.tau)
+    return self.tau
 
   def row_taus(self, num_moe_layers: int, batch: int) -> jax.Array:
     """float32 [num_moe_layers, members * batch]: each row's temperature per layer (member 0's rows 0)."""
@@ -55,6 +56,23 @@ class RoE:
   def tile(self, array: jax.Array) -> jax.Array:
     """[B, ...] -> [members * B, ...]: every member's copy of the batch, member-major."""
     return jnp.tile(array, (self.members,) + (1,) * (array.ndim - 1))
+
+
+def _flatten(roe: RoE):
+  return (roe.tau, roe.seed), roe.members
+
+
+def _unflatten(members: int, children) -> RoE:
+  """Rebuilds an RoE inside jit, where tau and seed are tracers (validated when it was made)."""
+  roe = object.__new__(RoE)
+  for name, value in (("members", members), ("tau", children[0]), ("seed", children[1])):
+    object.__setattr__(roe, name, value)
+  return roe
+
+
+# A pytree: members is static (it sets shapes), tau and seed are traced, so one compiled program serves every
+# temperature and seed of an ensemble size.
+jax.tree_util.register_pytree_node(RoE, _flatten, _unflatten)
 
 
 def ensemble_log_probs(logits: jax.Array, members: int) -> jax.Array:

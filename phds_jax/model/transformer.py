@@ -313,7 +313,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
     tokens, positions, segment_ids = roe.tile(tokens), roe.tile(positions), roe.tile(segment_ids)
     traced = None if traced is None else tuple(roe.tile(t) for t in traced)
     members = roe.members
-    if any(t > 0 for t in taus) and members > 1:  # otherwise every member is the deterministic model
+    if members > 1:  # tau may be traced (roe passed through jit): rows with tau = 0 still route deterministically
       roe_taus, roe_key = roe.row_taus(len(taus), batch), jax.random.key(roe.seed)
   return _forward_jit(params, tokens, positions, segment_ids, traced, roe_taus, roe_key, cfg=cfg,
                       layer_k=plan.static, layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
