@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import phds_jax as pj  # noqa: E402
-from phds_jax import latency  # noqa: E402
+from phds_jax.eval import latency  # noqa: E402
 from phds_jax.model import experts as experts_lib  # noqa: E402
 from phds_jax.model import routing  # noqa: E402
 
@@ -142,8 +142,9 @@ def layer_rows(c):
 
 
 def train_rows(cfg, params, tokens):
-  from phds_jax.configs import base_config
-  from phds_jax import sharding, train
+  from phds_jax.cli.configs import base_config
+  from phds_jax.model import sharding
+  from phds_jax.train import loop as train
 
   out = []
   for k in (1, 8):

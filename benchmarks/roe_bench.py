@@ -10,7 +10,7 @@ are picked, not the cost), it reports:
   - decode ms/token (latency.measure: (time for n tokens - time for 1) / (n - 1), medians, settings timed in
     interleaved rounds so drift in the machine's speed hits every ratio alike), and its ratio to M = 1 at
     k_pre;
-  - the cost model's FLOPs per decoded token, M x forward FLOPs at k (plan.forward_flops_per_token), and its
+  - the cost model's FLOPs per decoded token, M x forward FLOPs at k (phds_jax/plan/cost.py), and its
     ratio to M = 1 at k_pre;
   - the KV cache bytes the decoding program holds (clean cache: one sequence's keys/values, whatever M)
     next to what a cache per member would hold (M times), and the compiled program's temporary bytes
@@ -45,9 +45,9 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 import phds_jax as pj  # noqa: E402
-from phds_jax import latency  # noqa: E402
-from phds_jax.generate import lower_generate  # noqa: E402
-from phds_jax.plan import forward_flops_per_token  # noqa: E402
+from phds_jax.eval import latency  # noqa: E402
+from phds_jax.eval.generate import lower_generate  # noqa: E402
+from phds_jax.plan.cost import forward_flops_per_token  # noqa: E402
 
 MEMBERS = (1, 2, 4, 8)
 TAU = 0.5

@@ -7,10 +7,10 @@
 
 The direction is inferred from `model_path` (config.json: HF; model_config.json: orbax) unless
 `convert.to` is set. The optional arg sets the output dtype (model.param_dtype; "" keeps the source's).
-Fields: phds_jax/configs.py (the `convert` block).
+Fields: phds_jax/cli/configs.py (the `convert` block).
 """
 
-from phds_jax.configs import base_config
+from phds_jax.cli.configs import base_config
 
 
 def get_config(arg=None):

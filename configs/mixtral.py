@@ -7,7 +7,7 @@ Our defaults (the paper does not cover Mixtral). Mixtral checkpoints with a non-
 are refused (sliding-window attention is not implemented). Set `mesh` for larger slices.
 """
 
-from phds_jax.configs import apply_arg, base_config, paper_scale
+from phds_jax.cli.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):

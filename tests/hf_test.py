@@ -10,7 +10,7 @@ import pytest
 
 import phds_jax as pj
 from phds_jax import errors
-from phds_jax.hf.safetensors_io import SafetensorsFile
+from phds_jax.io.hf.safetensors_io import SafetensorsFile
 from conftest import HF_VARIANTS, build_hf_model, hf_logits
 
 
@@ -281,7 +281,7 @@ def test_failed_save_leaves_nothing(hf_dirs, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
-  from phds_jax.hf import safetensors_io
+  from phds_jax.io.hf import safetensors_io
 
   cfg, params = pj.hf.load_pretrained(hf_dirs["olmoe_plain_bias"][0])
   calls = []

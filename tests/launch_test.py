@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from phds_jax import launch
+from phds_jax.cli import launch
 
 MAIN_ARGS = ["--config=configs/olmoe.py", "--config.model_path=/models/OLMoE", "--workdir=gs://b/run"]
 
@@ -77,7 +77,7 @@ def test_mistakes_and_help():
     launch.main(["tpu", "--name", "x", "--zone", "z", "--accelerator", "v5e-12", "--dry-run", "--", "--config=c"])
   with pytest.raises(SystemExit, match="give the job's arguments after --"):
     launch.main(["slurm", "--nodes", "2", "--dry-run"])
-  helps = [subprocess.run([sys.executable, "-m", "phds_jax.launch", *cmd, "--help"], capture_output=True, text=True)
+  helps = [subprocess.run([sys.executable, "-m", "phds_jax.cli.launch", *cmd, "--help"], capture_output=True, text=True)
            for cmd in ([], ["tpu"], ["slurm"])]
   assert all(h.returncode == 0 for h in helps)
   for flag in ("--accelerator", "--num-slices", "--spot", "--dry-run", "stop", "delete"):

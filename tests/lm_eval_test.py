@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from phds_jax import data
-from phds_jax import evaluate
+from phds_jax.data import pipeline as data
+from phds_jax.eval import scoring as evaluate
 from conftest import build_hf_model, write_toy_tokenizer
 
 TASK_YAML = """task: phds_toy_mc
@@ -53,7 +53,7 @@ def test_simple_evaluate_matches_our_multiple_choice(setup):
   import lm_eval
   from lm_eval.tasks import TaskManager
 
-  import phds_jax.lm_eval_adapter  # noqa: F401  (registers "phds_jax")
+  import phds_jax.eval.lm_eval_adapter  # noqa: F401  (registers "phds_jax")
 
   cfg, params = pj.load(setup["model"])
   tokenizer = data.load_tokenizer(setup["model"])
@@ -69,7 +69,7 @@ def test_simple_evaluate_matches_our_multiple_choice(setup):
 
 
 def test_adapter_methods(setup):
-  from phds_jax.lm_eval_adapter import PhdsLM
+  from phds_jax.eval.lm_eval_adapter import PhdsLM
 
   class Request:
     def __init__(self, *args):
@@ -103,7 +103,7 @@ def test_command_line_wrapper_lists_the_model(setup, monkeypatch, capsys):
 
   from lm_eval.tasks import TaskManager
 
-  from phds_jax.lm_eval_adapter import cli
+  from phds_jax.eval.lm_eval_adapter import cli
 
   # lm-eval's command line indexes its built-in tasks (~25 s) before it runs ours; skip that
   monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))

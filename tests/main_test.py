@@ -8,9 +8,9 @@ import sys
 import pytest
 
 import phds_jax as pj
-from phds_jax import builtin
-from phds_jax import checkpoint
-from phds_jax import convert
+from phds_jax.train import builtin
+from phds_jax.io import checkpoint
+from phds_jax.io import convert
 from phds_jax import errors
 from phds_jax import main
 from conftest import ROOT, load_config
@@ -24,7 +24,7 @@ def _cli(*args, cwd=ROOT):
 
 
 def _tensor_bytes(model_dir):
-  from phds_jax.hf.safetensors_io import SafetensorsFile
+  from phds_jax.io.hf.safetensors_io import SafetensorsFile
 
   out = {}
   for name in os.listdir(model_dir):
@@ -61,7 +61,7 @@ def test_convert_library_dtype_and_errors(hf_dirs, tmp_path):
 
 
 def test_orbax_checkpoint_mismatch_is_reported(hf_dirs, tmp_path):
-  from phds_jax.load import ORBAX_CONFIG_FILE
+  from phds_jax.io.load import ORBAX_CONFIG_FILE
 
   assert ORBAX_CONFIG_FILE == checkpoint.CONFIG_FILE  # pj.load detects orbax without importing it
   cfg, params = pj.hf.load_pretrained(hf_dirs["olmoe_gqa_clip_norm"][0])
@@ -159,7 +159,7 @@ def test_config_problems_are_all_listed(hf_dirs, tmp_path):
 def test_presets_are_valid_and_init_shapes_match_hf_map():
   import jax
 
-  from phds_jax.hf import param_map
+  from phds_jax.io.hf import param_map
 
   for name, cfg in pj.PRESETS.items():
     json.dumps(pj.hf.config_to_hf(cfg, "bfloat16"))  # every preset has an HF config.json
@@ -209,7 +209,7 @@ def _fields(config, prefix=""):
 
 
 def test_every_config_file_speaks_the_base_configs_language():
-  from phds_jax.configs import base_config
+  from phds_jax.cli.configs import base_config
 
   base = _fields(base_config())
   names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))

@@ -18,7 +18,7 @@ _MEASURE = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     import phds_jax as pj
-    from phds_jax import sharding
+    from phds_jax.model import sharding
 
     def status_kb(field):
       for line in open("/proc/self/status"):

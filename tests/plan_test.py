@@ -8,14 +8,18 @@ import pytest
 
 import phds_jax as pj
 from conftest import toy_train_config
-from phds_jax import errors, main, plan, sharding, train
+from phds_jax import errors
+from phds_jax import main
+from phds_jax.plan import cost, programs as plan, topology as slices
+from phds_jax.model import sharding
+from phds_jax.train import loop as train
 
 
 @pytest.mark.parametrize("name, chips, topology", [
     ("v5e-16", 16, "v5e:4x4"), ("v5litepod-32", 32, "v5e:4x8"), ("v4-32", 16, "v4:2x2x4"),
     ("v5p-32", 16, "v5p:2x2x4"), ("v6e-8", 8, "v6e:2x4")])
 def test_slice_names_follow_cloud_tpu(name, chips, topology):
-  spec = plan.parse_slice(name)
+  spec = slices.parse_slice(name)
   assert (spec.chips, spec.topology, spec.num_slices) == (chips, topology, 1)
 
 
@@ -24,15 +28,15 @@ def test_slice_names_follow_cloud_tpu(name, chips, topology):
                                            ("v4-31", "v4 slices come in sizes")])
 def test_bad_slice_names_are_errors(name, message):
   with pytest.raises(ValueError, match=message):
-    plan.parse_slice(name)
+    slices.parse_slice(name)
 
 
 def test_model_flops_count_k_experts_and_attention():
   cfg = pj.preset("tiny-olmoe")
-  one, two = plan.forward_flops_per_token(cfg, 1, 0), plan.forward_flops_per_token(cfg, 2, 0)
+  one, two = cost.forward_flops_per_token(cfg, 1, 0), cost.forward_flops_per_token(cfg, 2, 0)
   expert = 2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size * len(cfg.moe_layer_indices)
   assert two - one == pytest.approx(expert)
-  attention = plan.forward_flops_per_token(cfg, 1, 10) - one
+  attention = cost.forward_flops_per_token(cfg, 1, 10) - one
   assert attention == pytest.approx(cfg.num_hidden_layers * 4 * cfg.num_attention_heads * cfg.resolved_head_dim * 10)
 
 
@@ -95,7 +99,7 @@ def test_plan_config_mistakes_are_reported_before_compiling(tmp_path):
 
 
 def test_two_slices_get_a_slice_axis_over_dcn():
-  devices = plan.topology_devices(plan.parse_slice("v5e-4", num_slices=2))
+  devices = slices.topology_devices(slices.parse_slice("v5e-4", num_slices=2))
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, devices)
   assert dict(mesh.shape) == {"slice": 2, "data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
   for i in range(2):  # each index of the slice axis is one slice: only its devices talk over ICI

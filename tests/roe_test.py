@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from phds_jax.generate import lower_generate
+from phds_jax.eval.generate import lower_generate
 
 
 def _model(variant, hf_dirs):
@@ -66,7 +66,8 @@ def test_a_tau_per_layer_must_match_the_moe_layers(hf_dirs, tokens):
 
 def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
   from conftest import write_toy_sft, write_toy_tokenizer
-  from phds_jax import data, evaluate
+  from phds_jax.data import pipeline as data
+  from phds_jax.eval import scoring as evaluate
 
   cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
   pairs = [([3, 4, 5], [6]), ([7, 8], [9, 10, 11]), ([12], [13, 14])]
@@ -86,7 +87,7 @@ def test_scoring_and_perplexity_take_an_ensemble(hf_dirs, tmp_path):
 
 
 def test_scored_positions_alone_give_the_ensembles_log_probs(hf_dirs, tokens):
-  from phds_jax import evaluate
+  from phds_jax.eval import scoring as evaluate
 
   cfg, params = _model("qwen_norm_tied", hf_dirs)  # a tied head
   roe = pj.RoE(members=3, tau=1.0, seed=2)

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import phds_jax as pj
-from phds_jax import sharding
+from phds_jax.model import sharding
 from phds_jax.model import layout
 
 

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from phds_jax import sparsity
+from phds_jax.eval import settings
+from phds_jax.train import sparsity
 
 
 def test_phase_one_matches_the_weights():
@@ -95,7 +96,7 @@ def test_schedule_from_config_and_parsing():
   s = sparsity.schedule_from_config(phds, total_steps=1000)
   assert s.k_values == (4, 5, 6, 7, 8) and s.anchor_start == 800 and s.anchor_steps == 100
   assert s.target_k == 4
-  assert sparsity.parse_numbers((2, 4)) == (2, 4) and sparsity.parse_numbers(3) == (3,)
-  assert sparsity.parse_numbers("0.5, 1", float) == (0.5, 1.0)
+  assert settings.parse_numbers((2, 4)) == (2, 4) and settings.parse_numbers(3) == (3,)
+  assert settings.parse_numbers("0.5, 1", float) == (0.5, 1.0)
   with pytest.raises(ValueError, match="comma-separated"):
-    sparsity.parse_numbers("2,x")
+    settings.parse_numbers("2,x")

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
-from phds_jax import checkpoint
+from phds_jax.io import checkpoint
 from phds_jax import errors
-from phds_jax import data
-from phds_jax import losses
+from phds_jax.data import pipeline as data
+from phds_jax.model import losses
 from phds_jax import main
-from phds_jax import sharding
-from phds_jax import train
+from phds_jax.model import sharding
+from phds_jax.train import loop as train
 from conftest import set_fields, toy_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,7 @@ _SHARDED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import jax
     from conftest import set_fields, toy_train_config
-    from phds_jax import train
+    from phds_jax.train import loop as train
     import pathlib
     tmp = pathlib.Path(sys.argv[1])
     changes = json.loads(sys.argv[3])

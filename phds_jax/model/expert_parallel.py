@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from phds_jax import sharding as sharding_lib
+from phds_jax.model import sharding as sharding_lib
 from phds_jax.model import experts as experts_lib
 
 

@@ -24,7 +24,7 @@ from phds_jax.model import layers
 from phds_jax.model import roe as roe_lib
 from phds_jax.model import routing
 from phds_jax.model.config import ModelConfig
-from phds_jax.sharding import constrain
+from phds_jax.model.sharding import constrain
 
 Params = dict[str, Any]
 

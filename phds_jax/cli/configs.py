@@ -9,7 +9,6 @@ Method defaults say where they come from: "(paper)" follows MoE-PHDS (arXiv 2509
 is ours, since the paper's hyperparameters are not public.
 """
 
-import os
 
 import ml_collections
 
@@ -22,7 +21,7 @@ def base_config(arg=None):
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
   c.workdir = ""  # default output directory (--workdir wins)
   c.compile_topology = ""  # train: only plan, for this TPU slice (v5e-16, v4-32, v5p-32, v6e-8, ...): compile, print
-  #                          per-device memory, FLOPs and a roofline, exit 1 when it does not fit (phds_jax/plan.py)
+  #                          per-device memory, FLOPs and a roofline, exit 1 when it does not fit (phds_jax/plan/programs.py)
   c.compile_num_slices = 1  # slices of compile_topology joined over DCN (the mesh's "slice" axis)
   c.verbose = False  # show library logs (orbax, absl, transformers) and Python tracebacks of user errors
 
@@ -130,7 +129,7 @@ def base_config(arg=None):
   c.checkpoint.async_save = True  # write in the background while training continues
 
   # device mesh within a slice (-1: the rest); on several slices a "slice" axis (DCN) adds data parallelism
-  c.distributed = ml_collections.ConfigDict()  # one process per host / GPU node (phds_jax/distributed.py)
+  c.distributed = ml_collections.ConfigDict()  # one process per host / GPU node (phds_jax/cli/distributed.py)
   c.distributed.enabled = False  # start JAX's multi-process runtime before anything else
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = detected (TPU VM, SLURM)
   c.distributed.num_processes = 0  # 0 = detected
@@ -147,51 +146,10 @@ def base_config(arg=None):
   return c
 
 
-def eval_roe_settings(config) -> tuple[list[tuple[int, float]], list[str]]:
-  """(members, tau) pairs of `eval.roe` ("4:0.5,8:1.0"; members >= 2, tau > 0) and the problems of bad ones."""
-  out, problems = [], []
-  for entry in (e.strip() for e in config.eval.roe.split(",") if e.strip()):
-    members, _, tau = entry.partition(":")
-    try:
-      pair = (int(members), float(tau))
-    except ValueError:
-      pair = None
-    if pair is None or pair[0] < 2 or not pair[1] > 0:
-      problems.append(f"eval.roe: entry {entry!r} must be members:tau with members >= 2 and tau > 0 (e.g. 4:0.5)")
-    else:
-      out.append(pair)
-  return out, problems
-
-
-def eval_checkpoints(config) -> tuple[dict[str, tuple[str, str]], list[str]]:
-  """The eval job's checkpoints, label -> (config field, path), from `model_path` (labelled `eval.label`,
-  default "model") and `eval.compare` ("label=path,label2=path2"), and the problems of malformed entries."""
-  out, problems = {}, []
-  if config.model_path:
-    out[config.eval.label or "model"] = ("model_path", config.model_path)
-  for entry in (e.strip() for e in config.eval.compare.split(",") if e.strip()):
-    if "=" not in entry:
-      problems.append(f"eval.compare: entry {entry!r} must be label=path")
-      continue
-    label, path = (part.strip() for part in entry.split("=", 1))
-    out[label] = (f"eval.compare[{label}]", path)
-  return out, problems
-
-
 def _default_rules() -> dict[str, str]:
-  from phds_jax.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
+  from phds_jax.model.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
 
   return {name: ",".join(axes) for name, axes in DEFAULT_RULES.items()}
-
-
-def write_resolved(config, workdir: str):
-  """Writes `workdir/config.json`, the resolved config of this run (process 0 only)."""
-  import jax  # pylint: disable=g-import-not-at-top  (config files import this module)
-
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
 
 
 def paper_scale(config):

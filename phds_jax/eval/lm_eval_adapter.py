@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: the "phds_jax" model, with `k` as a model argument.
 
   phds-lm-eval --model phds_jax --model_args path=/ckpt/hf_export,k=4 --tasks arc_easy
-  python -c "import phds_jax.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='phds_jax', ...)"
+  python -c "import phds_jax.eval.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='phds_jax', ...)"
 
 Importing this module registers the model; `phds-lm-eval` is lm-eval's own command line with it
 registered (lm-eval finds no models outside its package by itself). Model arguments: path (HF or orbax
@@ -18,10 +18,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from phds_jax import data as data_lib
-from phds_jax import evaluate
-from phds_jax.generate import generate
-from phds_jax.load import load
+from phds_jax.data import pipeline as data_lib
+from phds_jax.eval import scoring as evaluate
+from phds_jax.eval.generate import generate
+from phds_jax.io.load import load
 from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import resolve_expert_backend
 

@@ -6,9 +6,9 @@ import logging
 import os
 from typing import Optional
 
-from phds_jax import checkpoint
-from phds_jax import hf
-from phds_jax.load import FORMATS, detect_format, load
+from phds_jax.io import checkpoint
+from phds_jax.io import hf
+from phds_jax.io.load import FORMATS, detect_format, load
 
 log = logging.getLogger("phds_jax")
 

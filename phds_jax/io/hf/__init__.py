@@ -23,10 +23,10 @@ import numpy as np
 
 from phds_jax.errors import (MissingTensorError, ShapeMismatchError,
                              UnexpectedTensorError)
-from phds_jax.hf import param_map
-from phds_jax.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
-from phds_jax.hf.safetensors_io import PendingTensor, scratch_array, write_file
-from phds_jax.hf.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, open_weights, preview_names
+from phds_jax.io.hf import param_map
+from phds_jax.io.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
+from phds_jax.io.hf.safetensors_io import PendingTensor, scratch_array, write_file
+from phds_jax.io.hf.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, open_weights, preview_names
 from phds_jax.model.config import ModelConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "load_config", "config_from_hf", "config_to_hf",

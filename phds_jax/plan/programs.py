@@ -25,97 +25,9 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from phds_jax import config_check
-from phds_jax import platforms
 from phds_jax.errors import ConfigProblems, PlanDoesNotFitError
-
-GIB = 2**30
-
-
-class Chip(NamedTuple):
-  """One TPU generation's public figures (Cloud TPU documentation)."""
-
-  hbm_gib: float  # HBM per chip
-  peak_tflops: float  # dense bf16 peak per chip
-  hbm_gbps: float  # HBM bandwidth per chip, GB/s
-  name_counts: str  # what the number in a slice name counts: "chips" or "cores" (2 TensorCores per chip)
-  shapes: dict[int, str]  # chips -> topology (as jax.experimental.topologies names it)
-
-
-_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-       512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-CHIPS = {
-    "v4": Chip(32, 275, 1228, "cores", _3D),
-    "v5e": Chip(16, 197, 819, "chips", _2D),
-    "v5p": Chip(95, 459, 2765, "cores", _3D),
-    "v6e": Chip(32, 918, 1640, "chips", _2D),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
-
-
-class SliceSpec(NamedTuple):
-  name: str  # as given, e.g. "v5e-16"
-  generation: str  # key of CHIPS
-  chips: int  # per slice
-  topology: str  # e.g. "v5e:4x4"
-  num_slices: int
-
-  @property
-  def chip(self) -> Chip:
-    return CHIPS[self.generation]
-
-
-def parse_slice(name: str, num_slices: int = 1) -> SliceSpec:
-  """"v5e-16" (or "v5litepod-16", "v4-32", "v5p-32", "v6e-8") -> SliceSpec; ValueError naming the choices."""
-  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
-  generation = _ALIASES.get(match.group(1), match.group(1)) if match else None
-  if generation not in CHIPS:
-    raise ValueError(f"compile_topology={name!r}: expected a Cloud TPU slice name such as v5e-16, v4-32, "
-                     f"v5p-32 or v6e-8 (generations {', '.join(CHIPS)})")
-  count, chip = int(match.group(2)), CHIPS[generation]
-  chips = count // 2 if chip.name_counts == "cores" else count
-  if chips not in chip.shapes or (chip.name_counts == "cores" and count % 2):
-    sizes = sorted(c * (2 if chip.name_counts == "cores" else 1) for c in chip.shapes)
-    raise ValueError(f"compile_topology={name!r}: {generation} slices come in sizes {sizes}")
-  if num_slices < 1:
-    raise ValueError(f"compile_num_slices={num_slices} must be >= 1")
-  return SliceSpec(name, generation, chips, f"{generation}:{chip.shapes[chips]}", num_slices)
-
-
-def topology_devices(spec: SliceSpec) -> list[Any]:
-  """The slice's devices (all slices), described by libtpu for ahead-of-time compilation."""
-  platforms.prepare_compile_only_tpu()
-  try:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    kwargs = {"num_slices": spec.num_slices} if spec.num_slices > 1 else {}
-    return list(topologies.get_topology_desc(topology_name=spec.topology, platform="tpu", **kwargs).devices)
-  except (ImportError, RuntimeError) as e:
-    if "libtpu" in str(e).lower() or "tpu" in str(e).lower():
-      raise PlanDoesNotFitError(f"cannot describe {spec.name}: TPU compilation needs libtpu; install it with "
-                                f'pip install -e ".[tpu]" ({e})') from None
-    raise
-
-
-# ---- model arithmetic -------------------------------------------------------------------------------------
-
-
-def forward_flops_per_token(cfg, width: int, context: float) -> float:
-  """Useful forward FLOPs of one token: 2 per weight of every matmul it uses (routed experts: `width` of
-  them; the embedding lookup is free unless it is also the head) and causal attention over `context`
-  keys on average (scores and values)."""
-  from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
-
-  flops = 0.0
-  for spec in layout.param_layout(cfg):
-    if len(spec.shape) < 2 or spec.role == "embed":
-      continue
-    size = float(np.prod(spec.shape))
-    flops += 2 * size * (width / cfg.num_experts if spec.kind == "experts" else 1)
-  if cfg.tie_word_embeddings:
-    flops += 2 * cfg.vocab_size * cfg.hidden_size
-  heads_width = cfg.num_attention_heads * cfg.resolved_head_dim
-  return flops + cfg.num_hidden_layers * 2 * 2 * heads_width * context
+from phds_jax.plan.cost import forward_flops_per_token
+from phds_jax.plan.topology import GIB, parse_slice, topology_devices
 
 
 def _bytes(tree) -> int:
@@ -167,11 +79,11 @@ class Program(NamedTuple):
 
 
 def _train_program(trainer, cfg, config, state, devices: int) -> Program:
-  from phds_jax import sparsity  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import settings  # pylint: disable=g-import-not-at-top
 
   batch, seq = config.train.batch_size, config.data.seq_len
   abstract_batch = _abstract_rows(trainer, batch, seq)
-  k_max = max(sparsity.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
+  k_max = max(settings.parse_numbers(config.phds.k_values)) if config.phds.enabled else cfg.k_pre
   k = [k_max] * config.train.grad_accum if config.phds.k_per_microbatch else k_max
   compiled = trainer.compiled_train_step(state, abstract_batch, k)
   mem = compiled.memory_analysis()
@@ -196,8 +108,8 @@ def _abstract_rows(trainer, batch: int, seq: int) -> dict[str, Any]:
   """A batch of packed rows [batch, seq] (data.ROW_KEYS) as ShapeDtypeStructs sharded over the batch axes."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
   with trainer.context():
     row_sharding = sharding_lib.batch_sharding(trainer.mesh, 2, shape=(batch, seq))
@@ -220,7 +132,7 @@ def _xla_flops(compiled) -> float:
 def _params_like(state, dtype) -> Any:
   """Abstract full parameters (trainable and frozen merged) in `dtype`, sharded like the state's."""
   import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import train  # pylint: disable=g-import-not-at-top
+  from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   merged = train.merge_params(state["trainable"], state["frozen"])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), merged)
@@ -228,8 +140,8 @@ def _params_like(state, dtype) -> Any:
 
 def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from phds_jax import losses  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval import scoring as evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.model import losses  # pylint: disable=g-import-not-at-top
 
   batch, seq = config.eval.batch_size, config.data.seq_len
   params = _params_like(state, jnp.dtype(config.train.compute_dtype))
@@ -253,8 +165,8 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
 def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax.generate import _generate as generation  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval.generate import _generate as generation  # pylint: disable=g-import-not-at-top
+  from phds_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from phds_jax.model.transformer import plan_k  # pylint: disable=g-import-not-at-top
 
   lat = config.eval.latency
@@ -291,13 +203,13 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
 def build(config) -> dict[str, Any]:
   """Compiles the config's programs for `config.compile_topology` and returns the plan (see module doc)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax import train  # pylint: disable=g-import-not-at-top
+  from phds_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   from phds_jax.model.transformer import init_params  # pylint: disable=g-import-not-at-top
 
   spec = parse_slice(config.compile_topology, config.compile_num_slices)
   devices = topology_devices(spec)
-  problems = config_check.mesh_and_batch_problems(config, len(devices), spec.num_slices,
+  problems = sharding_lib.mesh_and_batch_problems(config, len(devices), spec.num_slices,
                                                   len({d.process_index for d in devices}))
   if problems:
     raise ConfigProblems(f"the config on {spec.name}", problems)

@@ -13,10 +13,10 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from phds_jax import hf
-from phds_jax import sparsity
-from phds_jax.latency import median_seconds
-from phds_jax.load import load
+from phds_jax.io import hf
+from phds_jax.eval import settings
+from phds_jax.eval.latency import median_seconds
+from phds_jax.io.load import load
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import preset
 from phds_jax.model.transformer import forward, init_params
@@ -77,9 +77,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   """`mode="sweep"` entry point: prints the table and writes `workdir/sweep.json`."""
   os.makedirs(workdir, exist_ok=True)
   cfg, params = _model_for(config, workdir)
-  ks = sorted({k for k in sparsity.parse_numbers(config.eval.k_values) if 1 <= k <= cfg.num_experts})
-  if not ks:
-    raise ValueError(f"eval.k_values={config.eval.k_values!r} has no k in [1, {cfg.num_experts}]")
+  ks = settings.k_grid(config.eval.k_values, cfg.num_experts)
   batch, seq_len = config.eval.batch_size, config.data.seq_len
   tokens = jax.random.randint(jax.random.key(config.seed + 1), (batch, seq_len), 0, cfg.vocab_size, jnp.int32)
   rows = k_sweep(cfg, params, tokens, ks, reference_k=config.eval.reference_k or None,

@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 
-from phds_jax import hf
-from phds_jax import sharding as sharding_lib
+from phds_jax.io import hf
+from phds_jax.model import sharding as sharding_lib
 from phds_jax.errors import CheckpointError
 
 FORMATS = ("hf", "orbax")
@@ -36,7 +36,7 @@ def load_config(path: str) -> Any:
   """The ModelConfig of an HF model directory or a phds_jax checkpoint, without reading any weight."""
   if detect_format(path) == "hf":
     return hf.config_io.load_config(path)
-  from phds_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
 
   return checkpoint.load_model_config(path)
 
@@ -57,6 +57,6 @@ def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
   if detect_format(path) == "hf":
     return hf.load_pretrained(path, dtype=dtype or hf.declared_dtype(path), sharding=sharding,
                               allow_pickle=allow_pickle)
-  from phds_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: heavy to import)
+  from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: heavy to import)
 
   return checkpoint.load_model(path, dtype=dtype, sharding=sharding)

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from phds_jax import plan
+from phds_jax.plan import topology
 
 REMOTE_DIR = "phds"  # in each worker's home directory: the wheel, configs/ and run.log
 LOG = f"~/{REMOTE_DIR}/run.log"
@@ -73,7 +73,7 @@ class Tpu:
 
   def __init__(self, args: argparse.Namespace):
     self.args = args
-    self.spec = plan.parse_slice(args.accelerator, args.num_slices) if args.accelerator else None
+    self.spec = topology.parse_slice(args.accelerator, args.num_slices) if args.accelerator else None
     self.queued = args.queued or args.num_slices > 1
 
   def _where(self) -> list[str]:

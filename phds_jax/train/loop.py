@@ -25,16 +25,17 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from phds_jax import checkpoint as model_checkpoint
-from phds_jax import data as data_lib
-from phds_jax import evaluate
-from phds_jax import hf
-from phds_jax import losses
-from phds_jax import metrics as metrics_lib
-from phds_jax import sharding as sharding_lib
-from phds_jax import sparsity
-from phds_jax.configs import write_resolved
-from phds_jax.load import load, load_config
+from phds_jax.io import checkpoint as model_checkpoint
+from phds_jax.data import pipeline as data_lib
+from phds_jax.eval import scoring as evaluate
+from phds_jax.io import hf
+from phds_jax.model import losses
+from phds_jax.train import metrics as metrics_lib
+from phds_jax.model import sharding as sharding_lib
+from phds_jax.eval import settings
+from phds_jax.train import sparsity
+from phds_jax.io.paths import write_resolved
+from phds_jax.io.load import load, load_config
 from phds_jax.model import layout
 from phds_jax.errors import TrainingDivergedError, WorkdirMismatchError
 from phds_jax.model.config import ModelConfig, config_to_dict
@@ -128,7 +129,7 @@ class Trainer:
     self.schedule = make_schedule(config.optim, total_steps)
     self.soft_eps = config.phds.soft_mask_eps if config.phds.mask == "soft" else None
     self.traced = config.phds.k_mode == "traced"
-    self.k_max = max(sparsity.parse_numbers(config.phds.k_values)) if self.traced else None
+    self.k_max = max(settings.parse_numbers(config.phds.k_values)) if self.traced else None
     self.n_moe = len(cfg.moe_layer_indices)
     self.expert_backend = resolve_expert_backend(config.model.expert_backend, mesh.devices.flat[0].platform)
     self.objective = losses.OBJECTIVES[config.train.objective]
@@ -174,7 +175,7 @@ class Trainer:
 
   def abstract_init(self, abstract_params: Params, trainable: set[str]) -> dict[str, Any]:
     """The train state as ShapeDtypeStructs with their shardings, from abstract parameters (no weights):
-    what ahead-of-time compilation (phds_jax/plan.py) lowers the step with."""
+    what ahead-of-time compilation (phds_jax/plan/programs.py) lowers the step with."""
     with self.context():
       train_p, frozen_p = split_params(abstract_params, trainable)
       shardings = self._set_state_shardings(train_p, frozen_p)
@@ -472,13 +473,13 @@ def selection_k(config, cfg: ModelConfig) -> int:
   """phds.select_k, or when 0: the one k of a fixed-k run (phds.k_values=K, an oracle), else k_pre."""
   if config.phds.select_k:
     return int(config.phds.select_k)
-  ks = sparsity.parse_numbers(config.phds.k_values)
+  ks = settings.parse_numbers(config.phds.k_values)
   return ks[0] if config.phds.enabled and len(ks) == 1 else cfg.k_pre
 
 
 def eval_grid(config, cfg: ModelConfig) -> list[int]:
-  ks = set(sparsity.parse_numbers(config.eval.k_values)) | {cfg.k_pre, selection_k(config, cfg)}
-  return sorted(k for k in ks if 1 <= k <= cfg.num_experts)
+  """The validation k grid: eval.k_values (each a k of the model), k_pre and the selection k."""
+  return sorted(set(settings.k_grid(config.eval.k_values, cfg.num_experts)) | {cfg.k_pre, selection_k(config, cfg)})
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:

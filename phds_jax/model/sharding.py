@@ -203,3 +203,29 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(dict(mesh.shape), axes, x.shape))
+
+
+def mesh_and_batch_problems(config, devices: Optional[int] = None, slices: Optional[int] = None,
+                            processes: Optional[int] = None) -> list[str]:
+  """A run config's axis rules, its mesh over `devices` in `slices` (default: this runtime's) and its batch
+  split, one line per mistake (the config checks and the slice plans both ask)."""
+  out = []
+  try:
+    parse_rules(dict(config.axis_rules))
+  except ValueError as e:
+    out.append(str(e))
+  if devices is None:
+    devices, slices, processes = jax.device_count(), num_slices(jax.devices()), jax.process_count()
+  try:
+    sizes = mesh_sizes(dict(config.mesh), devices // slices)
+  except ValueError as e:
+    return out + [f"mesh: {e}"]
+  batch, accum = config.train.batch_size, config.train.grad_accum
+  data_parallel = slices * sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  if accum < 1 or batch % accum:
+    out.append(f"train.batch_size={batch} must be a multiple of train.grad_accum={accum}")
+  elif (batch // accum) % np.lcm(data_parallel, processes):
+    out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
+               f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {processes} "
+               "process(es); pass a multiple")
+  return out

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax.data import DataError, ReadStats, read_jsonl
-from phds_jax.losses import RunSpec, token_nll, trained_positions
+from phds_jax.data.tasks import TaskFormatError, read_multiple_choice  # noqa: F401  (pj.evaluate's API)
+from phds_jax.model.losses import RunSpec, token_nll, trained_positions
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.roe import RoE, ensemble_argmax, ensemble_target_log_probs
 from phds_jax.model.transformer import forward, project_logits, resolve_expert_backend
@@ -24,28 +24,6 @@ from phds_jax.model.transformer import forward, project_logits, resolve_expert_b
 log = logging.getLogger("phds_jax")
 
 Params = dict[str, Any]
-
-
-class TaskFormatError(DataError):
-  """A multiple-choice item is malformed; the message names the file and line."""
-
-
-def read_multiple_choice(path: str) -> list[dict[str, Any]]:
-  """Validated items from a JSONL file of {"context", "choices", "answer"}."""
-  items = []
-  for where, item in read_jsonl(path, ReadStats(), on_error="raise"):
-    if not isinstance(item.get("context"), str):
-      raise TaskFormatError(f'{where}: expected an object with a string "context"')
-    choices = item.get("choices")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-      raise TaskFormatError(f'{where}: "choices" must list at least two strings')
-    answer = item.get("answer")
-    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-      raise TaskFormatError(f'{where}: "answer"={answer!r} is not an index into its {len(choices)} choices')
-    items.append(item)
-  if not items:
-    raise TaskFormatError(f"{path}: no items")
-  return items
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "expert_backend", "with_greedy"))

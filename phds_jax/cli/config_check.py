@@ -12,18 +12,18 @@ import os
 import re
 from typing import Optional
 
-import numpy as np
 
-from phds_jax import configs
 from phds_jax import errors
-from phds_jax import sparsity
+from phds_jax.eval import settings
+from phds_jax.model import sharding
+from phds_jax.train import sparsity
 
 MODES = ("train", "builtin", "eval", "sweep", "convert")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _model_dir_problem(field: str, path: str) -> Optional[str]:
-  from phds_jax.load import detect_format  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.load import detect_format  # pylint: disable=g-import-not-at-top
 
   try:
     detect_format(path)
@@ -37,8 +37,9 @@ def _model_dir_problem(field: str, path: str) -> Optional[str]:
 
 def _model_config(path: str):
   """The ModelConfig of a model directory from its small config file, or None if it cannot be read."""
-  from phds_jax import checkpoint, hf  # pylint: disable=g-import-not-at-top
-  from phds_jax.load import detect_format  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import checkpoint
+  from phds_jax.io import hf  # pylint: disable=g-import-not-at-top
+  from phds_jax.io.load import detect_format  # pylint: disable=g-import-not-at-top
 
   try:
     if detect_format(path) == "hf":
@@ -55,54 +56,11 @@ def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
   return [f"{field}: {p!r} matches no file" for p in patterns if not glob.glob(p)]
 
 
-def _k_problems(field: str, value: str, num_experts: Optional[int]) -> list[str]:
-  try:
-    ks = sparsity.parse_numbers(value)
-  except ValueError as e:
-    return [f"{field}={value!r}: {e}"]
-  if not ks:
-    return [f"{field}: required; pass comma-separated k values"]
-  high = num_experts or max(ks)
-  bad = [k for k in ks if not 1 <= k <= high]
-  if bad:
-    where = f"the model has {num_experts} experts" if num_experts else "k counts experts"
-    return [f"{field}={value!r}: k={bad[0]} is outside [1, {high}] ({where})"]
-  return []
-
-
 def _choice(config, dotted: str, allowed) -> list[str]:
   value = config
   for part in dotted.split("."):
     value = value[part]
   return [] if value in allowed else [f"{dotted}={value!r}; choose one of {', '.join(map(str, allowed))}"]
-
-
-def mesh_and_batch_problems(config, devices: Optional[int] = None, slices: Optional[int] = None,
-                    processes: Optional[int] = None) -> list[str]:
-  """Axis rules, the mesh over `devices` in `slices` (default: this runtime's) and the batch split."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import sharding  # pylint: disable=g-import-not-at-top
-
-  out = []
-  try:
-    sharding.parse_rules(dict(config.axis_rules))
-  except ValueError as e:
-    out.append(str(e))
-  if devices is None:
-    devices, slices, processes = jax.device_count(), sharding.num_slices(jax.devices()), jax.process_count()
-  try:
-    sizes = sharding.mesh_sizes(dict(config.mesh), devices // slices)
-  except ValueError as e:
-    return out + [f"mesh: {e}"]
-  batch, accum = config.train.batch_size, config.train.grad_accum
-  data_parallel = slices * sizes["data"] * sizes["fsdp"] * sizes["expert"]
-  if accum < 1 or batch % accum:
-    out.append(f"train.batch_size={batch} must be a multiple of train.grad_accum={accum}")
-  elif (batch // accum) % np.lcm(data_parallel, processes):
-    out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
-               f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {processes} "
-               "process(es); pass a multiple")
-  return out
 
 
 def _trainable_problems(spec: str) -> list[str]:
@@ -160,11 +118,11 @@ def _train(config) -> list[str]:
   out += _choice(config, "train.remat", ("none", "dots", "full"))
   out += _choice(config, "phds.anchor_shape", sparsity.SHAPES)
   out += _choice(config, "optim.decay", ("cosine", "linear", "constant"))
-  out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
-  out += _k_problems("eval.k_values", config.eval.k_values, num_experts)
+  out += settings.k_grid_problems("phds.k_values", config.phds.k_values, num_experts)
+  out += settings.k_grid_problems("eval.k_values", config.eval.k_values, num_experts)
   out += _selection_problems(config, num_experts)
   out += _trainable_problems(config.train.trainable)
-  out += mesh_and_batch_problems(config)
+  out += sharding.mesh_and_batch_problems(config)
   return out
 
 
@@ -173,7 +131,7 @@ def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
   out = []
   for field in ("select_k", "export_k"):
     if config.phds[field]:
-      out += _k_problems(f"phds.{field}", str(config.phds[field]), num_experts)
+      out += settings.k_grid_problems(f"phds.{field}", str(config.phds[field]), num_experts)
   if config.phds.select_after_anchor and not (config.phds.enabled and config.phds.anchor):
     out.append("phds.select_after_anchor=True needs anchoring (phds.enabled=True and phds.anchor=True)")
   if config.phds.k_per_microbatch and config.phds.k_mode != "traced":
@@ -183,7 +141,7 @@ def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
 
 
 def _eval(config) -> list[str]:
-  checkpoints, out = configs.eval_checkpoints(config)
+  checkpoints, out = settings.eval_checkpoints(config)
   labels = list(checkpoints)
   paths = dict(checkpoints.values())  # field -> checkpoint directory
   if not paths:
@@ -197,23 +155,19 @@ def _eval(config) -> list[str]:
       out.append(problem)
       continue
     cfg = _model_config(path)
-    out += _k_problems("eval.k_values", config.eval.k_values, cfg.num_experts if cfg else None)
+    out += settings.k_grid_problems("eval.k_values", config.eval.k_values, cfg.num_experts if cfg else None)
   for path in (p.strip() for p in config.eval.task_files.split(",") if p.strip()):
     if not os.path.isfile(path):
       out.append(f"eval.task_files: {path!r} does not exist")
-  out += configs.eval_roe_settings(config)[1]
+  out += settings.eval_roe_settings(config)[1]
   out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
   out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
   return list(dict.fromkeys(out))
 
 
 def _sweep(config) -> list[str]:
-  """k values above the model's expert count are dropped by the sweep, so only their form is checked."""
-  out = _k_problems("eval.k_values", config.eval.k_values, None)
-  if config.model_path:
-    problem = _model_dir_problem("model_path", config.model_path)
-    return out + ([problem] if problem else [])
-  return out + _random_model(config)[0]
+  out, num_experts = _plan_model(config)
+  return out + settings.k_grid_problems("eval.k_values", config.eval.k_values, num_experts)
 
 
 def _convert(config) -> list[str]:
@@ -233,20 +187,20 @@ def _convert(config) -> list[str]:
 
 def plan_problems(config) -> list[str]:
   """Mistakes in a plan's config (compile_topology): the slice, the model shapes, the training settings."""
-  from phds_jax import plan  # pylint: disable=g-import-not-at-top
+  from phds_jax.plan import topology  # pylint: disable=g-import-not-at-top
 
   if config.mode != "train":
     return [f"compile_topology plans training; mode={config.mode!r} (use mode=train)"]
   try:
-    spec = plan.parse_slice(config.compile_topology, config.compile_num_slices)
+    spec = topology.parse_slice(config.compile_topology, config.compile_num_slices)
   except ValueError as e:
     return [str(e)]
   out, num_experts = _plan_model(config)
   out += _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
   out += _choice(config, "train.remat", ("none", "dots", "full"))
-  out += _k_problems("phds.k_values", config.phds.k_values, num_experts)
+  out += settings.k_grid_problems("phds.k_values", config.phds.k_values, num_experts)
   out += _trainable_problems(config.train.trainable)
-  del spec  # the mesh and batch are checked against the slice's devices once they are described (plan.py)
+  del spec  # the mesh and batch are checked against the slice's devices once they are described (phds_jax/plan/programs.py)
   return out
 
 
@@ -271,5 +225,5 @@ def problems(config) -> list[str]:
   dtypes = DTYPES + (("",) if config.mode == "convert" else ())
   out += _choice(config, "model.param_dtype", dtypes)
   checks = {"train": _train, "eval": _eval, "sweep": _sweep, "convert": _convert,
-            "builtin": lambda c: _k_problems("eval.k_values", c.eval.k_values, None)}
+            "builtin": lambda c: settings.k_grid_problems("eval.k_values", c.eval.k_values, None)}
   return out + checks[config.mode](config)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax.generate import generate
+from phds_jax.eval.generate import generate
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import forward

@@ -15,6 +15,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from phds_jax.eval.settings import parse_numbers
+
 SHAPES = ("linear", "cosine", "step")
 
 
@@ -90,20 +92,6 @@ class KSchedule:
     if self.anchor_start is not None and step > self.anchor_start:
       return "anchoring"
     return "fixed_k" if len(set(self.k_values)) == 1 else "multi_k"
-
-
-def parse_numbers(value, cast=int) -> tuple:
-  """'2,4,8' / (2, 4, 8) / 4 -> (2, 4, 8) / (4,): how configs spell number lists on the command line."""
-  if isinstance(value, str):
-    parts = [p for p in value.replace(" ", "").strip("()[]").split(",") if p]
-  elif isinstance(value, (int, float)):
-    parts = [value]
-  else:
-    parts = list(value)
-  try:
-    return tuple(cast(p) for p in parts)
-  except ValueError:
-    raise ValueError(f"expected comma-separated {cast.__name__}s, got {value!r}") from None
 
 
 def schedule_from_config(phds, total_steps: int) -> KSchedule:

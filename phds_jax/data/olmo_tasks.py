@@ -14,8 +14,8 @@ import json
 import zipfile
 from typing import Any, Optional
 
-from phds_jax import builtin_data
-from phds_jax.evaluate import TaskFormatError
+from phds_jax.data import builtin_data
+from phds_jax.data.tasks import TaskFormatError
 
 SUITE = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "sciq", "socialiqa",
          "winogrande", "copycolors", "basic_skills_arithmetic", "basic_skills_coding",

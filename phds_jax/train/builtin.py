@@ -18,12 +18,12 @@ from typing import Any
 
 import jax
 
-from phds_jax import builtin_data
-from phds_jax import checkpoint
-from phds_jax import data as data_lib
-from phds_jax import evaluate
-from phds_jax import train
-from phds_jax.load import load
+from phds_jax.data import builtin_data
+from phds_jax.io import checkpoint
+from phds_jax.data import pipeline as data_lib
+from phds_jax.eval import scoring as evaluate
+from phds_jax.train import loop as train
+from phds_jax.io.load import load
 
 log = logging.getLogger("phds_jax")
 

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from phds_jax.errors import CheckpointError, MissingShardError, MissingTensorError, UnsafeWeightsError
-from phds_jax.hf.safetensors_io import SafetensorsFile
+from phds_jax.io.hf.safetensors_io import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

@@ -18,23 +18,22 @@ from typing import Any, Optional
 
 import numpy as np
 
-from phds_jax import configs
-from phds_jax import data as data_lib
-from phds_jax import evaluate
-from phds_jax import latency
-from phds_jax import olmo_tasks
-from phds_jax import sparsity
-from phds_jax import sharding as sharding_lib
-from phds_jax.load import load
+from phds_jax.eval import settings
+from phds_jax.data import pipeline as data_lib
+from phds_jax.eval import scoring as evaluate
+from phds_jax.eval import latency
+from phds_jax.data import olmo_tasks
+from phds_jax.model import sharding as sharding_lib
+from phds_jax.io.load import load
 from phds_jax.model.roe import RoE
-from phds_jax.plan import forward_flops_per_token
+from phds_jax.plan.cost import forward_flops_per_token
 
 log = logging.getLogger("phds_jax")
 
 
 def checkpoints(config) -> dict[str, str]:
   """label -> path from `model_path` and `eval.compare` ("label=path,label2=path2")."""
-  entries, problems = configs.eval_checkpoints(config)
+  entries, problems = settings.eval_checkpoints(config)
   if problems:
     raise ValueError(problems[0])
   out = {label: path for label, (_, path) in entries.items()}
@@ -66,15 +65,6 @@ def _text_batches(config, tokenizer) -> list[dict[str, np.ndarray]]:
     return []
   rows = data_lib.pack(examples, seq_len)
   return data_lib.eval_batches(rows[:e.max_rows] if e.max_rows else rows, e.batch_size)
-
-
-def k_grid(config, cfg) -> list[int]:
-  ks = sparsity.parse_numbers(config.eval.k_values)
-  for k in ks:
-    if not 1 <= k <= cfg.num_experts:
-      raise ValueError(f"eval.k_values contains k={k}; this model has {cfg.num_experts} experts, so k must lie "
-                       f"in [1, {cfg.num_experts}]")
-  return sorted(set(ks))
 
 
 def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k, config,
@@ -219,10 +209,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   anchor = config.eval.agreement_with
   if anchor and anchor not in paths:
     raise ValueError(f"eval.agreement_with={anchor!r} is not a checkpoint label; the labels are {list(paths)}")
-  settings, problems = configs.eval_roe_settings(config)
+  roe_settings, problems = settings.eval_roe_settings(config)
   if problems:
     raise ValueError(problems[0])
-  ensembles = [RoE(members=m, tau=tau, seed=config.eval.roe_seed) for m, tau in settings]
+  ensembles = [RoE(members=m, tau=tau, seed=config.eval.roe_seed) for m, tau in roe_settings]
   tasks = _tasks(config)
   results: dict[str, Any] = {}
   tokenizer = None
@@ -235,7 +225,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     if tokenizer is None:
       tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
       text_batches = _text_batches(config, tokenizer)
-    ks = k_grid(config, cfg)
+    ks = settings.k_grid(config.eval.k_values, cfg.num_experts)
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
     with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):

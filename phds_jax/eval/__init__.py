@@ -1,0 +1,1 @@
+"""Evaluation and inference: scoring, generation, latency, the eval and sweep jobs, lm-eval."""
