@@ -17,9 +17,9 @@ from phds_jax.cli.configs import apply_arg, base_config
 def get_config(arg=None):
   config = base_config()
   config.mode = "builtin"
-  config.workdir = "workdir/tiny"  # overridden by --workdir
+  config.workdir = "workdir/tiny"  # relative to where the command runs; overridden by --workdir
   config.model.preset = "tiny-olmoe"
-  config.model.overrides = ml_collections.ConfigDict(dict(  # ~10M parameters, 8 experts, k_pre = 2
+  config.model.overrides.update(dict(  # ~10M parameters, 8 experts, k_pre = 2
       vocab_size=50304, hidden_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4,
       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=256,
       max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=1, eos_token_id=50279))

@@ -11,17 +11,21 @@ Public API (see README):
   config = pj.configs.base_config(); summary = pj.train_and_evaluate(config, workdir)   # PHDS fine-tune
 """
 
-from phds_jax.cli import configs
-from phds_jax import errors
-from phds_jax.eval import scoring as evaluate
-from phds_jax.io import hf
-from phds_jax.eval import latency
-from phds_jax.eval.generate import generate
-from phds_jax.io.load import load
-from phds_jax.model.config import ModelConfig
-from phds_jax.model.families import PRESETS, preset, supported_model_types
-from phds_jax.model.roe import RoE
-from phds_jax.model.transformer import forward, init_params
+from phds_jax import platforms
+
+platforms.use_cpu_without_accelerator()  # before jax starts: no libtpu probe where no accelerator is visible
+
+from phds_jax.cli import configs  # noqa: E402
+from phds_jax import errors  # noqa: E402
+from phds_jax.eval import scoring as evaluate  # noqa: E402
+from phds_jax.io import hf  # noqa: E402
+from phds_jax.eval import latency  # noqa: E402
+from phds_jax.eval.generate import generate  # noqa: E402
+from phds_jax.io.load import load  # noqa: E402
+from phds_jax.model.config import ModelConfig  # noqa: E402
+from phds_jax.model.families import PRESETS, preset, supported_model_types  # noqa: E402
+from phds_jax.model.roe import RoE  # noqa: E402
+from phds_jax.model.transformer import forward, init_params  # noqa: E402
 
 __all__ = ["configs", "errors", "evaluate", "hf", "latency", "load", "ModelConfig", "PRESETS", "preset",
            "supported_model_types", "forward", "RoE", "generate", "init_params", "train_and_evaluate"]

@@ -18,6 +18,10 @@ class ConfigProblems(ConfigError):
     super().__init__(f"{source}: {len(self.problems)} problem(s) to fix before anything runs:\n{listed}")
 
 
+class PathError(PhdsError, ValueError):
+  """A path the user gave cannot be used (a bucket, a model id that cannot be resolved); names the field."""
+
+
 class UnsupportedModelError(ConfigError):
   """The checkpoint's `model_type` or one of its options is not implemented here."""
 

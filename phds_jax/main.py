@@ -11,6 +11,7 @@ Python traceback of a user error appear only with `--verbosity=1` or `--config.v
 
 import logging
 import os
+import re
 import sys
 
 from absl import app
@@ -29,20 +30,35 @@ def _fail(message: str, status: int):
 
 def _parse_flags(argv):
   """absl's parsing, with a config file or field that cannot be read reported in one line (exit 2)."""
+  verbose = any(a in ("--verbosity=1", "-v=1") for a in argv)
+  for arg in argv[1:]:  # a missing config file fails only when first read, with a long traceback
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":", 1)[0]):
+      _fail(f"{arg}: no such config file (the files are in configs/, e.g. --config=configs/tiny.py)", 2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
-    if any(a in ("--verbosity=1", "-v=1") for a in argv):
+    if verbose:
       raise
-    cause = e
-    while cause.__cause__ is not None or cause.__context__ is not None:
-      cause = cause.__cause__ or cause.__context__
-    detail = str(cause).strip("\"'")
-    if isinstance(cause, KeyError):
-      given = [a for a in argv if a.startswith("--config.") and f".{detail}" in a.split("=", 1)[0]]
-      detail = (f"no config field {detail!r}" + (f" (in {given[0]})" if given else "") +
-                "; every field is listed in phds_jax/cli/configs.py")
-    _fail(detail, 2)
+    _fail(_flag_error(e, argv), 2)
+
+
+def _flag_error(error: Exception, argv) -> str:
+  """One line naming the command-line item at fault (config_flags' own message often names neither)."""
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  detail = str(cause).strip("\"'")
+  overrides = [a for a in argv if a.startswith("--config.") and "=" in a]
+  if isinstance(cause, KeyError):
+    given = [a for a in overrides if f".{detail}" in a.split("=", 1)[0]]
+    return (f"no config field {detail!r}" + (f" (in {given[0]})" if given else "") +
+            "; every field is listed in docs/configs.md")
+  literal = re.search(r": '(.*)$", detail)  # int('abc') / float('x'): find the item with that value
+  given = [a for a in overrides if literal and a.split("=", 1)[1] == literal.group(1)]
+  if given:
+    field, value = given[0][len("--config."):].split("=", 1)
+    return f"--config.{field}={value}: {value!r} is not a valid value for {field} ({detail})"
+  return detail
 
 
 def _set_log_levels(verbose: bool):
@@ -76,50 +92,12 @@ def main(argv):
 
 
 def run(config, workdir=None, source: str = "config"):
-  """Checks `config` (raising ConfigProblems listing every mistake) and runs its job in this process.
+  """Resolves every path, checks `config` (raising ConfigProblems listing every mistake) and runs its mode
+  in this process: what the command line does after parsing its flags; tests and notebooks call it.
+  workdir: output directory (default: the config's `workdir`, else workdir/<mode>)."""
+  from phds_jax.cli import modes  # pylint: disable=g-import-not-at-top
 
-  This is what the command line does after parsing its flags; tests and notebooks call it directly.
-  workdir: output directory (default: the config's `workdir`, else workdir/<mode>).
-  """
-  from phds_jax.cli import config_check  # pylint: disable=g-import-not-at-top
-  from phds_jax.io.paths import write_resolved  # pylint: disable=g-import-not-at-top
-  from phds_jax.errors import ConfigProblems  # pylint: disable=g-import-not-at-top
-
-  from phds_jax.cli import distributed  # pylint: disable=g-import-not-at-top
-
-  if config.compile_topology:  # a plan: compiles for the slice, reads no weights or data, starts no runtime
-    problems = config_check.plan_problems(config)
-    if problems:
-      raise ConfigProblems(source, problems)
-    from phds_jax.plan import programs as plan  # pylint: disable=g-import-not-at-top
-    return plan.run(config, workdir or config.get("workdir", "") or None)
-  bad = distributed.problems(config.distributed)
-  if bad:
-    raise ConfigProblems(source, bad)
-  if config.distributed.enabled:
-    distributed.initialize(config.distributed)
-  problems = config_check.problems(config)
-  if problems:
-    raise ConfigProblems(source, problems)
-  workdir = workdir or config.get("workdir", "") or os.path.join("workdir", config.mode)
-  if config.mode not in ("convert", "train"):  # training writes it once it knows the workdir is its own
-    write_resolved(config, workdir)
-  if config.mode == "train":
-    from phds_jax.train import loop as train  # pylint: disable=g-import-not-at-top
-    return train.train_and_evaluate(config, workdir)
-  if config.mode == "builtin":
-    from phds_jax.train import builtin  # pylint: disable=g-import-not-at-top
-    return builtin.run(config, workdir)
-  if config.mode == "eval":
-    from phds_jax.eval import job as eval_job  # pylint: disable=g-import-not-at-top
-    return eval_job.run(config, workdir)
-  if config.mode == "sweep":
-    from phds_jax.eval import sweep  # pylint: disable=g-import-not-at-top
-    return sweep.run(config, workdir)
-  from phds_jax.io import convert  # pylint: disable=g-import-not-at-top
-  out = convert.run(config)
-  print(f"wrote {out}")
-  return out
+  return modes.run(config, workdir, source)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 import phds_jax as pj
 from conftest import ROOT, toy_train_config
-from phds_jax.train import loop as train
+from phds_jax.io import load as load_lib
 
 # argv: config JSON, workdir, process id, process count, coordinator port. Prints one JSON line.
 _WORKER = textwrap.dedent("""
@@ -96,7 +96,7 @@ def two_process_runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("distributed")
   config = toy_train_config(tmp, **{"train.steps": 4, "log_every": 1, "eval.every": 2, "mesh.data": 1,
                                     "mesh.fsdp": -1, "checkpoint.every": 2, "model.expert_backend": "reference"})
-  cfg = train.model_config(config)
+  cfg = load_lib.run_model_config(config)
   params = pj.init_params(cfg, jax.random.key(0))
   model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   pj.hf.save_pretrained(cfg, params, str(tmp / "hf"))

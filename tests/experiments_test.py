@@ -82,13 +82,13 @@ def test_runs_change_one_thing_of_the_reference():
 
 
 def test_every_tiny_run_config_passes_the_config_check(tmp_path):
-  from phds_jax.cli import config_check
+  from phds_jax.cli import modes
 
   scale = study.SCALES["tiny"]
   for run in study.runs(scale)[1:]:
     config = study.finetune_config(run, "", str(tmp_path), str(tmp_path), seed=0, scale=scale)
     config.model_path, config.model.random_init = "", True  # no base on disk here
-    problems = [p for p in config_check.problems(config) if "train_files" not in p and "tokenizer" not in p]
+    problems = [p for p in modes.problems(config) if "train_files" not in p and "tokenizer" not in p]
     assert not problems, (run.name, problems)
 
 

@@ -87,6 +87,8 @@ def test_adapter_methods(setup):
   assert isinstance(generated, str) and "w9" not in generated
   with pytest.raises(ValueError, match="k=99 must lie in"):
     PhdsLM(path=setup["model"], k=99)
+  with pytest.raises(ValueError, match=r"unknown model argument\(s\) \['kk'\]; valid ones are \['path', 'k', "):
+    PhdsLM(path=setup["model"], kk=4, device="cpu")  # lm-eval's own `device` is accepted
   # a Roster-of-Experts ensemble for the log-likelihoods (model_args are strings)
   ensemble = PhdsLM(path=setup["model"], k="2", roe_members="3", roe_tau="1.0", roe_seed="0")
   (noisy, _), = ensemble.loglikelihood([Request("say first of : w1", " w1")])

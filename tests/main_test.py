@@ -121,6 +121,15 @@ def test_user_errors_are_one_message_before_any_work(tmp_path):
   assert "- model_path: required" in err and "- data.train_files: required" in err
   status, _, err = _cli("--config=configs/olmoe.py:steps=7", "--config.trian.steps=3")
   assert status == 2 and "Traceback" not in err and "no config field 'trian'" in err
+  status, _, err = _cli("--config=configs/nope.py")
+  assert status == 2 and err.startswith("error: --config=configs/nope.py: no such config file") and "Trace" not in err
+  status, _, err = _cli("--config=configs/tiny.py", "--config.train.steps=abc")
+  assert status == 2 and "--config.train.steps=abc: 'abc' is not a valid value for train.steps" in err
+  # the built-in run checks its fields too; every ModelConfig field can be overridden from the command line
+  status, _, err = _cli("--config=configs/tiny.py", "--config.model.overrides.num_experts=4",
+                        "--config.phds.k_values=0,2", "--config.phds.mask=sofft", f"--workdir={tmp_path / 'w'}")
+  assert status == 2 and "Traceback" not in err, err
+  assert "phds.k_values='0,2': k=0 is outside [1, 4] (the model has 4 experts)" in err and "phds.mask='sofft'" in err
   assert not os.path.exists(tmp_path / "w")
 
 

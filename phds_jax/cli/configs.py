@@ -15,7 +15,7 @@ import ml_collections
 
 def base_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | builtin | eval | sweep | convert
+  c.mode = "train"  # train | builtin | eval | sweep | convert (phds_jax/cli/modes.py)
   c.seed = 0  # parameter init (random models), the train-state RNG, random sweep inputs
   c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
@@ -23,12 +23,14 @@ def base_config(arg=None):
   c.compile_topology = ""  # train: only plan, for this TPU slice (v5e-16, v4-32, v5p-32, v6e-8, ...): compile, print
   #                          per-device memory, FLOPs and a roofline, exit 1 when it does not fit (phds_jax/plan/programs.py)
   c.compile_num_slices = 1  # slices of compile_topology joined over DCN (the mesh's "slice" axis)
+  c.compile_cache = "auto"  # JAX's persistent compilation cache: a directory, "auto" ($PHDS_CACHE/xla, or
+  #                            JAX_COMPILATION_CACHE_DIR when set) or "" (off); a re-run skips compiling
   c.verbose = False  # show library logs (orbax, absl, transformers) and Python tracebacks of user errors
 
   c.model = ml_collections.ConfigDict()
   c.model.random_init = False  # True: start from random weights of `model.preset` instead of model_path
   c.model.preset = "tiny-olmoe"  # phds_jax.PRESETS name: the shapes of a random model
-  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides for the preset
+  c.model.overrides = model_override_fields()  # ModelConfig fields replacing the preset's (None: keep)
   c.model.param_dtype = "float32"  # parameter dtype (training: float32 master weights; convert: "" keeps)
   c.model.expert_backend = "auto"  # how routed experts run: auto | chunked | sorted | ragged | reference
 
@@ -144,6 +146,24 @@ def base_config(arg=None):
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
   return c
+
+
+def model_override_fields() -> ml_collections.ConfigDict:
+  """One typed placeholder per ModelConfig field (None), so every field can be set from the command line
+  (`--config.model.overrides.num_hidden_layers=2`)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import typing  # pylint: disable=g-import-not-at-top
+
+  from phds_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  hints = typing.get_type_hints(ModelConfig)
+  fields = {}
+  for field in dataclasses.fields(ModelConfig):
+    hint = hints[field.name]
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = typing.get_origin(kinds[0]) or kinds[0]  # Optional[int | tuple] -> int; tuple[int, ...] -> tuple
+    fields[field.name] = ml_collections.config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(fields)
 
 
 def _default_rules() -> dict[str, str]:

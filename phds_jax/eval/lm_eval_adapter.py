@@ -12,6 +12,7 @@ max_gen_toks, expert_backend, and a Roster-of-Experts ensemble for every request
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from lm_eval.api.model import LM
@@ -26,13 +27,21 @@ from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import resolve_expert_backend
 
 
+# what lm-eval itself passes to every model beside --model_args (create_from_arg_string's additional config)
+_HARNESS_ARGS = ("device", "max_batch_size")
+
+
 @register_model("phds_jax")
 class PhdsLM(LM):
   """A phds_jax checkpoint served at a declared k."""
 
   def __init__(self, path: str, k: Optional[int] = None, dtype: str = "float32", batch_size: int = 16,
                tokenizer: Optional[str] = None, max_gen_toks: int = 256, expert_backend: str = "",
-               roe_members: int = 1, roe_tau: Any = 0.0, roe_seed: int = 0, **unused: Any):
+               roe_members: int = 1, roe_tau: Any = 0.0, roe_seed: int = 0, **unknown: Any):
+    unknown = {k: v for k, v in unknown.items() if k not in _HARNESS_ARGS}
+    if unknown:
+      valid = [n for n in inspect.signature(PhdsLM.__init__).parameters if n not in ("self", "unknown")]
+      raise ValueError(f"phds_jax model: unknown model argument(s) {sorted(unknown)}; valid ones are {valid}")
     super().__init__()
     self.cfg, self.params = load(path, dtype)
     self.expert_backend = resolve_expert_backend(expert_backend or "auto")

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 from phds_jax.io import hf
 from phds_jax.eval import settings
 from phds_jax.eval.latency import median_seconds
-from phds_jax.io.load import load
+from phds_jax.io.load import load, load_run_model
 from phds_jax.model.config import ModelConfig
-from phds_jax.model.families import preset
-from phds_jax.model.transformer import forward, init_params
+from phds_jax.model.transformer import forward
 
 
 def active_expert_params(cfg: ModelConfig, k: int) -> int:
@@ -65,8 +64,7 @@ def _model_for(config, workdir: str):
   if config.model_path:
     return load(config.model_path, dtype=dtype)
   name = config.model.preset
-  cfg = preset(name).replace(**dict(config.model.overrides))
-  params = init_params(cfg, jax.random.key(config.seed), dtype=dtype)
+  cfg, params = load_run_model(config)
   hf_dir = os.path.join(workdir, "random_" + name.replace("-", "_"))
   hf.save_pretrained(cfg, params, hf_dir, overwrite=True)
   print(f"built a random {name} and exported it to {hf_dir}", flush=True)

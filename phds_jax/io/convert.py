@@ -37,10 +37,13 @@ def convert(src: str, dst: str, *, to: Optional[str] = None, dtype: Optional[str
   return dst
 
 
-def run(config) -> str:
-  """`mode="convert"` entry point; see configs/convert.py for the fields."""
+def run_job(config, workdir: str) -> str:
+  """`mode="convert"` entry point (the workdir is unused); see configs/convert.py for the fields."""
+  del workdir
   c = config.convert
   if not config.model_path or not c.dst:
     raise ValueError("convert needs --config.model_path (the source) and --config.convert.dst")
-  return convert(config.model_path, c.dst, to=c.to or None, dtype=config.model.param_dtype or None,
+  out = convert(config.model_path, c.dst, to=c.to or None, dtype=config.model.param_dtype or None,
                  overwrite=c.overwrite, allow_pickle=c.allow_pickle, max_shard_size=int(c.max_shard_size_gb * 2**30))
+  print(f"wrote {out}", flush=True)
+  return out

@@ -7,6 +7,7 @@ params) in the asked dtype, each parameter placed where `sharding` says.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -41,6 +42,22 @@ def load_config(path: str) -> Any:
   return checkpoint.load_model_config(path)
 
 
+def model_overrides(config) -> dict[str, Any]:
+  """The `model.overrides` a run config sets (every ModelConfig field is a settable placeholder; unset is None)."""
+  return {name: value for name, value in dict(config.model.overrides).items() if value is not None}
+
+
+def run_model_config(config) -> Any:
+  """The ModelConfig a run config names, without reading any weight: `model_path`'s (HF directory or
+  phds_jax checkpoint), else the random `model.preset` with `model.overrides`. The one place every mode
+  and the config checks resolve a run's model."""
+  if config.model_path:
+    return load_config(config.model_path)
+  from phds_jax.model.families import preset  # pylint: disable=g-import-not-at-top
+
+  return preset(config.model.preset).replace(**model_overrides(config))
+
+
 def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
          allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
   """Opens an HF model directory or a phds_jax orbax model checkpoint (detected) as (ModelConfig, params).
@@ -60,3 +77,20 @@ def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
   from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: heavy to import)
 
   return checkpoint.load_model(path, dtype=dtype, sharding=sharding)
+
+
+def load_run_model(config, sharding=None) -> tuple[Any, dict[str, Any]]:
+  """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`, each
+  parameter placed by `sharding` ((path, shape) -> Sharding, e.g. `Trainer.param_sharding()`; None: the
+  default device) as it is read or made: no device or host ever holds the whole model."""
+  if config.model_path:
+    return load(config.model_path, dtype=config.model.param_dtype, sharding=sharding)
+  from phds_jax.model.transformer import init_params  # pylint: disable=g-import-not-at-top
+
+  cfg = run_model_config(config)
+  make = functools.partial(init_params, cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
+  if sharding is None:
+    return cfg, make()
+  out_shardings = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: sharding(sharding_lib.path_keys(path), leaf.shape), jax.eval_shape(make))
+  return cfg, jax.jit(make, out_shardings=out_shardings)()

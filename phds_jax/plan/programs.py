@@ -213,7 +213,9 @@ def build(config) -> dict[str, Any]:
                                                   len({d.process_index for d in devices}))
   if problems:
     raise ConfigProblems(f"the config on {spec.name}", problems)
-  cfg = train.model_config(config)
+  from phds_jax.io import load as load_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = load_lib.run_model_config(config)
   mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
   trainer = train.Trainer(cfg, config, mesh, config.train.steps)
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype=config.model.param_dtype))

@@ -23,7 +23,7 @@ from phds_jax.io import checkpoint
 from phds_jax.data import pipeline as data_lib
 from phds_jax.eval import scoring as evaluate
 from phds_jax.train import loop as train
-from phds_jax.io.load import load
+from phds_jax.io.load import load, run_model_config
 
 log = logging.getLogger("phds_jax")
 
@@ -75,7 +75,7 @@ def pretrain_config(config, paths: dict[str, str]):
   c.phds.enabled = False
   c.train.steps, c.train.batch_size = config.pretrain.steps, config.pretrain.batch_size
   c.optim.lr, c.optim.warmup_steps = config.pretrain.lr, config.pretrain.warmup_steps
-  c.eval.k_values, c.eval.every = str(config.model.overrides.get("num_experts_per_tok", 2)), config.pretrain.steps
+  c.eval.k_values, c.eval.every = str(run_model_config(config).k_pre), config.pretrain.steps
   c.eval.at_start = False
   c.export_hf = False
   return c

@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,11 @@ from phds_jax.model import sharding as sharding_lib
 from phds_jax.eval import settings
 from phds_jax.train import sparsity
 from phds_jax.io.paths import write_resolved
-from phds_jax.io.load import load, load_config
+from phds_jax.io.load import load_run_model, run_model_config
 from phds_jax.model import layout
-from phds_jax.errors import TrainingDivergedError, WorkdirMismatchError
+from phds_jax.errors import ConfigProblems, TrainingDivergedError, WorkdirMismatchError
 from phds_jax.model.config import ModelConfig, config_to_dict
-from phds_jax.model.families import preset
-from phds_jax.model.transformer import init_params, resolve_expert_backend
+from phds_jax.model.transformer import resolve_expert_backend
 
 
 Params = dict[str, Any]
@@ -299,28 +298,6 @@ class Trainer:
 # ---- model and data set-up -------------------------------------------------------------------------------
 
 
-def model_config(config) -> ModelConfig:
-  """The run's ModelConfig, read without loading any weight."""
-  if config.model_path:
-    return load_config(config.model_path)
-  return preset(config.model.preset).replace(**dict(config.model.overrides))
-
-
-def load_model(config, sharding=None) -> tuple[ModelConfig, Params]:
-  """`model_path` (HF or orbax directory), or a random `model.preset` with `model.overrides`, each
-  parameter placed by `sharding` ((path, shape) -> Sharding, e.g. `Trainer.param_sharding()`; None: the
-  default device) as it is read or made: no device or host ever holds the whole model."""
-  if config.model_path:
-    return load(config.model_path, dtype=config.model.param_dtype, sharding=sharding)
-  cfg = model_config(config)
-  make = functools.partial(init_params, cfg, jax.random.key(config.seed), dtype=config.model.param_dtype)
-  if sharding is None:
-    return cfg, make()
-  out_shardings = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: sharding(sharding_lib.path_keys(path), leaf.shape), jax.eval_shape(make))
-  return cfg, jax.jit(make, out_shardings=out_shardings)()
-
-
 def build_rows(config, tokenizer) -> tuple[list, list, data_lib.ReadStats]:
   """(train rows, validation rows, stats) from config.data."""
   d = config.data
@@ -489,19 +466,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model_checkpoint.recover_replaced(os.path.join(workdir, "best"))
   manager = _manager(workdir, config)
   has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
-  cfg = model_config(config)
+  cfg = run_model_config(config)
   check_workdir(workdir, run_identity(config, cfg), has_outputs)
-  write_resolved(config, workdir)
   total = config.train.steps
+  finished = _finished_summary(workdir, config, manager)
+  if finished is not None:
+    _say(f"{workdir} has finished its {total} steps; nothing left to do (outputs in {workdir})")
+    return finished
+  write_resolved(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   global_batch = config.train.batch_size
   if global_batch % (config.train.grad_accum * jax.process_count()):
     raise ValueError(f"train.batch_size={global_batch} must divide by grad_accum x processes")
   trainer = Trainer(cfg, config, mesh, total)
+  tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
+  _check_vocabulary(config, cfg, tokenizer)
   _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} "
        f"sharded over mesh {dict(mesh.shape)} ...")
-  cfg, params = load_model(config, trainer.param_sharding())
-  tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
+  cfg, params = load_run_model(config, trainer.param_sharding())
   train_rows, val_rows, stats = build_rows(config, tokenizer)
   _say(f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
        f"train {data_lib.describe(train_rows)}; validation {data_lib.describe(val_rows)}")
@@ -603,6 +585,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _say(f"best validation loss at k={select_k}{' (k_pre)' if select_k == cfg.k_pre else ''}: "
        f"{meta['best_val_loss']} (step {meta['best_step']}, {summary['selected_phase']}); outputs in {workdir}")
   return summary
+
+
+def _finished_summary(workdir: str, config, manager: ocp.CheckpointManager) -> Optional[dict[str, Any]]:
+  """The stored summary of a run that already reached train.steps (and exported, when asked), else None."""
+  path = os.path.join(workdir, "summary.json")
+  latest = manager.latest_step()
+  if latest is None or latest < config.train.steps or not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  exported = not config.export_hf or os.path.isdir(os.path.join(workdir, "hf_export"))
+  return summary if summary.get("steps") == config.train.steps and exported else None
+
+
+def _check_vocabulary(config, cfg: ModelConfig, tokenizer) -> None:
+  """A tokenizer with ids the model's embedding does not hold is a config mistake (it ends in a nan loss)."""
+  if len(tokenizer) > cfg.vocab_size:
+    where = config.tokenizer_path or config.model_path
+    raise ConfigProblems("config", [
+        f"tokenizer_path={where!r}: the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is "
+        f"{cfg.vocab_size:,}; pass this model's tokenizer, or a larger model.overrides.vocab_size for a random "
+        "model"])
 
 
 def _non_finite(config, manager: ocp.CheckpointManager, step: int, stats: dict[str, jax.Array]):
