@@ -48,7 +48,7 @@ def _sample(logits, rng, temperature: float, top_p: float):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
                                              "top_p", "stop_ids", "expert_backend", "roe_members"))
-def _generate(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *, cfg, layer_k, layer_width,
+def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *, cfg, layer_k, layer_width,
               max_new, temperature, top_p, stop_ids, expert_backend, roe_members=0):
   """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
 
@@ -134,14 +134,14 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   args, statics = _program_inputs(cfg, params, prompts, max_new_tokens=max_new_tokens, k=k, k_max=k_max,
                                   temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                                   bucket=bucket, expert_backend=expert_backend, roe=roe)
-  out = np.asarray(_generate(*args, **statics))
+  out = np.asarray(generation_program(*args, **statics))
   return [[int(t) for t in row[:max_new_tokens] if t >= 0] for row in out]
 
 
 def lower_generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], **options) -> jax.stages.Lowered:
   """The program `generate(cfg, params, prompts, **options)` runs, lowered (for .compile().memory_analysis())."""
   args, statics = _program_inputs(cfg, params, prompts, **options)
-  return _generate.lower(*args, **statics)
+  return generation_program.lower(*args, **statics)
 
 
 def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
@@ -149,7 +149,7 @@ def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
                     temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None,
                     seed: int = 0, bucket: int = 16, expert_backend: str = "auto",
                     roe: Optional[RoE] = None) -> tuple[tuple, dict]:
-  """Validates `generate`'s arguments (ValueError naming one) -> (arrays, static arguments) of `_generate`."""
+  """Validates `generate`'s arguments (ValueError naming one) -> (arrays, static arguments) of `generation_program`."""
   if not isinstance(prompts, (list, tuple)) or not prompts:
     raise ValueError("prompts must be a non-empty list of token-id lists")
   for i, p in enumerate(prompts):

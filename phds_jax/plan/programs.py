@@ -165,7 +165,7 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
 def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phds_jax.eval.generate import _generate as generation  # pylint: disable=g-import-not-at-top
+  from phds_jax.eval.generate import generation_program as generation  # pylint: disable=g-import-not-at-top
   from phds_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from phds_jax.model.transformer import plan_k  # pylint: disable=g-import-not-at-top
 
