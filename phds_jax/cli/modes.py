@@ -18,20 +18,14 @@ from phds_jax.errors import ConfigProblems, PathError
 class Mode(NamedTuple):
   check: Callable[[Any], list[str]]  # config -> problems, one line each
   runner: str  # "module:function" taking (config, workdir)
-  summary: str  # one line for --help and the docs
 
 
 MODES = {
-    "train": Mode(config_check.train_problems, "phds_jax.train.loop:train_and_evaluate",
-                  "PHDS fine-tuning (or plain SFT / pre-training) of model_path or a random preset"),
-    "builtin": Mode(config_check.builtin_problems, "phds_jax.train.builtin:run",
-                    "the built-in CPU default: pre-train a tiny MoE, PHDS fine-tune it, evaluate per k"),
-    "eval": Mode(config_check.eval_problems, "phds_jax.eval.job:run",
-                 "accuracy, perplexity, agreement and latency of checkpoints over a grid of k"),
-    "sweep": Mode(config_check.sweep_problems, "phds_jax.eval.sweep:run",
-                  "one model at several k: agreement with k_pre, KL and forward time"),
-    "convert": Mode(config_check.convert_problems, "phds_jax.io.convert:run_job",
-                    "Hugging Face directory <-> phds_jax orbax checkpoint"),
+    "train": Mode(config_check.train_problems, "phds_jax.train.loop:train_and_evaluate"),
+    "builtin": Mode(config_check.builtin_problems, "phds_jax.train.builtin:run"),
+    "eval": Mode(config_check.eval_problems, "phds_jax.eval.job:run"),
+    "sweep": Mode(config_check.sweep_problems, "phds_jax.eval.sweep:run"),
+    "convert": Mode(config_check.convert_problems, "phds_jax.io.convert:run_job"),
 }
 
 

@@ -117,7 +117,7 @@ def _node(config, dotted: str):
 
 def write_resolved(config, workdir: str):
   """Writes `workdir/config.json`, the resolved config of this run (process 0 only)."""
-  import jax  # pylint: disable=g-import-not-at-top  (config files import this module)
+  import jax  # pylint: disable=g-import-not-at-top  (path resolution alone needs no jax)
 
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
