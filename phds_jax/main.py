@@ -69,6 +69,7 @@ def _set_log_levels(verbose: bool):
     return
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("phds_jax").setLevel(logging.WARNING)
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)  # e.g. "could not determine bucket type" on every call
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # also silences "PyTorch was not found"
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

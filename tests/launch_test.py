@@ -1,5 +1,6 @@
 """`phds-launch --dry-run` prints the exact gcloud / SLURM commands of a job and runs nothing."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import pytest
 
 from phds_jax.cli import launch
 
-MAIN_ARGS = ["--config=configs/olmoe.py", "--config.model_path=/models/OLMoE", "--workdir=gs://b/run"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN_ARGS = ["--config=configs/olmoe.py", "--config.model_path=/models/OLMoE",
+             "--config.data.train_files=/data/sft/*.jsonl", "--workdir=gs://b/run"]
 
 
 def _commands(capsys, argv):
@@ -25,7 +28,8 @@ def test_tpu_v5e_16_job(capsys):
                      "--version", "v2-alpha-tpuv5-lite", "--spot", "--zone", "us-west4-a"]
   assert cmds[2][:4] == [sys.executable, "-m", "pip", "wheel"]
   scp = next(c for c in cmds if "scp" in c)
-  assert scp[-4:] == ["phds:~/phds/", "--worker=all", "--zone", "us-west4-a"] and scp[-5].endswith("configs")
+  assert scp[-4:] == ["phds:~/phds/", "--worker=all", "--zone", "us-west4-a"]
+  assert scp[-5] == os.path.join(ROOT, "configs") and cmds[2][-1] == ROOT  # the checkout's configs and wheel
   install = next(c for c in cmds if "pip install" in c[-1])
   assert "--worker=all" in install and install[-1].endswith(".whl'[tpu]'")
   start = next(c for c in cmds if "phds_jax.main" in c[-1] and "nohup" in c[-1])
@@ -84,3 +88,25 @@ def test_mistakes_and_help():
     assert flag in helps[1].stdout
   for flag in ("--nodes", "--gpus-per-node", "--partition", "--dry-run"):
     assert flag in helps[2].stdout
+
+
+def test_the_job_config_is_checked_before_anything_runs(capsys, tmp_path):
+  tpu = ["tpu", "--name", "x", "--zone", "z", "--accelerator", "v5e-16", "--dry-run", "--"]
+  slurm = ["slurm", "--nodes", "2", "--script-dir", str(tmp_path), "--workdir-root", ROOT, "--dry-run", "--"]
+  for launcher in (tpu, slurm):
+    with pytest.raises(SystemExit) as stop:
+      launch.main([*launcher, *MAIN_ARGS, "--config.phds.mask=sofft", "--config.train.steps=-1"])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "+ " not in out  # no gcloud / pip / sbatch command, not even printed
+    assert "phds.mask='sofft'; choose one of soft, hard" in err and "train.steps=-1 is outside" in err
+  with pytest.raises(SystemExit):
+    launch.main([*tpu, "--config=configs/nope.py"])
+  assert "no such config file" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    launch.main([*slurm, "--config=configs/olmoe.py", "--config.data.train_files=/d/*.jsonl"])
+  assert "model_path: required" in capsys.readouterr().err
+  # files that are not on this machine are notes: the job looks for them where it runs
+  launch.main([*slurm, *MAIN_ARGS])
+  out = capsys.readouterr().out
+  assert "note: model_path='/models/OLMoE': no such directory" in out
+  assert "note: data.train_files: '/data/sft/*.jsonl' matches no file" in out and "+ sbatch" in out

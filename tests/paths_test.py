@@ -53,9 +53,3 @@ def test_model_ids_resolve_through_the_hub_cache(hf_dirs, tmp_path, monkeypatch)
                                              r"the Hugging Face cache .* fetch it first with: hf download"):
     paths.resolve_model("allenai/Other")
 
-
-def test_bucket_paths_are_one_message_naming_the_field(tmp_path):
-  config = load_config("eval", **{"model_path": str(tmp_path), "eval.text_files": "gs://bucket/text/*.txt"})
-  with pytest.raises(errors.ConfigProblems, match=r"eval.text_files='gs://bucket/text/\*.txt': bucket paths"):
-    main.run(config, str(tmp_path / "w"))
-  assert not os.path.exists(tmp_path / "w")

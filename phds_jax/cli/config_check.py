@@ -7,14 +7,13 @@ model_config.json) and glob patterns; it never opens weights or data.
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 from typing import Optional
 
 
 from phds_jax import errors
 from phds_jax.eval import settings
+from phds_jax.io import files
 from phds_jax.model import sharding
 from phds_jax.train import sparsity
 
@@ -90,16 +89,33 @@ def common_problems(config) -> list[str]:
   return out + range_problems(config)
 
 
+class FileProblem(str):
+  """A problem found by looking for a file here: where the job runs on other machines (`phds-launch`), the
+  file may be there, so the launcher reports it as a note instead of refusing the job."""
+
+
+def _file_problems(test, path: str, message: str) -> list[str]:
+  """[FileProblem(message)] when `test(path)` is false, or the reason a path cannot be looked at here (a
+  bucket without its fsspec backend)."""
+  try:
+    return [] if test(path) else [FileProblem(message)]
+  except errors.PathError as e:
+    return [FileProblem(str(e))]
+
+
 def _model_dir_problem(field: str, path: str) -> Optional[str]:
   from phds_jax.io.load import detect_format  # pylint: disable=g-import-not-at-top
 
   try:
     detect_format(path)
+  except errors.PathError as e:
+    return FileProblem(str(e))
   except errors.CheckpointError:
-    if not os.path.isdir(path):
-      return f"{field}={path!r}: no such directory; pass an HF model directory or a phds_jax checkpoint"
-    return (f"{field}={path!r}: neither an HF model directory (config.json) nor a phds_jax checkpoint "
-            "(model_config.json)")
+    if not files.isdir(path):
+      return FileProblem(f"{field}={path!r}: no such directory; pass an HF model directory or a phds_jax "
+                         "checkpoint")
+    return FileProblem(f"{field}={path!r}: neither an HF model directory (config.json) nor a phds_jax "
+                       "checkpoint (model_config.json)")
   return None
 
 
@@ -121,7 +137,7 @@ def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
   patterns = [p.strip() for p in value.split(",") if p.strip()]
   if not patterns:
     return [f"{field}: required; pass comma-separated files or glob patterns"] if required else []
-  return [f"{field}: {p!r} matches no file" for p in patterns if not glob.glob(p)]
+  return [line for p in patterns for line in _file_problems(files.glob, p, f"{field}: {p!r} matches no file")]
 
 
 def _choice(config, dotted: str, allowed) -> list[str]:
@@ -177,8 +193,9 @@ def _start_model(config) -> tuple[list[str], Optional[int]]:
 
 def train_problems(config) -> list[str]:
   out, num_experts = _start_model(config)
-  if config.tokenizer_path and not os.path.isdir(config.tokenizer_path):
-    out.append(f"tokenizer_path={config.tokenizer_path!r}: no such directory")
+  if config.tokenizer_path:
+    out += _file_problems(files.isdir, config.tokenizer_path, f"tokenizer_path={config.tokenizer_path!r}: no "
+                          "such directory")
   out += _pattern_problems("data.train_files", config.data.train_files, required=True)
   out += _pattern_problems("data.val_files", config.data.val_files, required=False)
   out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
@@ -237,8 +254,7 @@ def eval_problems(config) -> list[str]:
     cfg = _model_config(path)
     out += settings.k_grid_problems("eval.k_values", config.eval.k_values, cfg.num_experts if cfg else None)
   for path in (p.strip() for p in config.eval.task_files.split(",") if p.strip()):
-    if not os.path.isfile(path):
-      out.append(f"eval.task_files: {path!r} does not exist")
+    out += _file_problems(files.isfile, path, f"eval.task_files: {path!r} does not exist")
   out += settings.eval_roe_settings(config)[1]
   out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
   out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
@@ -259,8 +275,9 @@ def convert_problems(config) -> list[str]:
     out += [problem] if problem else []
   if not config.convert.dst:
     out.append("convert.dst: required; pass the output directory")
-  elif os.path.exists(config.convert.dst) and not config.convert.overwrite:
-    out.append(f"convert.dst={config.convert.dst!r} exists; pass --config.convert.overwrite=True to replace it")
+  elif not config.convert.overwrite:
+    out += _file_problems(lambda p: not files.exists(p), config.convert.dst, f"convert.dst={config.convert.dst!r} "
+                          "exists; pass --config.convert.overwrite=True to replace it")
   out += _choice(config, "convert.to", ("", "hf", "orbax"))
   return out
 

@@ -158,13 +158,17 @@ def tpu(args: argparse.Namespace, shell: Shell) -> int:
     return shell.run(t.delete())
   if not args.main_args:
     raise SystemExit("phds-launch tpu: give the job's arguments after --, e.g. -- --config=configs/olmoe.py")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if not os.path.isfile(os.path.join(root, "pyproject.toml")):
+    raise SystemExit(f"phds-launch tpu builds the wheel it installs from a source checkout; {root} is not one "
+                     "(clone the repository and pip install -e it)")
+  _check_job(args, root)
   if shell.succeeds(t.describe()):
     print(f"reusing {args.name}", flush=True)
   else:
     shell.run(t.create())
     if t.queued:
       _wait_active(t, shell)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   wheel = _wheel(shell, root, os.path.join(root, "dist"))
   for node in t.nodes:
     shell.run(t.ssh(node, f"mkdir -p ~/{REMOTE_DIR}"))
@@ -218,6 +222,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
 def slurm(args: argparse.Namespace, shell: Shell) -> int:
   if not args.main_args:
     raise SystemExit("phds-launch slurm: give the job's arguments after --, e.g. -- --config=configs/olmoe.py")
+  _check_job(args, os.path.abspath(args.workdir_root))
   script = sbatch_script(args)
   path = os.path.join(args.script_dir, f"{args.job_name}.sbatch")
   print(f"# {path}\n{script}", flush=True)
@@ -226,6 +231,59 @@ def slurm(args: argparse.Namespace, shell: Shell) -> int:
     with open(path, "w", encoding="utf-8") as f:
       f.write(script)
   return shell.run(["sbatch", path])
+
+
+# ---- the job's config, checked here first ---------------------------------------------------------------------
+
+
+def job_problems(main_args: Sequence[str], root: str) -> tuple[list[str], list[str]]:
+  """(mistakes, notes) in the config `main_args` give `python -m phds_jax.main`, found on this machine before
+  anything is created or submitted: the checks the job itself runs first (phds_jax/cli/config_check.py).
+  A file the job reads that is not here (a path on the workers, or a bucket this machine cannot read) is a
+  note, not a mistake. `root`: the directory the job runs in (relative config paths start there)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from phds_jax.cli import config_check  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import distributed  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import modes  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import files  # pylint: disable=g-import-not-at-top
+
+  argv = [a if not a.startswith("--config=") else "--config=" + os.path.join(root, a.split("=", 1)[1])
+          for a in main_args]
+  config_files = [a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")]
+  if not config_files:
+    return ["give the job's config: -- --config=configs/<name>.py ..."], []
+  if not os.path.isfile(config_files[-1]):
+    return [f"--config: no such config file {config_files[-1]} (the job runs in {root})"], []
+  job_argv = ["phds_jax.main", *[a for a in argv if a.startswith("--config")], "--config.distributed.enabled=True"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=job_argv)
+  try:
+    flag_values(job_argv)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
+    return [str(e).strip()], []
+  config = flag_values.config
+  with files.buckets_elsewhere():
+    if config.compile_topology:
+      found = config_check.plan_problems(config)
+    else:
+      found = distributed.problems(config.distributed) + modes.problems(config)
+  notes = [p for p in found if isinstance(p, config_check.FileProblem)]
+  return [p for p in found if p not in notes], notes
+
+
+def _check_job(args: argparse.Namespace, root: str):
+  """Refuses a job whose config has a mistake (exit 2) before any gcloud or sbatch command runs."""
+  mistakes, notes = job_problems(args.main_args, root)
+  for note in notes:
+    where = "" if "not looked at here" in note else " (on this machine; the job looks again where it runs)"
+    print(f"note: {note}{where}", flush=True)
+  if mistakes:
+    print("phds-launch: the job's config has mistakes; nothing was created or submitted:", file=sys.stderr)
+    for line in mistakes:
+      print(f"  {line}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ---- command line ------------------------------------------------------------------------------------------

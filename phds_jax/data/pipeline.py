@@ -13,13 +13,14 @@ and batches them, and its iterator state goes into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import grain
 import numpy as np
+
+from phds_jax.io import files as files_lib
 
 log = logging.getLogger("phds_jax")
 
@@ -59,7 +60,7 @@ def _files(patterns: Sequence[str] | str) -> list[str]:
     raise DataError("no data files configured")
   files = []
   for pattern in patterns:
-    matched = sorted(glob.glob(pattern))
+    matched = files_lib.glob(pattern)
     if not matched:
       raise DataError(f"no file matches {pattern!r}")
     files += matched
@@ -68,7 +69,7 @@ def _files(patterns: Sequence[str] | str) -> list[str]:
 
 def read_jsonl(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str, dict]]:
   """Yields ("file:line", record) for each JSON object line; bad lines are skipped (counted) or fatal."""
-  with open(path, encoding="utf-8") as f:
+  with files_lib.open_file(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -174,7 +175,7 @@ def read_text(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Re
         else:
           _bad(where, 'expected a non-empty string field "text"', stats, on_error)
     else:
-      with open(path, encoding="utf-8") as f:
+      with files_lib.open_file(path) as f:
         docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
     for doc in docs:
       ids = tokenizer.encode(doc, add_special_tokens=False)

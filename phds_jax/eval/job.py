@@ -18,13 +18,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from phds_jax.eval import settings
-from phds_jax.data import pipeline as data_lib
-from phds_jax.eval import scoring as evaluate
-from phds_jax.eval import latency
 from phds_jax.data import olmo_tasks
-from phds_jax.model import sharding as sharding_lib
+from phds_jax.data import pipeline as data_lib
+from phds_jax.eval import latency
+from phds_jax.eval import scoring as evaluate
+from phds_jax.eval import settings
+from phds_jax.io import files
 from phds_jax.io.load import load
+from phds_jax.model import sharding as sharding_lib
 from phds_jax.model.roe import RoE
 from phds_jax.plan.cost import forward_flops_per_token
 
@@ -193,7 +194,8 @@ def plot(results: dict[str, dict[int, Any]], path: str, axis: str = "latency") -
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.open_file(path, "wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
   return True
 
@@ -204,7 +206,7 @@ def roe_label(label: str, roe: RoE) -> str:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   paths = checkpoints(config)
   anchor = config.eval.agreement_with
   if anchor and anchor not in paths:
@@ -246,9 +248,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   order = [name for label in paths for name in (label, *(roe_label(label, roe) for roe in ensembles))]
   results = {name: results[name] for name in order}
   out = os.path.join(workdir, "eval_results.json")
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"checkpoints": paths, "tasks": list(tasks), "agreement_with": agreement or None,
-               "results": results}, f, indent=2)
+  files.write_text(out, json.dumps({"checkpoints": paths, "tasks": list(tasks), "agreement_with": agreement or None,
+                                    "results": results}, indent=2))
   print(f"wrote {out}")
   for axis in AXES:
     png = os.path.join(workdir, f"accuracy_vs_{axis}.png")

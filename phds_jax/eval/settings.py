@@ -30,12 +30,12 @@ def k_grid_problems(field: str, value, num_experts: Optional[int]) -> list[str]:
     return [f"{field}={value!r}: {e}"]
   if not ks:
     return [f"{field}: required; pass comma-separated k values"]
-  high = num_experts or max(ks)
-  bad = [k for k in ks if not 1 <= k <= high]
-  if bad:
-    where = f"the model has {num_experts} experts" if num_experts else "k counts experts"
-    return [f"{field}={value!r}: k={bad[0]} is outside [1, {high}] ({where})"]
-  return []
+  bad = [k for k in ks if not 1 <= k <= (num_experts or k)]
+  if not bad:
+    return []
+  if num_experts:
+    return [f"{field}={value!r}: k={bad[0]} is outside [1, {num_experts}] (the model has {num_experts} experts)"]
+  return [f"{field}={value!r}: k={bad[0]}, but k counts experts: 1 or more"]
 
 
 def k_grid(value, num_experts: int, field: str = "eval.k_values") -> list[int]:

@@ -13,9 +13,10 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from phds_jax.io import hf
 from phds_jax.eval import settings
 from phds_jax.eval.latency import median_seconds
+from phds_jax.io import files
+from phds_jax.io import hf
 from phds_jax.io.load import load, load_run_model
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import forward
@@ -73,7 +74,7 @@ def _model_for(config, workdir: str):
 
 def run(config, workdir: str) -> list[dict[str, Any]]:
   """`mode="sweep"` entry point: prints the table and writes `workdir/sweep.json`."""
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   cfg, params = _model_for(config, workdir)
   ks = settings.k_grid(config.eval.k_values, cfg.num_experts)
   batch, seq_len = config.eval.batch_size, config.data.seq_len
@@ -85,7 +86,6 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
         f"batch {batch} x {seq_len} tokens")
   print(format_table(rows, cfg.k_pre))
   out = os.path.join(workdir, "sweep.json")
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"model_type": cfg.model_type, "k_pre": cfg.k_pre, "rows": rows}, f, indent=2)
+  files.write_text(out, json.dumps({"model_type": cfg.model_type, "k_pre": cfg.k_pre, "rows": rows}, indent=2))
   print(f"wrote {out}")
   return rows

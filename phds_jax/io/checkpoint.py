@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from flax import traverse_util
@@ -17,6 +16,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from phds_jax.errors import CheckpointError, ConfigError
+from phds_jax.io import files
+from phds_jax.io import paths
 from phds_jax.model.config import ModelConfig, config_from_dict, config_to_dict
 from phds_jax.model.layout import param_layout
 
@@ -30,25 +31,25 @@ def save_model(cfg: ModelConfig, params: dict[str, Any], directory: str, *, over
   With overwrite, the new copy is written beside the old one and swapped in when complete: a process
   killed at any moment leaves the old copy or the new one (`recover_replaced` restores the old one if the
   kill fell between the two renames). All processes call it; process 0 writes the config and renames.
+  `directory` may be in a bucket (the renames then copy objects: see io/files.py).
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
+  directory = paths.resolve(directory, "directory")
+  if files.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
   partial, old = directory + _PARTIAL, directory + _OLD
   if jax.process_index() == 0:
-    shutil.rmtree(partial, ignore_errors=True)
+    files.remove(partial)
   _sync("phds_save_model_start")
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(partial, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(partial, CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
-    if os.path.exists(directory):
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(directory, old)
-    os.rename(partial, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    files.write_text(os.path.join(partial, CONFIG_FILE), json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+    if files.exists(directory):
+      files.remove(old)
+      files.rename(directory, old)
+    files.rename(partial, directory)
+    files.remove(old)
   _sync("phds_save_model_done")
   return directory
 
@@ -56,12 +57,12 @@ def save_model(cfg: ModelConfig, params: dict[str, Any], directory: str, *, over
 def recover_replaced(directory: str) -> None:
   """Puts back the old copy of a `save_model(..., overwrite=True)` killed between its renames, and drops
   an unfinished new copy."""
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory, "directory")
   if jax.process_index() != 0:
     return
-  if not os.path.exists(directory) and os.path.isdir(directory + _OLD):
-    os.rename(directory + _OLD, directory)
-  shutil.rmtree(directory + _PARTIAL, ignore_errors=True)
+  if not files.exists(directory) and files.isdir(directory + _OLD):
+    files.rename(directory + _OLD, directory)
+  files.remove(directory + _PARTIAL)
 
 
 _PARTIAL, _OLD = ".partial", ".old"
@@ -77,8 +78,7 @@ def _sync(name: str):
 def load_model_config(directory: str) -> ModelConfig:
   path = os.path.join(directory, CONFIG_FILE)
   try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = json.loads(files.read_text(path))
   except FileNotFoundError:
     raise CheckpointError(f"{path} not found: {directory} is not a phds_jax model checkpoint") from None
   except json.JSONDecodeError as e:
@@ -92,8 +92,8 @@ def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfi
   sharding: None, one `jax.sharding.Sharding`, or a callable (param path, shape) -> Sharding.
   """
   cfg = load_model_config(directory)
-  params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
-  if not os.path.isdir(params_dir):
+  params_dir = os.path.join(paths.resolve(directory, "directory"), PARAMS_DIR)
+  if not files.isdir(params_dir):
     raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
   abstract = traverse_util.unflatten_dict(  # the shapes the config implies, from the layout (no tracing)
       {spec.path: jax.ShapeDtypeStruct(spec.shape, jnp.float32) for spec in param_layout(cfg)})

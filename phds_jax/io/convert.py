@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 from phds_jax.io import checkpoint
+from phds_jax.io import files
 from phds_jax.io import hf
+from phds_jax.io import paths
 from phds_jax.io.load import FORMATS, detect_format, load
 
 log = logging.getLogger("phds_jax")
@@ -19,11 +20,12 @@ def convert(src: str, dst: str, *, to: Optional[str] = None, dtype: Optional[str
 
   dtype: storage dtype of the output ("float32", "bfloat16", "float16"); None keeps the source's.
   """
+  src = paths.resolve_model(src, "src")
   source_format = detect_format(src)
   to = to or ("orbax" if source_format == "hf" else "hf")
   if to not in FORMATS:
     raise ValueError(f"to={to!r}; choose one of {FORMATS}")
-  if os.path.exists(dst) and not overwrite:
+  if files.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
   cfg, params = load(src, dtype=dtype, allow_pickle=allow_pickle)
   log.info("read %s checkpoint %s (%s)", source_format, src, cfg.model_type)

@@ -13,7 +13,9 @@ from typing import Any
 
 import jax
 
+from phds_jax.io import files
 from phds_jax.io import hf
+from phds_jax.io import paths
 from phds_jax.model import sharding as sharding_lib
 from phds_jax.errors import CheckpointError
 
@@ -23,18 +25,20 @@ ORBAX_CONFIG_FILE = "model_config.json"  # checkpoint.CONFIG_FILE; orbax is impo
 
 def detect_format(path: str) -> str:
   """'orbax' for a directory with model_config.json, 'hf' for one with config.json."""
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     raise CheckpointError(f"{path}: no such model directory")
-  if os.path.isfile(os.path.join(path, ORBAX_CONFIG_FILE)):
+  if files.isfile(os.path.join(path, ORBAX_CONFIG_FILE)):
     return "orbax"
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if files.isfile(os.path.join(path, "config.json")):
     return "hf"
   raise CheckpointError(f"{path}: neither an HF model directory (config.json) nor a phds_jax checkpoint "
                         f"({ORBAX_CONFIG_FILE})")
 
 
 def load_config(path: str) -> Any:
-  """The ModelConfig of an HF model directory or a phds_jax checkpoint, without reading any weight."""
+  """The ModelConfig of an HF model directory or a phds_jax checkpoint, without reading any weight (`path`
+  as `load` takes it)."""
+  path = paths.resolve_model(path, "path")
   if detect_format(path) == "hf":
     return hf.config_io.load_config(path)
   from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
@@ -62,6 +66,9 @@ def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
          allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
   """Opens an HF model directory or a phds_jax orbax model checkpoint (detected) as (ModelConfig, params).
 
+  path: a local directory, a `gs://` directory (copied once into the local cache) or a Hugging Face model id
+    (its snapshot in the Hugging Face cache).
+
   dtype: "float32" | "bfloat16" | "float16" (or a jnp dtype), or None to keep the stored dtype.
   sharding: None (default device); a `jax.sharding.Mesh`: each parameter sharded by its logical axes under
     the current axis rules (`phds_jax.sharding.axis_rules`); one `jax.sharding.Sharding`; or a callable
@@ -69,6 +76,7 @@ def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
   allow_pickle: HF directories holding only `.bin` pickles load only with this set.
   The expert backend is not a property of the model: pass it to `forward` / `generate` / the evaluators.
   """
+  path = paths.resolve_model(path, "path")
   if isinstance(sharding, jax.sharding.Mesh):
     sharding = sharding_lib.layout_sharding(sharding, load_config(path))
   if detect_format(path) == "hf":

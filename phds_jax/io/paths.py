@@ -2,10 +2,11 @@
 
 A path may be absolute, relative (to the directory the command was started in: resolved once, so a
 library that changes directory or insists on absolute paths, like orbax, never sees a relative one),
-`~`-prefixed, or a Hugging Face model id (`allenai/OLMoE-1B-7B-0125`) for the fields that name a model:
-the id resolves to its snapshot in the Hugging Face cache, downloaded once when the hub is reachable.
-Bucket paths (`gs://...`) are refused with one message for now: the trainer's own files (history, summary,
-exports) are written with local file APIs.
+`~`-prefixed, a bucket path (`gs://bucket/...`, read and written through `io/files.py`), or a Hugging Face
+model id (`allenai/OLMoE-1B-7B-0125`) for the fields that name a model: the id resolves to its snapshot in
+the Hugging Face cache, downloaded once when the hub is reachable. A model in a bucket is copied once into
+the local cache (safetensors are memory-mapped and tokenizers read local files); data files are streamed
+from the bucket; the workdir stays in the bucket (orbax writes its checkpoints there).
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ import re
 from typing import Any, Optional
 
 from phds_jax.errors import PathError
+from phds_jax.io import files
 
 # fields naming one directory or file; fields naming models may also be Hugging Face model ids
 DIR_FIELDS = ("workdir", "convert.dst", "builtin.cache")
+LOCAL_FIELDS = ("builtin.cache",)  # caches this machine reads and writes with local file APIs
 MODEL_FIELDS = ("model_path", "tokenizer_path")
 # fields holding comma-separated files or glob patterns
 LIST_FIELDS = ("data.train_files", "data.val_files", "eval.task_files", "eval.text_files", "eval.sft_files")
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def is_bucket(path: str) -> bool:
-  return "://" in path
 
 
 def is_model_id(path: str) -> bool:
@@ -35,18 +34,24 @@ def is_model_id(path: str) -> bool:
 
 
 def resolve(path: str, field: str = "path") -> str:
-  """An absolute local path ("" stays ""); PathError naming `field` for a bucket path."""
+  """An absolute local path, or a bucket path as given (without a trailing "/"); "" stays ""."""
   if not path:
     return path
-  if is_bucket(path):
-    raise PathError(f"{field}={path!r}: bucket paths are not supported yet; copy the files to a local or "
-                    "mounted directory (e.g. gcsfuse) and pass that path")
+  if files.is_bucket(path):
+    if not path.startswith("gs://"):
+      raise PathError(f"{field}={path!r}: the only bucket scheme supported is gs://")
+    if field in LOCAL_FIELDS:
+      raise PathError(f"{field}={path!r} is a local cache; give a local directory")
+    return path.rstrip("/")
   return os.path.abspath(os.path.expanduser(path))
 
 
 def resolve_model(path: str, field: str = "model_path") -> str:
-  """A local model directory: `path` resolved, or the Hugging Face cache's snapshot of a model id (its
-  cache first; downloaded when not cached and the hub is reachable)."""
+  """A local model directory: `path` resolved, a bucket directory's copy in the local cache, or the Hugging
+  Face cache's snapshot of a model id (its cache first; downloaded when not cached and the hub is
+  reachable)."""
+  if files.is_bucket(path):
+    return files.stage(resolve(path, field), files.cache_dir())
   if not is_model_id(path):
     return resolve(path, field)
   import huggingface_hub  # pylint: disable=g-import-not-at-top  (transformers' dependency)
@@ -120,6 +125,5 @@ def write_resolved(config, workdir: str):
   import jax  # pylint: disable=g-import-not-at-top  (path resolution alone needs no jax)
 
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+    files.makedirs(workdir)
+    files.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))

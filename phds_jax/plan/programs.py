@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from phds_jax.errors import ConfigProblems, PlanDoesNotFitError
+from phds_jax.io import files
 from phds_jax.plan.cost import forward_flops_per_token
 from phds_jax.plan.topology import GIB, parse_slice, topology_devices
 
@@ -294,9 +295,7 @@ def run(config, workdir: Optional[str] = None) -> dict[str, Any]:
   plan = build(config)
   _say(format_plan(plan))
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w", encoding="utf-8") as f:
-      json.dump(plan, f, indent=2)
+    files.write_text(os.path.join(workdir, "plan.json"), json.dumps(plan, indent=2))
     _say(f"wrote {os.path.join(workdir, 'plan.json')}")
   check(plan)
   return plan

@@ -19,11 +19,12 @@ from typing import Any
 import jax
 
 from phds_jax.data import builtin_data
-from phds_jax.io import checkpoint
 from phds_jax.data import pipeline as data_lib
 from phds_jax.eval import scoring as evaluate
-from phds_jax.train import loop as train
+from phds_jax.io import checkpoint
+from phds_jax.io import files
 from phds_jax.io.load import load, run_model_config
+from phds_jax.train import loop as train
 
 log = logging.getLogger("phds_jax")
 
@@ -104,7 +105,7 @@ def base_model(config, paths: dict[str, str], workdir: str) -> str:
   """The base model's checkpoint: `workdir/base/best`, pre-trained here unless a previous run left it."""
   base_dir = os.path.join(workdir, "base")
   path = os.path.join(base_dir, "best")
-  if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+  if files.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
     print(f"using the cached base model in {path}", flush=True)
   else:
     print(f"pre-training a base MoE at k_pre on English text ({config.pretrain.steps} steps) ...", flush=True)
@@ -113,7 +114,7 @@ def base_model(config, paths: dict[str, str], workdir: str) -> str:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   paths = prepare_data(config)
   base = base_model(config, paths, workdir)
   print(f"PHDS fine-tuning (k_train in {{{config.phds.k_values}}}, anchoring "
@@ -134,8 +135,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   result = {"k_pre": cfg.k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),
             "best_step": summary["best_step"], "rows": rows}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+    files.write_text(os.path.join(workdir, "results.json"), json.dumps(result, indent=2))
   print(f"\ncopycolors held-out objects: {len(items)} items, chance {result['chance']:.2f}; "
         f"PHDS checkpoint selected at step {summary['best_step']} ({summary['selected_phase']}) by validation "
         f"loss at k={summary['select_k']}")

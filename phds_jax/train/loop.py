@@ -25,21 +25,22 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from phds_jax.io import checkpoint as model_checkpoint
 from phds_jax.data import pipeline as data_lib
-from phds_jax.eval import scoring as evaluate
-from phds_jax.io import hf
-from phds_jax.model import losses
-from phds_jax.train import metrics as metrics_lib
-from phds_jax.model import sharding as sharding_lib
-from phds_jax.eval import settings
-from phds_jax.train import sparsity
-from phds_jax.io.paths import write_resolved
-from phds_jax.io.load import load_run_model, run_model_config
-from phds_jax.model import layout
 from phds_jax.errors import ConfigProblems, TrainingDivergedError, WorkdirMismatchError
+from phds_jax.eval import scoring as evaluate
+from phds_jax.eval import settings
+from phds_jax.io import checkpoint as model_checkpoint
+from phds_jax.io import files
+from phds_jax.io import hf
+from phds_jax.io.load import load_run_model, run_model_config
+from phds_jax.io.paths import write_resolved
+from phds_jax.model import layout
+from phds_jax.model import losses
+from phds_jax.model import sharding as sharding_lib
 from phds_jax.model.config import ModelConfig, config_to_dict
 from phds_jax.model.transformer import resolve_expert_backend
+from phds_jax.train import metrics as metrics_lib
+from phds_jax.train import sparsity
 
 
 Params = dict[str, Any]
@@ -372,9 +373,8 @@ def check_workdir(workdir: str, identity: dict[str, Any], has_outputs: bool):
   """Refuses a workdir whose checkpoints come from another run (WorkdirMismatchError naming the fields);
   records this run's identity where nothing was saved yet."""
   path = os.path.join(workdir, IDENTITY_FILE)
-  if has_outputs and os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      differences = identity_differences(json.load(f), identity)
+  if has_outputs and files.isfile(path):
+    differences = identity_differences(json.loads(files.read_text(path)), identity)
     if differences:
       listed = "\n".join(f"  - {d}" for d in differences)
       raise WorkdirMismatchError(f"{workdir} holds checkpoints of another model or of incompatible settings; "
@@ -382,9 +382,7 @@ def check_workdir(workdir: str, identity: dict[str, Any], has_outputs: bool):
                                  f"Differences:\n{listed}")
     return
   if jax.process_index() == 0:
-    with open(path + ".partial", "w", encoding="utf-8") as f:
-      json.dump(identity, f, indent=2, sort_keys=True)
-    os.replace(path + ".partial", path)
+    files.write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
 class StopRequest:
@@ -419,25 +417,33 @@ class StopRequest:
 
 def read_history(path: str) -> list[dict[str, Any]]:
   """Validation rows of every evaluation so far, across restarts (a re-done step keeps its last row)."""
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     return []
   by_step = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.endswith("\n"):  # a last line without one was torn by a killed process (see _drop_torn_line)
-        row = json.loads(line)
-        by_step[row["step"]] = row
+  for line in files.read_text(path).splitlines(keepends=True):
+    if line.endswith("\n"):  # a last line without one was torn by a killed process (see _drop_torn_line)
+      row = json.loads(line)
+      by_step[row["step"]] = row
   return [by_step[s] for s in sorted(by_step)]
 
 
 def _drop_torn_line(path: str) -> None:
   """Cuts a last line a killed process left unfinished, so the next appended row starts on its own line."""
-  if jax.process_index() != 0 or not os.path.isfile(path):
-    return
+  if jax.process_index() != 0 or files.is_bucket(path) or not os.path.isfile(path):
+    return  # a bucket object is written whole (_append_line)
   with open(path, "rb+") as f:
     data = f.read()
     if data and not data.endswith(b"\n"):
       f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append_line(path: str, line: str) -> None:
+  """Appends one line: locally in place; a bucket object cannot grow, so it is rewritten whole."""
+  if files.is_bucket(path):
+    files.write_text(path, (files.read_text(path) if files.isfile(path) else "") + line + "\n")
+    return
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line + "\n")
 
 
 def _merge_history(stored: list[dict[str, Any]], evaluated: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -462,10 +468,10 @@ def eval_grid(config, cfg: ModelConfig) -> list[int]:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`; returns a summary with the selected checkpoint: the best
   validation loss at `selection_k` (after anchoring began, with phds.select_after_anchor)."""
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   model_checkpoint.recover_replaced(os.path.join(workdir, "best"))
   manager = _manager(workdir, config)
-  has_outputs = manager.latest_step() is not None or os.path.isdir(os.path.join(workdir, "best"))
+  has_outputs = manager.latest_step() is not None or files.isdir(os.path.join(workdir, "best"))
   cfg = run_model_config(config)
   check_workdir(workdir, run_identity(config, cfg), has_outputs)
   total = config.train.steps
@@ -522,8 +528,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.log(step, {f"val@k{select_k}": losses[select_k],
                         **{f"k{k}": round(v, 4) for k, v in losses.items()}})
     if is_writer:
-      with open(history_file, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, **row}) + "\n")
+      _append_line(history_file, json.dumps({"step": step, **row}))
+      writer.sync()
     eligible = not config.phds.select_after_anchor or schedule.phase(step) == "anchoring"
     if eligible and (meta["best_val_loss"] is None or losses[select_k] < meta["best_val_loss"]):
       meta.update(best_val_loss=losses[select_k], best_step=step)
@@ -571,8 +577,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
              "eval_k": grid,
              "train_loss": train_loss, "history": _merge_history(read_history(history_file), evaluated)}
   if is_writer:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    files.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   if config.export_hf and meta["best_step"] is not None and last == total:
     best_cfg, best_params = model_checkpoint.load_model(os.path.join(workdir, "best"))
     if config.phds.export_k:
@@ -591,11 +596,10 @@ def _finished_summary(workdir: str, config, manager: ocp.CheckpointManager) -> O
   """The stored summary of a run that already reached train.steps (and exported, when asked), else None."""
   path = os.path.join(workdir, "summary.json")
   latest = manager.latest_step()
-  if latest is None or latest < config.train.steps or not os.path.isfile(path):
+  if latest is None or latest < config.train.steps or not files.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    summary = json.load(f)
-  exported = not config.export_hf or os.path.isdir(os.path.join(workdir, "hf_export"))
+  summary = json.loads(files.read_text(path))
+  exported = not config.export_hf or files.isdir(os.path.join(workdir, "hf_export"))
   return summary if summary.get("steps") == config.train.steps and exported else None
 
 

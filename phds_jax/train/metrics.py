@@ -6,31 +6,49 @@ without TensorFlow; MaxText uses it the same way.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import time
 from typing import Mapping, TextIO
 
 import jax
 
+from phds_jax.io import files
+
 
 class SummaryWriter:
-  """Scalar summaries into one event file in `logdir`; only process 0 writes in a multi-process run."""
+  """Scalar summaries into one event file in `logdir`; only process 0 writes in a multi-process run.
+
+  A bucket `logdir` is written in the local cache and copied up by `sync` and `close` (tensorboardX's own
+  gs:// writer uploads the whole file on every flush and again when garbage-collected)."""
 
   def __init__(self, logdir: str):
-    self._writer = None
+    self._writer, self._logdir, self._local = None, logdir, logdir
+    if files.is_bucket(logdir):
+      self._local = os.path.join(files.cache_dir(), "tensorboard", hashlib.sha256(logdir.encode()).hexdigest()[:12])
     if jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+      self._writer = tensorboardX.SummaryWriter(self._local, flush_secs=30)
 
   def scalars(self, step: int, values: Mapping[str, float]):
     if self._writer is not None:
       for tag, value in values.items():
         self._writer.add_scalar(tag, float(value), global_step=step)
 
+  def sync(self):
+    """Writes what is buffered; a bucket logdir gets a copy of the event files."""
+    if self._writer is not None:
+      self._writer.flush()
+      if self._local != self._logdir:
+        files.upload_dir(self._local, self._logdir)
+
   def close(self):
     if self._writer is not None:
+      self.sync()
       self._writer.close()
+      self._writer = None
 
   def __enter__(self):
     return self

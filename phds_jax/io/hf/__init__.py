@@ -23,6 +23,7 @@ import numpy as np
 
 from phds_jax.errors import (MissingTensorError, ShapeMismatchError,
                              UnexpectedTensorError)
+from phds_jax.io import files
 from phds_jax.io.hf import param_map
 from phds_jax.io.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
 from phds_jax.io.hf.safetensors_io import PendingTensor, scratch_array, write_file
@@ -176,17 +177,19 @@ def save_pretrained(cfg: ModelConfig, params: Params, out_dir: str, *, dtype=Non
   more than one shard also writes model.safetensors.index.json. overwrite: replace an existing out_dir.
   copy_files_from: a model directory whose other files (tokenizer, generation config) are copied along.
   Only process 0 writes in a multi-process run; all processes must call it (parameters are gathered).
+  out_dir may be in a bucket: the files are written to a local temporary directory, then uploaded.
   Returns out_dir.
   """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
+  in_bucket = files.is_bucket(out_dir)
+  out_dir = out_dir.rstrip("/") if in_bucket else os.path.abspath(out_dir)
+  if files.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
   dtype = _np_dtype(dtype if dtype is not None else params["embed_tokens"]["embedding"].dtype)
   hf_config = config_to_hf(cfg, dtype.name)
   tensors = _pending_tensors(cfg, params, dtype)
   shards = _shard(tensors, max_shard_size)
   is_writer = jax.process_index() == 0
-  parent = os.path.dirname(out_dir)
+  parent = tempfile.gettempdir() if in_bucket else os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent) if is_writer else None
   try:
@@ -228,7 +231,13 @@ def _copy_side_files(src: str, dst: str):
 
 
 def _replace_dir(tmp: str, out_dir: str):
-  """Moves the finished `tmp` to `out_dir`, replacing an old one only after the new one is complete."""
+  """Moves the finished `tmp` to `out_dir`, replacing an old one only after the new one is complete (in a
+  bucket: the old objects are removed, then the new ones uploaded)."""
+  if files.is_bucket(out_dir):
+    files.remove(out_dir)
+    files.upload_dir(tmp, out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return
   old = None
   if os.path.exists(out_dir):
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from phds_jax.errors import ConfigError, UnsupportedModelError
+from phds_jax.io import files
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.families import HFFields, get_family
 
@@ -19,8 +20,7 @@ from phds_jax.model.families import HFFields, get_family
 def read_config_json(path: str) -> dict[str, Any]:
   """Parses `path` (a config.json) into a dict, or raises ConfigError naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = json.loads(files.read_text(path))
   except FileNotFoundError:
     raise ConfigError(f"{path}: no config.json; is this a Hugging Face model directory?") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,0 +1,127 @@
+"""Bucket paths: a run whose workdir, model, tokenizer and data are all in gs:// trains, resumes and exports.
+
+The bucket is a GCS emulator (the gcp-storage-emulator package) on loopback, in memory: gcsfs finds it
+through STORAGE_EMULATOR_HOST, tensorstore (under orbax) through TENSORSTORE_GCS_HTTP_URL. No network.
+"""
+
+import json
+import logging
+import pathlib
+import socket
+
+from gcp_storage_emulator import server as emulator
+from gcp_storage_emulator.handlers import objects as emulator_objects
+import jax
+import numpy as np
+import pytest
+
+from phds_jax.cli import modes
+from phds_jax.errors import ConfigProblems, PathError
+from phds_jax.io import files
+from phds_jax.io import hf
+from phds_jax.io import load as load_lib
+from phds_jax.io import paths
+from phds_jax.model.transformer import init_params
+from conftest import load_config, toy_train_config
+
+BUCKET = "gs://phds-test"
+
+
+_DOWNLOAD = emulator_objects.download
+
+
+def _download_with_generation(request, response, storage, *args, **kwargs):
+  """The emulator's object download plus the x-goog-generation headers real GCS sends: tensorstore reads them
+  when it opens an existing OCDBT manifest (without them: "Malformed StorageGeneration")."""
+  _DOWNLOAD(request, response, storage, *args, **kwargs)
+  if response.status.value in (200, 206):  # whole objects and byte ranges
+    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    response["x-goog-generation"], response["x-goog-metageneration"] = obj["generation"], obj["metageneration"]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+  """An emulated bucket; PHDS_CACHE points at a fresh directory so staged copies start cold."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(emulator_objects, "download", _download_with_generation)  # objects.get?alt=media calls it
+    for _, handlers in emulator.HANDLERS:
+      if handlers.get(emulator.GET) is _DOWNLOAD:
+        mp.setitem(handlers, emulator.GET, _download_with_generation)
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET[5:])
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    mp.setenv("STORAGE_EMULATOR_HOST", url)
+    mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+    mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    mp.setenv("PHDS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setattr(logging.getLogger("gcsfs"), "level", logging.ERROR)  # "no default credentials": none needed
+    yield BUCKET
+    server.stop()
+
+
+def _upload(local_path, remote):
+  with open(local_path, "rb") as src, files.open_file(remote, "wb") as dst:
+    dst.write(src.read())
+
+
+def test_files_api_in_a_bucket(bucket):
+  root = f"{bucket}/api"
+  files.write_text(f"{root}/a/x.txt", "one")
+  files.write_text(f"{root}/a/y.json", "two")
+  assert files.isfile(f"{root}/a/x.txt") and files.isdir(f"{root}/a") and not files.exists(f"{root}/b")
+  assert files.listdir(f"{root}/a") == ["x.txt", "y.json"]
+  assert files.glob(f"{root}/a/*.txt") == [f"{root}/a/x.txt"]
+  files.rename(f"{root}/a", f"{root}/b")
+  assert not files.exists(f"{root}/a") and files.read_text(f"{root}/b/y.json") == "two"
+  local = files.stage(f"{root}/b", files.cache_dir())
+  assert sorted(p.name for p in pathlib.Path(local).iterdir()) == ["x.txt", "y.json"]
+  files.remove(f"{root}/b")
+  assert not files.exists(f"{root}/b")
+  with pytest.raises(PathError, match="no such file"):
+    files.stage(f"{root}/missing", files.cache_dir())
+
+
+def test_a_bucket_run_trains_resumes_and_exports(bucket, tmp_path, capsys):
+  local = toy_train_config(tmp_path)
+  cfg = load_lib.run_model_config(local)
+  hf.save_pretrained(cfg, init_params(cfg, jax.random.key(0)), f"{bucket}/model")  # uploaded from a temp dir
+  files.upload_dir(local.tokenizer_path, f"{bucket}/tok")
+  _upload(local.data.train_files, f"{bucket}/data/sft.jsonl")
+  changes = {"model_path": f"{bucket}/model", "tokenizer_path": f"{bucket}/tok", "model.random_init": False,
+             "data.train_files": f"{bucket}/data/*.jsonl", "train.steps": 6, "eval.every": 3,
+             "checkpoint.every": 3, "log_every": 3, "export_hf": True, "compile_cache": ""}
+  workdir = f"{bucket}/run"
+  first = modes.run(toy_train_config(tmp_path, **changes, **{"train.stop_at": 3}), workdir)
+  assert first["steps"] == 3 and first["stopped_by"] == "train.stop_at"
+  assert not files.exists(f"{workdir}/hf_export")
+  second = modes.run(toy_train_config(tmp_path, **changes), workdir)
+  out = capsys.readouterr().out
+  assert f"resumed from {workdir}/checkpoints at step 3" in out, out
+  assert second["steps"] == 6 and [h["step"] for h in second["history"]] == [0, 3, 6]
+  stored = json.loads(files.read_text(f"{workdir}/summary.json"))
+  assert stored["steps"] == 6 and stored["best_step"] == second["best_step"]
+  assert [json.loads(line)["step"] for line in files.read_text(f"{workdir}/eval_history.jsonl").splitlines()] \
+      == [0, 3, 6]
+  assert files.isfile(f"{workdir}/config.json") and files.listdir(f"{workdir}/tensorboard")
+  best_cfg, best = load_lib.load(f"{workdir}/best")  # orbax restores from the bucket (through a staged copy)
+  export_cfg, exported = load_lib.load(f"{workdir}/hf_export")
+  assert export_cfg == best_cfg
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(exported)))
+  assert files.isfile(f"{workdir}/hf_export/tokenizer.json")  # copied along from the staged tokenizer
+  again = modes.run(toy_train_config(tmp_path, **changes), workdir)
+  assert again["steps"] == 6 and "nothing left to do" in capsys.readouterr().out
+
+
+def test_bucket_fields_resolve_and_local_caches_refuse_buckets(bucket, tmp_path):
+  assert paths.resolve(f"{bucket}/w/") == f"{bucket}/w"
+  with pytest.raises(PathError, match="builtin.cache"):
+    paths.resolve(f"{bucket}/cache", "builtin.cache")
+  with pytest.raises(PathError, match="only bucket scheme"):
+    paths.resolve("s3://b/x", "workdir")
+  config = load_config("eval", **{"model_path": str(tmp_path), "eval.text_files": f"{bucket}/none/*.txt"})
+  with pytest.raises(ConfigProblems, match=r"eval.text_files: 'gs://phds-test/none/\*.txt' matches no file"):
+    modes.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
