@@ -1,8 +1,8 @@
 """Does the built-in base behave like a pretrained MoE? Its held-out LM loss at every k as pre-training
 goes on (issue 13, item 2: the study needs a base whose loss rises as k drops below k_pre).
 
-  python experiments/base_k_sensitivity.py --steps=480 --text_docs=4000 --out=/tmp/base_k
-  python experiments/base_k_sensitivity.py --num_experts=16 --k_pre=4 --k_values=1,2,3,4,8,16 \
+  python -m experiments.base_k_sensitivity --steps=480 --text_docs=4000 --out=/tmp/base_k
+  python -m experiments.base_k_sensitivity --num_experts=16 --k_pre=4 --k_values=1,2,3,4,8,16 \
       --out=/tmp/base_k16
 
 Pre-trains configs/tiny.py's base (4 layers, 8 experts, k_pre = 2; LM on the wheel's English text, as the
@@ -11,12 +11,15 @@ held-out split (2.5% of the documents) at --k_values every --every steps. Prints
 OUT/base_k.json. 480 steps took 23 minutes on 2 shared CPU cores.
 """
 
+if not __package__:  # run as a file: the package's imports need the repository root on the path
+  raise SystemExit("run it from the repository root as a module: python -m experiments.base_k_sensitivity")
+
 import argparse
 import json
 import os
 import time
 
-import study
+from experiments.runs import load_config_file
 from phds_jax.train import builtin
 from phds_jax import platforms
 from phds_jax.train import loop as train
@@ -33,7 +36,7 @@ def main():
   parser.add_argument("--out", required=True, help="output directory (resumes a run left there)")
   args = parser.parse_args()
   platforms.use_cpu_without_accelerator()
-  config = study.load_config_file("configs/tiny.py")
+  config = load_config_file("configs/tiny.py")
   config.builtin.text_docs, config.pretrain.steps = args.text_docs, args.steps
   config.model.overrides.num_experts, config.model.overrides.num_experts_per_tok = args.num_experts, args.k_pre
   run = builtin.pretrain_config(config, builtin.prepare_data(config))

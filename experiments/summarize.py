@@ -1,6 +1,6 @@
 """The study's tables, claim tests and plots from the runs' study_eval.json files: writes RESULTS.md.
 
-  python experiments/summarize.py --out=workdir/study --results=experiments/RESULTS.md
+  python -m experiments.summarize --out=workdir/study --results=experiments/RESULTS.md
 
 Per method and k_ev: accuracy (mean over the four tasks), held-out loss and agreement, each as the mean over
 seeds +- the standard deviation over seeds. Agreement within a checkpoint is the share of evaluation items
@@ -13,6 +13,9 @@ When experiments/roe.py has run, a section on Roster-of-Experts ensembles follow
 
 from __future__ import annotations
 
+if not __package__:  # run as a file: the package's imports need the repository root on the path
+  raise SystemExit("run it from the repository root as a module: python -m experiments.summarize")
+
 import argparse
 import glob
 import json
@@ -21,9 +24,11 @@ import platform
 import subprocess
 from typing import Any, Optional
 
-import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.settings import ROOT
+from experiments import summarize_roe
+from experiments.stats import (per_seed, spread, paired, fmt, verdict, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, claim_words, claim_lines, as_json)
+
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
@@ -36,98 +41,8 @@ def load_runs(out: str) -> dict[str, dict[int, dict[str, Any]]]:
       result = json.load(f)
     runs.setdefault(result["run"], {})[result["seed"]] = result
   if not runs:
-    raise SystemExit(f"no study_eval.json under {out}/seed*/: run experiments/run_all.py (or a driver) first")
+    raise SystemExit(f"no study_eval.json under {out}/seed*/: run python -m experiments.run_all (or a driver) first")
   return runs
-
-
-def mean_acc(row: dict[str, Any]) -> float:
-  return float(np.mean([t["acc"] for t in row["tasks"].values()]))
-
-
-def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
-  """Share of items (all tasks pooled) with the same predicted choice in two evaluation rows."""
-  same = [pa == pb for name in a["tasks"] for pa, pb in zip(a["tasks"][name]["predictions"],
-                                                            b["tasks"][name]["predictions"])]
-  return float(np.mean(same))
-
-
-# ---- per-seed values and their spread --------------------------------------------------------------------
-
-
-def per_seed(runs, name: str, fn) -> dict[int, float]:
-  """fn(result) for every seed of run `name`; seeds where fn gives None are left out."""
-  out = {}
-  for seed, result in runs.get(name, {}).items():
-    value = fn(result)
-    if value is not None:
-      out[seed] = value
-  return out
-
-
-def spread(values: dict[int, float]) -> tuple[float, float, int]:
-  """(mean, standard deviation over seeds (ddof 1; 0 with one seed), number of seeds)."""
-  v = np.array(list(values.values()), np.float64)
-  if v.size == 0:
-    return float("nan"), float("nan"), 0
-  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
-  return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
-
-
-def fmt(values: dict[int, float], digits: int = 3) -> str:
-  m, s, n = spread(values)
-  return "-" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def fmt_diff(values: dict[int, float], digits: int = 3) -> str:
-  m, s, n = spread(values)
-  if n == 0:
-    return "-"
-  wins = sum(v > 0 for v in values.values())
-  return f"{m:+.{digits}f} ± {s:.{digits}f} ({wins}/{n} > 0)"
-
-
-def verdict(values: dict[int, float]) -> str:
-  """"positive" / "negative" when every seed has that sign and the mean is over two standard errors (std /
-  sqrt(seeds)) from 0; "no clear difference" otherwise."""
-  m, s, n = spread(values)
-  if n < 2:
-    return "too few seeds"
-  clear = abs(m) > 2 * s / np.sqrt(n)
-  if clear and all(v > 0 for v in values.values()):
-    return "positive"
-  if clear and all(v < 0 for v in values.values()):
-    return "negative"
-  return "no clear difference"
-
-
-def acc_at(k: int):
-  return lambda r: mean_acc(r["evaluation"][str(k)]) if str(k) in r["evaluation"] else None
-
-
-def nll_at(k: int):
-  return lambda r: r["evaluation"][str(k)]["heldout_nll"] if str(k) in r["evaluation"] else None
-
-
-def self_agreement_at(k: int, k_pre: int):
-  return lambda r: agreement(r["evaluation"][str(k)], r["evaluation"][str(k_pre)])
-
-
-def oracle_family_agreement(runs, k: int, k_pre: int) -> dict[int, float]:
-  """oracle_k at k against oracle_{k_pre} at k_pre, per seed."""
-  out = {}
-  for seed, low in runs.get(f"oracle_k{k}", {}).items():
-    high = runs.get(f"oracle_k{k_pre}", {}).get(seed)
-    if high is not None:
-      out[seed] = agreement(low["evaluation"][str(k)], high["evaluation"][str(k_pre)])
-  return out
-
-
-def oracle_curve(runs, ks, fn_at) -> dict[int, dict[int, float]]:
-  """The oracle family as one curve: at each k, oracle_k evaluated at its own k."""
-  return {k: per_seed(runs, f"oracle_k{k}", fn_at(k)) for k in ks}
 
 
 # ---- the report ------------------------------------------------------------------------------------------
@@ -147,14 +62,6 @@ def method_values(runs, ks, fn_at) -> dict[str, dict[int, dict[int, float]]]:
     elif method in runs:
       out[method] = {k: per_seed(runs, method, fn_at(k)) for k in ks}
   return out
-
-
-def table(title: str, values: dict[str, dict[int, dict[int, float]]], ks, k_pre: int, digits: int = 3) -> str:
-  head = "| method | " + " | ".join(f"k={k}" + (" (k_pre)" if k == k_pre else "") for k in ks) + " |"
-  lines = [f"**{title}** (mean ± std over seeds)", "", head, "|---" * (len(ks) + 1) + "|"]
-  for method, by_k in values.items():
-    lines.append(f"| {method} | " + " | ".join(fmt(by_k.get(k, {}), digits) for k in ks) + " |")
-  return "\n".join(lines)
 
 
 def per_task_table(runs, name: str, ks) -> str:
@@ -200,34 +107,6 @@ def claims(runs, ks, k_pre: int) -> list[tuple[str, list[tuple[str, dict[int, fl
     out.append((f"ablation: {what} instead of the reference PHDS: acc({name}) - acc(phds)",
                 [(f"k={k}", paired(acc(name, k), acc("phds", k))) for k in ks]))
   return out
-
-
-def claim_words(tests) -> str:
-  """One plain line per claim or ablation: where its differences are clearly positive, clearly negative, or
-  not clearly different from 0 (the verdict rule), straight from the table above it."""
-  lines = []
-  for title, diffs in tests:
-    by = {}
-    for name, d in diffs:
-      if d:
-        by.setdefault(verdict(d), []).append(name)
-    if not by:
-      continue
-    parts = [f"{label} at {', '.join(by[key])}" for key, label in
-             (("positive", "clearly > 0"), ("negative", "clearly < 0"), ("no clear difference", "not clearly "
-                                                                         "different from 0"),
-              ("too few seeds", "too few seeds")) if key in by]
-    lines.append(f"- {title.rsplit(':', 1)[0]}: " + "; ".join(parts) + ".")
-  return "\n".join(lines)
-
-
-def claim_lines(tests) -> str:
-  lines = []
-  for title, diffs in tests:
-    lines += [f"**{title}**", "", "| difference | mean ± std over seeds (seeds > 0) | verdict |", "|---|---|---|"]
-    lines += [f"| {name} | {fmt_diff(d)} | {verdict(d)} |" for name, d in diffs]
-    lines.append("")
-  return "\n".join(lines)
 
 
 def plots(values_acc, values_agree, latency, ks, directory: str) -> list[str]:
@@ -279,18 +158,6 @@ def _commit() -> str:
                           check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-
-
-def as_json(values: dict[str, dict[int, dict[int, float]]]) -> dict[str, Any]:
-  """method -> k -> {mean, std, seeds} (what study_results.ipynb plots)."""
-  out = {}
-  for method, by_k in values.items():
-    out[method] = {}
-    for k, per in by_k.items():
-      m, s, n = spread(per)
-      if n:
-        out[method][str(k)] = {"mean": m, "std": s, "seeds": n}
-  return out
 
 
 def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[str, dict[str, Any]]:
@@ -352,8 +219,6 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
-  import summarize_roe  # pylint: disable=g-import-not-at-top  (it builds on this module's helpers)
-
   roe = summarize_roe.section(out, runs, ks, k_pre, directory)
   if roe:
     lines += roe[0]
@@ -376,7 +241,7 @@ def main(argv: Optional[list[str]] = None):
   parser.add_argument("--out", default=os.path.join(ROOT, "workdir", "study"), help="the study's output directory")
   parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "RESULTS.md"),
                       help="markdown file to write (the PNGs go next to it)")
-  parser.add_argument("--command", default="python experiments/run_all.py --scale=tiny",
+  parser.add_argument("--command", default="python -m experiments.run_all --scale=tiny",
                       help="the command that produced the outputs (quoted in the report)")
   parser.add_argument("--notes", default="", help="a markdown file whose text goes under the header")
   args = parser.parse_args(argv)

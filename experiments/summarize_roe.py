@@ -1,6 +1,6 @@
 """RESULTS.md's section "Roster of Experts" from experiments/roe.py's outputs (OUT/roe/): accuracy and
 held-out NLL by (model, members, k), the chosen taus, measured decode cost, and claims (i)-(iii) of issue 14
-with the study's verdict rule (summarize.verdict), differences paired by seed.
+with the study's verdict rule (stats.verdict), differences paired by seed.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Optional
 
-import summarize
+from experiments import stats
 
 MODELS = ("base", "phds")
 
@@ -30,13 +30,13 @@ def load(out: str) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any]
 def _value(runs, results, model: str, members: int, k: int, key: str) -> dict[int, float]:
   """seed -> mean accuracy (key "acc") or held-out NLL ("nll"): M = 1 from the study's run, else RoE's."""
   if members == 1:
-    fn = summarize.acc_at(k) if key == "acc" else summarize.nll_at(k)
-    return summarize.per_seed(runs, model, fn)
+    fn = stats.acc_at(k) if key == "acc" else stats.nll_at(k)
+    return stats.per_seed(runs, model, fn)
   out = {}
   for seed, result in results.get(model, {}).items():
     row = result["evaluation"].get(str(k), {}).get(str(members))
     if row:
-      out[seed] = summarize.mean_acc(row) if key == "acc" else row["heldout_nll"]
+      out[seed] = stats.mean_acc(row) if key == "acc" else row["heldout_nll"]
   return out
 
 
@@ -45,23 +45,23 @@ def claims(runs, results, latency, ks, members) -> list[tuple[str, list[tuple[st
     return _value(runs, results, model, m, k, key)
 
   out = [("(i) RoE improves accuracy at fixed k: acc(model, M members) - acc(model, deterministic)",
-          [(f"{model} M={m} k={k}", summarize.paired(v(model, m, k), v(model, 1, k)))
+          [(f"{model} M={m} k={k}", stats.paired(v(model, m, k), v(model, 1, k)))
            for model in MODELS for m in members for k in ks]),
          ("(i') RoE lowers the held-out NLL at fixed k (negative = better): NLL(M members) - NLL(deterministic)",
-          [(f"{model} M={m} k={k}", summarize.paired(v(model, m, k, "nll"), v(model, 1, k, "nll")))
+          [(f"{model} M={m} k={k}", stats.paired(v(model, m, k, "nll"), v(model, 1, k, "nll")))
            for model in MODELS for m in members for k in ks])]
   cheaper = [(low, m, high) for low in ks for m in members for high in ks if low < high and latency
              and latency[str(low)][str(m)]["decode_ms_per_token"] <= latency[str(high)]["1"]["decode_ms_per_token"]]
   out.append(("(ii) a low k with M members beats a higher k alone at equal or lower measured decode cost: "
               "acc(k_low, M) - acc(k_high, 1)",
-              [(f"{model} k={low} M={m} vs k={high}", summarize.paired(v(model, m, low), v(model, 1, high)))
+              [(f"{model} k={low} M={m} vs k={high}", stats.paired(v(model, m, low), v(model, 1, high)))
                for model in MODELS for low, m, high in cheaper]))
   out.append(("(iii) PHDS and RoE compound: acc(phds, M) - acc(base, M) (PHDS under RoE), and the interaction "
               "[acc(phds, M) - acc(phds, 1)] - [acc(base, M) - acc(base, 1)]",
-              [(f"phds - base, M={m} k={k}", summarize.paired(v("phds", m, k), v("base", m, k)))
+              [(f"phds - base, M={m} k={k}", stats.paired(v("phds", m, k), v("base", m, k)))
                for m in members for k in ks] +
-              [(f"interaction M={m} k={k}", summarize.paired(summarize.paired(v("phds", m, k), v("phds", 1, k)),
-                                                            summarize.paired(v("base", m, k), v("base", 1, k))))
+              [(f"interaction M={m} k={k}", stats.paired(stats.paired(v("phds", m, k), v("phds", 1, k)),
+                                                            stats.paired(v("base", m, k), v("base", 1, k))))
                for m in members for k in ks]))
   return out
 
@@ -73,7 +73,7 @@ def _plot(values, latency, ks, path: str):
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for label, (m, by_k) in values.items():
-    points = [(latency[str(k)][str(m)]["decode_ms_per_token"], *summarize.spread(by_k[k])[:2], k) for k in ks
+    points = [(latency[str(k)][str(m)]["decode_ms_per_token"], *stats.spread(by_k[k])[:2], k) for k in ks
               if by_k.get(k)]
     ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                 capsize=3, label=label, linestyle="-" if label.startswith("phds") else "--")
@@ -109,8 +109,8 @@ def section(out: str, runs, ks, k_pre: int, directory: str) -> Optional[tuple[li
            f"k, M) by mean accuracy on {val_items} validation items per task (never an evaluation item; unseen "
            f"items first, then fine-tuning items); then scored on the evaluation items with other routings. "
            f"Seeds: {seeds}. M = 1 is the study's own evaluation of the same checkpoint.", "",
-           summarize.table("Accuracy, mean over tasks, by model and members", acc, ks, k_pre), "",
-           summarize.table("Held-out NLL of the answers, by model and members", nll, ks, k_pre), ""]
+           stats.table("Accuracy, mean over tasks, by model and members", acc, ks, k_pre), "",
+           stats.table("Held-out NLL of the answers, by model and members", nll, ks, k_pre), ""]
   lines += ["**Chosen tau** (per seed)", "", "| model, M | " + " | ".join(f"k={k}" for k in ks) + " |",
             "|---" * (len(ks) + 1) + "|"]
   for model in MODELS:
@@ -138,12 +138,12 @@ def section(out: str, runs, ks, k_pre: int, directory: str) -> Optional[tuple[li
   if not tests[2][1]:
     lines += ["(ii) has no pair to test here: no (k_low, M > 1) setting decoded at or below the measured cost of "
               "a higher k with one member.", ""]
-  lines += [summarize.claim_words(shown), "", summarize.claim_lines(shown)]
-  data = {"members": members, "taus": taus, "seeds": seeds, "accuracy": summarize.as_json(acc),
-          "heldout_nll": summarize.as_json(nll),
+  lines += [stats.claim_words(shown), "", stats.claim_lines(shown)]
+  data = {"members": members, "taus": taus, "seeds": seeds, "accuracy": stats.as_json(acc),
+          "heldout_nll": stats.as_json(nll),
           "decode_ms_per_token": {k: {m: v["decode_ms_per_token"] for m, v in row.items()} for k, row in latency.items()},
           "claims": [{"claim": title, "differences": [dict(zip(("name", "mean", "std", "seeds"),
-                                                               (name, *summarize.spread(d))),
-                                                           verdict=summarize.verdict(d)) for name, d in diffs if d]}
+                                                               (name, *stats.spread(d))),
+                                                           verdict=stats.verdict(d)) for name, d in diffs if d]}
                      for title, diffs in shown]}
   return lines, data, pngs

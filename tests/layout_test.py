@@ -91,3 +91,65 @@ def test_numeric_ranges_name_the_field(field, value, message):
 
   problems = config_check.range_problems(set_fields(load_config("tiny"), **{field: value}))
   assert len(problems) == 1 and re.fullmatch(message, problems[0]), problems
+
+
+def _module_graph(package):
+  """module -> the modules of `package` it imports (anywhere in the file), for every .py file under it."""
+  graph = {}
+  for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+    for f in (f for f in files if f.endswith(".py")):
+      path = os.path.join(dirpath, f)
+      name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+      targets = set()
+      for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package):
+          targets |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+          targets |= {a.name for a in node.names if a.name.startswith(package)}
+      graph[name] = targets
+  return {m: {t for t in targets if t in graph and t != m and t != package} for m, targets in graph.items()}
+
+
+def _cycle(graph):
+  """One import cycle as a list of modules, or None."""
+  state = {}
+
+  def visit(m, path):
+    state[m] = "open"
+    for t in sorted(graph[m]):
+      if state.get(t) == "open":
+        return path[path.index(t):] + [t]
+      if t not in state:
+        found = visit(t, path + [t])
+        if found:
+          return found
+    state[m] = "done"
+    return None
+
+  for m in sorted(graph):
+    if m not in state:
+      found = visit(m, [m])
+      if found:
+        return found
+  return None
+
+
+@pytest.mark.parametrize("package", ["phds_jax", "experiments"])
+def test_no_import_cycles(package):
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the search finds one
+  graph = _module_graph(package)
+  assert "experiments.summarize" not in graph or "experiments.summarize_roe" in graph["experiments.summarize"]
+  assert _cycle(graph) is None
+
+
+def test_experiments_use_no_private_names_of_other_modules():
+  bad = []
+  for f in sorted(os.listdir(os.path.join(ROOT, "experiments"))):
+    if f.endswith(".py"):
+      tree = ast.parse(open(os.path.join(ROOT, "experiments", f), encoding="utf-8").read())
+      modules = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+      bad += [f"{f}: {n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Name) and n.value.id in modules and n.attr.startswith("_")]
+      bad += [f"{f}: {a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+              and (n.module or "").startswith(("experiments", "phds_jax")) for a in n.names if a.name.startswith("_")]
+  assert not bad, bad

@@ -1,0 +1,61 @@
+"""The pod study's evaluations (each run's eval/eval_results.json from configs/eval.py) turned into the
+study_eval.json files the tiny study writes, so summarize.py reads both scales alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Sequence
+
+from experiments.local import write_json
+from experiments.runs import Run
+from experiments.settings import Scale
+
+
+def from_eval_results(eval_results: dict[str, Any], label: str) -> dict[str, Any]:
+  """The eval job's rows of checkpoint `label` as study_eval.json's "evaluation" (task eval_<name>.jsonl
+  becomes <name>; the NLL of eval.sft_files is the held-out loss)."""
+  out = {}
+  for k, row in eval_results["results"][label].items():
+    tasks = {}
+    for file_name, task in row["tasks"].items():
+      name = re.sub(r"^eval_(.+)\.jsonl$", r"\1", os.path.basename(file_name))
+      tasks[name] = {key: task[key] for key in ("acc", "acc_se", "n", "predictions")}
+    out[str(k)] = {"tasks": tasks, "heldout_nll": row["nll"]}
+  return out
+
+
+def _read(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str) -> list[str]:
+  """Writes each evaluated run's study_eval.json (and latency.json from the base's evaluation) from the pod
+  evaluations' OUT/seed<s>/<run>/eval/eval_results.json. Returns the runs still without an evaluation."""
+  if "://" in out:
+    raise SystemExit(f"--out={out}: collect reads local files; copy the study there first "
+                     f"(gsutil -m cp -r {out} LOCAL_DIR) and pass --out=LOCAL_DIR")
+  missing = []
+  for seed in seeds:
+    split = _read(os.path.join(out, "data", f"seed{seed}", "split.json"))
+    for run in chosen:
+      run_dir = os.path.join(out, f"seed{seed}", run.name)
+      path = os.path.join(run_dir, "eval", "eval_results.json")
+      if not os.path.isfile(path):
+        missing.append(f"seed {seed} {run.name}")
+        continue
+      eval_results = _read(path)
+      result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
+                "split": split, "k_pre": scale.k_pre, "scale": scale.name,
+                "evaluation": from_eval_results(eval_results, run.name)}
+      summary_file = os.path.join(run_dir, "summary.json")
+      if os.path.isfile(summary_file):
+        summary = _read(summary_file)
+        result.update({key: summary.get(key) for key in ("best_step", "select_k", "selected_phase")})
+      write_json(os.path.join(run_dir, "study_eval.json"), result)
+      latency = {k: row["latency"] for k, row in eval_results["results"][run.name].items() if "latency" in row}
+      if run.name == "base" and latency:
+        write_json(os.path.join(out, "latency.json"), latency)
+  return missing

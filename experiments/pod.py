@@ -1,0 +1,126 @@
+"""The study at pod scale (olmoe / qwen): one `phds-launch tpu` command per run and seed, in three stages
+(fine-tune, evaluate, collect), with a time estimate from the compile plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from typing import Optional, Sequence
+
+from experiments.collect import collect
+from experiments.runs import Run
+from experiments.settings import Scale, Settings
+
+STAGES = ("finetune", "evaluate", "collect")
+
+
+def _launch(scale: Scale, name: str, zone: str, flags: Sequence[str]) -> list[str]:
+  return ["phds-launch", "tpu", "run", "--name", name, "--zone", zone, "--accelerator", scale.topology, "--",
+          *flags]
+
+
+def _job_name(scale: Scale, seed: int, run: Run, suffix: str = "") -> str:
+  return f"study-{scale.name}-s{seed}-{run.name.replace('_', '-')}{suffix}"
+
+
+def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
+                      extra: Sequence[str]) -> list[list[str]]:
+  """One `phds-launch tpu` command per (seed, run), fine-tuning on OUT/data/seed<s>/train.jsonl (the same
+  tasks and split as the tiny study); the model path and other main.py flags come from `extra`."""
+  commands = []
+  for seed in seeds:
+    for run in chosen:
+      if run.name == "base":
+        continue
+      flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}",
+               f"--config.seed={seed}", f"--config.phds.seed={seed}", f"--config.data.seed={seed}",
+               f"--config.train.steps={scale.steps}",
+               f"--config.data.train_files={out}/data/seed{seed}/train.jsonl", "--config.data.format=sft"]
+      flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
+      commands.append(_launch(scale, _job_name(scale, seed, run), zone, [*flags, *extra]))
+  return commands
+
+
+def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
+  """Minutes of `steps` train steps at the compile plan's roofline lower bound (plan.json of
+  `--config.compile_topology`): max(model FLOPs / peak, HBM bytes / bandwidth) per step."""
+  if not plan_file or not os.path.isfile(plan_file):
+    return None
+  with open(plan_file, encoding="utf-8") as f:
+    plan = json.load(f)
+  step = next((p for p in plan["programs"] if p["name"].startswith("train")), None)
+  if step is None or not step.get("flops"):
+    return None
+  seconds = max(step["flops"] / plan["peak_flops_per_device"],
+                step["min_bytes"] / plan["hbm_bandwidth_per_device"])
+  return seconds * steps / 60
+
+
+def flag_value(extra: Sequence[str], field: str) -> str:
+  """The value of `--config.<field>=...` among `extra` ("" when absent)."""
+  prefix = f"--config.{field}="
+  return next((a[len(prefix):] for a in reversed(extra) if a.startswith(prefix)), "")
+
+
+def eval_flags(settings: Settings, scale: Scale, run: Run, seed: int, out: str, base_model: str,
+               tokenizer: str) -> list[str]:
+  """main.py flags of one run's evaluation (configs/eval.py), as the tiny study evaluates: every task's
+  evaluation items at the run's k grid (the predicted choice per item included), the NLL of their answers
+  (eval.sft_files) and, for the base, decode latency. Writes OUT/seed<s>/<run>/eval/eval_results.json."""
+  data = f"{out}/data/seed{seed}"
+  model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
+  tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.tasks)
+  return ["--config=configs/eval.py", f"--workdir={out}/seed{seed}/{run.name}/eval",
+          f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}",
+          f"--config.eval.label={run.name}",
+          f"--config.eval.k_values={','.join(map(str, run.eval_k or scale.k_grid))}",
+          f"--config.eval.reference_k={scale.k_pre}", f"--config.eval.task_files={tasks}",
+          f"--config.eval.sft_files={data}/heldout.jsonl",
+          f"--config.eval.latency.enabled={run.name == 'base'}", *scale.eval_flags]
+
+
+def eval_commands(settings: Settings, scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str,
+                  zone: str, extra: Sequence[str]) -> list[list[str]]:
+  """One `phds-launch tpu` evaluation per (seed, run); the base model (and its tokenizer) is `extra`'s
+  --config.model_path (--config.tokenizer_path when given)."""
+  base_model = flag_value(extra, "model_path")
+  tokenizer = flag_value(extra, "tokenizer_path") or base_model
+  return [_launch(scale, _job_name(scale, seed, run, "-eval"), zone,
+                  eval_flags(settings, scale, run, seed, out, base_model, tokenizer))
+          for seed in seeds for run in chosen]
+
+
+def run_pod(settings: Settings, scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
+            dry_run: bool, plan_file: str, extra: Sequence[str], stage: str = "finetune"):
+  """Prints (and without dry_run runs) the stage's launcher commands; `collect` writes the study_eval.json
+  files from a local copy of the evaluations."""
+  if stage != "collect" and not flag_value(extra, "model_path"):
+    raise SystemExit(f"--scale={scale.name} fine-tunes and evaluates a pretrained base: give "
+                     "--config.model_path=... (an HF or orbax model directory every TPU worker can read)")
+  if stage == "collect":
+    missing = collect(scale, chosen, seeds, out)
+    done = len(seeds) * len(chosen) - len(missing)
+    print(f"study at scale {scale.name}: {done} evaluated runs collected into "
+          f"{out}/seed<s>/<run>/study_eval.json" + (f"; not evaluated yet: {', '.join(missing)}" if missing else ""))
+    return
+  if stage == "evaluate":
+    commands = eval_commands(settings, scale, chosen, seeds, out, zone, extra)
+    print(f"study at scale {scale.name}: {len(commands)} evaluations on {scale.topology} (the selected "
+          f"checkpoint of each fine-tune, and the base) at k_ev in {','.join(map(str, scale.k_grid))}; each "
+          f"writes {out}/seed<s>/<run>/eval/eval_results.json. Then: --stage=collect --out=LOCAL_COPY")
+  else:
+    commands = launcher_commands(scale, chosen, seeds, out, zone, extra)
+    minutes = plan_minutes(plan_file, scale.steps)
+    estimate = (f"{minutes:.0f} min per run from {plan_file} (roofline lower bound)" if minutes is not None else
+                "no estimate: compile a plan first (python -m phds_jax.main --config="
+                f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
+    print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
+          f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
+    print(f"data: {out}/data/seed<s>/ (python -m experiments.study --prepare_data --out=LOCAL_DIR, then "
+          f"copy it there). Then: --stage=evaluate, --stage=collect")
+  for argv in commands:
+    print(shlex.join(argv), flush=True)
+    if not dry_run:
+      subprocess.run(argv, check=True)

@@ -1,0 +1,81 @@
+"""The study's settings as one object: `Settings` (scales, the tiny base's recipe, fine-tuning, tasks,
+latency), passed to every step that reads them. `DEFAULT` is the study as run; a test or a variant study
+makes its own with `dataclasses.replace`. All numbers are our choice: the paper's hyperparameters are not
+public.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  name: str
+  config_file: str  # configs/*.py the runs start from
+  k_pre: int
+  k_grid: tuple[int, ...]  # declared k at evaluation (k_ev) and the oracle family's k
+  wide_k: str  # PHDS k_train set (every k of the grid)
+  narrow_k: str  # the paper's kind of set: k_pre / 2 .. k_pre
+  steps: int  # fine-tuning steps per run
+  topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
+  eval_flags: tuple[str, ...] = ()  # pod scale: main.py flags of the evaluation jobs (configs/eval.py)
+
+
+# Evaluation at pod scale: bfloat16 parameters sharded over every chip (configs/eval.py replicates them),
+# the expert backend and one scored row per chip of the fine-tuning configs.
+_POD_EVAL = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.param_dtype=bfloat16",
+             "--config.model.expert_backend=chunked")
+SCALES = {
+    "tiny": Scale("tiny", "configs/tiny.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4", narrow_k="2,3,4",
+                  steps=60),
+    "olmoe": Scale("olmoe", "configs/olmoe.py", k_pre=8, k_grid=(1, 2, 4, 6, 8), wide_k="1,2,3,4,5,6,7,8",
+                   narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16",
+                   eval_flags=_POD_EVAL + ("--config.eval.batch_size=16",)),
+    "qwen": Scale("qwen", "configs/qwen_moe.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4",
+                  narrow_k="2,3,4", steps=2000, topology="v5e-32",
+                  eval_flags=_POD_EVAL + ("--config.eval.batch_size=32",)),
+}
+
+
+def _dict(**values: Any):
+  return dataclasses.field(default_factory=lambda: dict(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the study runs. base: the tiny base (configs/tiny.py's shapes with num_experts experts at k_pre,
+  pre-trained on text_docs documents; base_k_sensitivity.py's recipe); model_overrides: more configs/tiny.py
+  model overrides (a test shrinks the model); finetune: the tiny runs' fine-tuning; tasks: task -> (OLMo
+  suite task, evaluation items per seed, fine-tuning items per seed at most); latency: the decode timing
+  of every k; base_root: where the base is cached ("" = CACHE/study)."""
+
+  scales: dict[str, Scale] = dataclasses.field(default_factory=lambda: dict(SCALES))
+  base: dict[str, Any] = _dict(num_experts=16, k_pre=4, text_docs=4000, steps=240, batch_size=16, seq_len=128,
+                               lr=3e-3, warmup_steps=20)
+  model_overrides: dict[str, Any] = _dict()
+  finetune: dict[str, Any] = _dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10,
+                                   every=30, val_fraction=0.1)
+  tasks: dict[str, tuple[str, int, int]] = _dict(
+      copycolors=("copycolors:xl_10way", 30, 70), arithmetic=("basic_skills_arithmetic:rc_5shot", 60, 500),
+      pattern=("basic_skills_pattern:rc_5shot", 80, 500), logic=("basic_skills_logical_reasoning:rc_5shot", 80, 500))
+  latency: dict[str, int] = _dict(batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
+  base_root: str = ""
+  version: int = 1  # bump when the data or the base recipe changes: cached files are keyed by it
+
+  @property
+  def heldout_loss_tokens(self) -> int:
+    """Logits only where answers are (every answer token of an evaluation item counts)."""
+    return self.finetune["max_loss_tokens"]
+
+  def base_dir(self, cache: str) -> str:
+    """Where the tiny base is pre-trained once: keyed by the version and the recipe."""
+    tag = "_".join(f"{key}{value}" for key, value in self.base.items())
+    return os.path.join(self.base_root or os.path.join(cache, "study"), f"v{self.version}_base_{tag}")
+
+
+DEFAULT = Settings()
