@@ -14,7 +14,7 @@ _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import phds_jax as pj
     from phds_jax.plan import programs as plan
-    from phds_jax.model import sharding
+    from phds_jax.model import layout, sharding
 
     cfg = pj.preset("tiny-olmoe").replace(num_experts=8, num_experts_per_tok=2, vocab_size=64)
     params = pj.init_params(cfg, jax.random.key(0))
@@ -33,7 +33,7 @@ _SCRIPT = textwrap.dedent("""
       mesh = sharding.make_mesh(mesh_shape)
       with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         sharded = jax.device_put(params, jax.tree_util.tree_map_with_path(
-            lambda path, x: sharding.layout_sharding(mesh, cfg)(sharding.path_keys(path), x.shape), params))
+            lambda path, x: layout.layout_sharding(mesh, cfg)(sharding.path_keys(path), x.shape), params))
         for backend, k in runs:
           (l1, g1), (l8, g8) = step(params, backend, k), step(sharded, backend, k)
           diff = max([abs(float(l1 - l8))] + [float(jnp.max(jnp.abs(a - b))) for a, b in

@@ -48,7 +48,7 @@ def test_a_logical_axis_without_a_rule_or_a_leaf_without_axes_is_an_error():
   with pytest.raises(ValueError, match="extra/kernel .* no parameter of the model layout"):
     sharding.param_shardings(mesh, tree, layout.axes_by_path(cfg))
   with pytest.raises(ValueError, match="extra/kernel is no parameter of the olmoe layout"):
-    sharding.layout_sharding(mesh, cfg)(("extra", "kernel"), (4, 4))
+    layout.layout_sharding(mesh, cfg)(("extra", "kernel"), (4, 4))
 
 
 def test_every_layout_axis_has_a_default_rule():

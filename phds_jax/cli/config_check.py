@@ -7,7 +7,6 @@ model_config.json) and glob patterns; it never opens weights or data.
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 
@@ -150,16 +149,11 @@ def _choice(config, dotted: str, allowed) -> list[str]:
 def _trainable_problems(spec: str) -> list[str]:
   from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
 
-  out = []
-  for entry in (e.strip() for e in spec.split(",") if e.strip()):
-    if entry.startswith("re:"):
-      try:
-        re.compile(entry[3:])
-      except re.error as e:
-        out.append(f"train.trainable: bad regex {entry[3:]!r} ({e})")
-    elif entry != "all" and entry not in layout.GROUPS:
-      out.append(f"train.trainable: unknown subset {entry!r}; use all, {', '.join(layout.GROUPS)} or re:<regex>")
-  return out
+  try:
+    layout.parse_trainable(spec)
+  except ValueError as e:
+    return [str(e)]
+  return []
 
 
 def _random_model(config):

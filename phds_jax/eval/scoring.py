@@ -206,8 +206,14 @@ def _agreement_batch(cfg, params, batch, k, reference_k, max_loss_tokens, expert
     _, hidden = trained_positions(max_loss_tokens, batch["weights"], hidden)
     return jax.nn.log_softmax(project_logits(cfg, params, hidden).astype(jnp.float32), axis=-1)
 
-  ref, cur = logp(reference_k), logp(k)
   w = trained_positions(max_loss_tokens, batch["weights"])[0]
-  same = jnp.sum((jnp.argmax(ref, -1) == jnp.argmax(cur, -1)) * w)
-  kl = jnp.sum(jnp.sum(jnp.exp(ref) * (ref - cur), axis=-1) * w)
+  same, kl = agreement_sums(logp(reference_k), logp(k), w)
   return same, kl, jnp.sum(w)
+
+
+def agreement_sums(ref_logp: jax.Array, logp: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The one definition of cross-k agreement: (sum of weights where the greedy next tokens agree, sum of
+  weighted KL(reference || other)). ref_logp, logp: [..., vocab] log-probabilities; weights: [...]."""
+  same = jnp.sum((jnp.argmax(ref_logp, -1) == jnp.argmax(logp, -1)) * weights)
+  kl = jnp.sum(jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1) * weights)
+  return same, kl

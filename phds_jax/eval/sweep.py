@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from phds_jax.eval import scoring
 from phds_jax.eval import settings
 from phds_jax.eval.latency import median_seconds
 from phds_jax.io import files
@@ -37,14 +38,13 @@ def k_sweep(cfg: ModelConfig, params, tokens, ks: Sequence[int], *, reference_k:
     return forward(cfg, params, tokens, k=k, expert_backend=expert_backend)
 
   ref_logp = jax.nn.log_softmax(run(reference_k).astype(jnp.float32))
-  ref_top = jnp.argmax(ref_logp, axis=-1)
+  every = jnp.ones(ref_logp.shape[:-1], jnp.float32)
   rows = []
   for k in ks:
-    logp = jax.nn.log_softmax(run(k).astype(jnp.float32))
-    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    same, kl = scoring.agreement_sums(ref_logp, jax.nn.log_softmax(run(k).astype(jnp.float32)), every)
     seconds = median_seconds(lambda k=k: run(k), repeats)
-    rows.append(dict(k=int(k), top1_agreement=float(jnp.mean(jnp.argmax(logp, -1) == ref_top)),
-                     mean_kl=float(jnp.mean(kl)), active_expert_params=active_expert_params(cfg, k),
+    rows.append(dict(k=int(k), top1_agreement=float(same / every.size),
+                     mean_kl=float(kl / every.size), active_expert_params=active_expert_params(cfg, k),
                      forward_ms=1e3 * seconds, tokens_per_s=tokens.size / seconds))
     print(f"  k={k} done", flush=True)
   return rows

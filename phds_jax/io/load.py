@@ -16,6 +16,7 @@ import jax
 from phds_jax.io import files
 from phds_jax.io import hf
 from phds_jax.io import paths
+from phds_jax.model import layout
 from phds_jax.model import sharding as sharding_lib
 from phds_jax.errors import CheckpointError
 
@@ -78,7 +79,7 @@ def load(path: str, dtype: Any = "float32", *, sharding: Any = None,
   """
   path = paths.resolve_model(path, "path")
   if isinstance(sharding, jax.sharding.Mesh):
-    sharding = sharding_lib.layout_sharding(sharding, load_config(path))
+    sharding = layout.layout_sharding(sharding, load_config(path))
   if detect_format(path) == "hf":
     return hf.load_pretrained(path, dtype=dtype or hf.declared_dtype(path), sharding=sharding,
                               allow_pickle=allow_pickle)

@@ -1,4 +1,6 @@
-"""Every parameter of a model, described once: path, shape, logical axes, neutral role, trainable group.
+"""Every parameter of a model, described once: path, logical axes, neutral role, trainable group; its shape
+is read from the Flax modules themselves (`jax.eval_shape` of `init_params`: nothing is allocated), so
+shapes are declared in one place, the modules.
 
 `param_layout(cfg)` lists the parameters `init_params(cfg)` creates, in checkpoint order. Generic code
 works from it instead of matching parameter names:
@@ -11,8 +13,13 @@ checkpoint calls it.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+import re
+from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+
+from phds_jax.model import sharding
 from phds_jax.model.config import ModelConfig
 
 # Trainable groups (train.trainable); "all" selects everything.
@@ -42,79 +49,132 @@ class ParamSpec(NamedTuple):
     return "/".join(self.path)
 
 
-def _spec(path, shape, axes, role, kind, layer, *groups):
-  return ParamSpec(tuple(path), tuple(shape), tuple(axes), role, kind, layer, frozenset(groups))
+@functools.lru_cache(maxsize=32)
+def _shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """path -> shape of every parameter the Flax modules create for `cfg` (abstract: no memory, no compile)."""
+  from phds_jax.model.transformer import init_params  # pylint: disable=g-import-not-at-top
+
+  tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  return {sharding.path_keys(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _mlp(prefix, role, hidden, width, layer, group):
-  return [_spec((*prefix, "gate_proj", "kernel"), (hidden, width), ("embed", "mlp"), f"{role}.gate", "linear",
-                layer, group),
-          _spec((*prefix, "up_proj", "kernel"), (hidden, width), ("embed", "mlp"), f"{role}.up", "linear",
-                layer, group),
-          _spec((*prefix, "down_proj", "kernel"), (width, hidden), ("mlp", "embed"), f"{role}.down", "linear",
-                layer, group)]
+class _Specs:
+  """Builds one model's ParamSpecs, each shape looked up in the modules' own (`_shapes`)."""
 
+  def __init__(self, cfg: ModelConfig):
+    self.cfg, self.shapes = cfg, _shapes(cfg)
 
-def _attention(cfg: ModelConfig, prefix, layer):
-  h, d = cfg.hidden_size, cfg.resolved_head_dim
-  widths = {"q": cfg.num_attention_heads * d, "k": cfg.num_key_value_heads * d, "v": cfg.num_key_value_heads * d}
-  out = []
-  for name, width in widths.items():
-    out.append(_spec((*prefix, f"{name}_proj", "kernel"), (h, width), ("embed", "heads"), f"attn.{name}", "linear",
-                     layer, "attention"))
-    if cfg.qkv_bias:
-      out.append(_spec((*prefix, f"{name}_proj", "bias"), (width,), ("heads",), f"attn.{name}_bias", "copy", layer,
-                       "attention"))
-  out.append(_spec((*prefix, "o_proj", "kernel"), (widths["q"], h), ("heads", "embed"), "attn.o", "linear", layer,
-                   "attention"))
-  if cfg.o_bias:
-    out.append(_spec((*prefix, "o_proj", "bias"), (h,), ("norm",), "attn.o_bias", "copy", layer, "attention"))
-  if cfg.qk_norm != "none":
-    q_width, k_width = (widths["q"], widths["k"]) if cfg.qk_norm == "projection" else (d, d)
-    out.append(_spec((*prefix, "q_norm", "scale"), (q_width,), ("norm",), "attn.q_norm", "copy", layer,
-                     "attention", "norms"))
-    out.append(_spec((*prefix, "k_norm", "scale"), (k_width,), ("norm",), "attn.k_norm", "copy", layer,
-                     "attention", "norms"))
-  return out
+  def __call__(self, path, axes, role, kind, layer, *groups) -> ParamSpec:
+    path = tuple(path)
+    if path not in self.shapes:
+      raise ValueError(f"{'/'.join(path)}: the layout names a parameter the {self.cfg.model_type} modules do not "
+                       "create")
+    return ParamSpec(path, self.shapes[path], tuple(axes), role, kind, layer, frozenset(groups))
 
+  def mlp(self, prefix, role, layer, group) -> list[ParamSpec]:
+    return [self((*prefix, "gate_proj", "kernel"), ("embed", "mlp"), f"{role}.gate", "linear", layer, group),
+            self((*prefix, "up_proj", "kernel"), ("embed", "mlp"), f"{role}.up", "linear", layer, group),
+            self((*prefix, "down_proj", "kernel"), ("mlp", "embed"), f"{role}.down", "linear", layer, group)]
 
-def _moe(cfg: ModelConfig, prefix, layer):
-  h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-  out = [_spec((*prefix, "gate", "kernel"), (h, e), ("embed", "router"), "moe.router", "linear", layer, "router")]
-  for proj, shape, axes in (("gate", (e, h, i), ("exp", "embed", "mlp")), ("up", (e, h, i), ("exp", "embed", "mlp")),
-                            ("down", (e, i, h), ("exp", "mlp", "embed"))):
-    out.append(_spec((*prefix, "experts", f"{proj}_proj"), shape, axes, f"moe.experts.{proj}", "experts", layer,
-                     "experts"))
-  if cfg.shared_expert_intermediate_size:
-    out += _mlp((*prefix, "shared_expert"), "moe.shared", h, cfg.shared_expert_intermediate_size, layer,
-                "shared_expert")
-    out.append(_spec((*prefix, "shared_expert_gate", "kernel"), (h, 1), ("embed", "router"), "moe.shared_gate",
-                     "linear", layer, "shared_expert"))
-  return out
+  def attention(self, prefix, layer) -> list[ParamSpec]:
+    cfg, out = self.cfg, []
+    for name in ("q", "k", "v"):
+      out.append(self((*prefix, f"{name}_proj", "kernel"), ("embed", "heads"), f"attn.{name}", "linear", layer,
+                      "attention"))
+      if cfg.qkv_bias:
+        out.append(self((*prefix, f"{name}_proj", "bias"), ("heads",), f"attn.{name}_bias", "copy", layer,
+                        "attention"))
+    out.append(self((*prefix, "o_proj", "kernel"), ("heads", "embed"), "attn.o", "linear", layer, "attention"))
+    if cfg.o_bias:
+      out.append(self((*prefix, "o_proj", "bias"), ("norm",), "attn.o_bias", "copy", layer, "attention"))
+    if cfg.qk_norm != "none":
+      for name in ("q", "k"):
+        out.append(self((*prefix, f"{name}_norm", "scale"), ("norm",), f"attn.{name}_norm", "copy", layer,
+                        "attention", "norms"))
+    return out
+
+  def moe(self, prefix, layer) -> list[ParamSpec]:
+    out = [self((*prefix, "gate", "kernel"), ("embed", "router"), "moe.router", "linear", layer, "router")]
+    for proj, axes in (("gate", ("exp", "embed", "mlp")), ("up", ("exp", "embed", "mlp")),
+                       ("down", ("exp", "mlp", "embed"))):
+      out.append(self((*prefix, "experts", f"{proj}_proj"), axes, f"moe.experts.{proj}", "experts", layer, "experts"))
+    if self.cfg.shared_expert_intermediate_size:
+      out += self.mlp((*prefix, "shared_expert"), "moe.shared", layer, "shared_expert")
+      out.append(self((*prefix, "shared_expert_gate", "kernel"), ("embed", "router"), "moe.shared_gate", "linear",
+                      layer, "shared_expert"))
+    return out
 
 
 def param_layout(cfg: ModelConfig) -> list[ParamSpec]:
   """Every parameter of `cfg`'s model, in Hugging Face checkpoint order."""
-  h = cfg.hidden_size
-  specs = [_spec(("embed_tokens", "embedding"), (cfg.vocab_size, h), ("vocab", "embed"), "embed", "copy", None,
-                 "embeddings")]
+  spec = _Specs(cfg)
+  specs = [spec(("embed_tokens", "embedding"), ("vocab", "embed"), "embed", "copy", None, "embeddings")]
   for layer in range(cfg.num_hidden_layers):
     prefix = (f"layers_{layer}",)
-    specs.append(_spec((*prefix, "input_layernorm", "scale"), (h,), ("norm",), "input_norm", "copy", layer, "norms"))
-    specs += _attention(cfg, (*prefix, "self_attn"), layer)
-    specs.append(_spec((*prefix, "post_attention_layernorm", "scale"), (h,), ("norm",), "post_attn_norm", "copy",
-                       layer, "norms"))
+    specs.append(spec((*prefix, "input_layernorm", "scale"), ("norm",), "input_norm", "copy", layer, "norms"))
+    specs += spec.attention((*prefix, "self_attn"), layer)
+    specs.append(spec((*prefix, "post_attention_layernorm", "scale"), ("norm",), "post_attn_norm", "copy", layer,
+                      "norms"))
     if cfg.is_moe_layer(layer):
-      specs += _moe(cfg, (*prefix, "mlp"), layer)
+      specs += spec.moe((*prefix, "mlp"), layer)
     else:
-      specs += _mlp((*prefix, "mlp"), "mlp", h, cfg.intermediate_size, layer, "dense_mlp")
-  specs.append(_spec(("norm", "scale"), (h,), ("norm",), "final_norm", "copy", None, "norms"))
+      specs += spec.mlp((*prefix, "mlp"), "mlp", layer, "dense_mlp")
+  specs.append(spec(("norm", "scale"), ("norm",), "final_norm", "copy", None, "norms"))
   if not cfg.tie_word_embeddings:
-    specs.append(_spec(("lm_head", "kernel"), (h, cfg.vocab_size), ("embed", "vocab"), "lm_head", "linear", None,
-                       "embeddings"))
+    specs.append(spec(("lm_head", "kernel"), ("embed", "vocab"), "lm_head", "linear", None, "embeddings"))
+  if len(specs) != len(spec.shapes):
+    missing = sorted(set(spec.shapes) - {s.path for s in specs})
+    raise ValueError(f"the {cfg.model_type} modules create parameters the layout does not name: {missing[:4]}")
   return specs
 
 
 def axes_by_path(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[Optional[str], ...]]:
   """Parameter path -> logical axes, for sharding rules."""
   return {spec.path: spec.axes for spec in param_layout(cfg)}
+
+
+def parse_trainable(spec: str) -> list[str]:
+  """The entries of a `train.trainable` spec (comma-separated "all", GROUPS names or "re:<regex>" over
+  "/"-joined parameter paths); ValueError naming the first bad entry. The one parser of the field."""
+  entries = [e.strip() for e in spec.split(",") if e.strip()]
+  if not entries:
+    raise ValueError(f"train.trainable={spec!r}: empty; use all, {', '.join(GROUPS)} or re:<regex>")
+  for entry in entries:
+    if entry.startswith("re:"):
+      try:
+        re.compile(entry[3:])
+      except re.error as e:
+        raise ValueError(f"train.trainable: bad regex {entry[3:]!r} ({e})") from None
+    elif entry != "all" and entry not in GROUPS:
+      raise ValueError(f"train.trainable={spec!r}: unknown subset {entry!r}; use all, {', '.join(GROUPS)} or "
+                       "re:<regex>")
+  return entries
+
+
+def trainable_paths(cfg: ModelConfig, spec: str) -> set[str]:
+  """The "/"-joined parameter paths of `cfg` that `spec` selects (ValueError when it selects none)."""
+  groups = {s.name: s.groups for s in param_layout(cfg)}
+  selected: set[str] = set()
+  for entry in parse_trainable(spec):
+    if entry.startswith("re:"):
+      selected |= {p for p in groups if re.search(entry[3:], p)}
+    elif entry == "all":
+      selected |= set(groups)
+    else:
+      selected |= {p for p, g in groups.items() if entry in g}
+  if not selected:
+    raise ValueError(f"train.trainable={spec!r} selects no parameter of the {cfg.model_type} model")
+  return selected
+
+
+def layout_sharding(mesh, cfg: ModelConfig) -> Callable[[tuple[str, ...], tuple[int, ...]], Any]:
+  """(param path, shape) -> NamedSharding by the parameter's logical axes in `cfg`'s layout under the
+  rules current now (the form `pj.load(..., sharding=)` takes); a path the layout does not know is an error."""
+  axes, rules = axes_by_path(cfg), sharding.current_rules()
+
+  def one(path, shape):
+    if tuple(path) not in axes:
+      raise ValueError(f"{'/'.join(path)} is no parameter of the {cfg.model_type} layout")
+    return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(dict(mesh.shape), axes[tuple(path)], shape, rules))
+
+  return one

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -121,6 +121,11 @@ def make_mesh(shape: dict[str, int], devices: Optional[Sequence[jax.Device]] = N
   return Mesh(grid, MESH_AXES)
 
 
+def current_rules() -> Mapping[str, tuple[str, ...]]:
+  """The logical -> mesh axis rules in force here (DEFAULT_RULES unless `axis_rules` set others)."""
+  return _RULES.get()
+
+
 def logical_to_spec(mesh_shape: dict[str, int], axes: Sequence[Optional[str]],
                     dims: Optional[Sequence[int]] = None,
                     rules: Optional[Mapping[str, tuple[str, ...]]] = None) -> P:
@@ -167,21 +172,6 @@ def param_shardings(mesh: Mesh, tree: Any, axes_by_path: dict[tuple[str, ...], t
                      "it has no logical axes to shard it by")
 
   return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def layout_sharding(mesh: Mesh, cfg) -> Callable[[tuple[str, ...], tuple[int, ...]], NamedSharding]:
-  """(param path, shape) -> NamedSharding by the parameter's logical axes in `cfg`'s layout under the
-  rules current now (the form `pj.load(..., sharding=)` takes); a path the layout does not know is an error."""
-  from phds_jax.model import layout  # pylint: disable=g-import-not-at-top
-
-  axes, rules = layout.axes_by_path(cfg), _RULES.get()
-
-  def one(path, shape):
-    if tuple(path) not in axes:
-      raise ValueError(f"{'/'.join(path)} is no parameter of the {cfg.model_type} layout")
-    return NamedSharding(mesh, logical_to_spec(dict(mesh.shape), axes[tuple(path)], shape, rules))
-
-  return one
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import signal
 import threading
 from typing import Any, Optional
@@ -57,26 +56,12 @@ def _unflat(flat: dict[str, Any]) -> Params:
 
 
 def trainable_paths(cfg: ModelConfig, params: Params, spec: str) -> set[str]:
-  """Paths selected by `spec`: comma-separated groups of model/layout.py (attention, experts, router,
-  shared_expert, dense_mlp, embeddings, norms, or all) and/or `re:<regex>` entries over "/"-joined paths."""
-  groups = {s.name: s.groups for s in layout.param_layout(cfg)}
-  selected: set[str] = set()
-  for entry in (e.strip() for e in spec.split(",") if e.strip()):
-    if entry.startswith("re:"):
-      selected |= {p for p in groups if re.search(entry[3:], p)}
-    elif entry == "all":
-      selected |= set(groups)
-    elif entry in layout.GROUPS:
-      selected |= {p for p, g in groups.items() if entry in g}
-    else:
-      raise ValueError(f"trainable={spec!r}: unknown subset {entry!r}; use all, {', '.join(layout.GROUPS)} "
-                       "or re:<regex>")
-  if not selected:
-    raise ValueError(f"trainable={spec!r} selects no parameter")
-  unknown = set(_flat(params)) - set(groups)
+  """Paths `spec` selects (model/layout.py's trainable_paths: groups and/or `re:<regex>` entries), after
+  checking that `params` hold only entries of the model's layout."""
+  unknown = set(_flat(params)) - {s.name for s in layout.param_layout(cfg)}
   if unknown:
     raise ValueError(f"params hold entries the {cfg.model_type} layout does not know: {sorted(unknown)[:4]}")
-  return selected
+  return layout.trainable_paths(cfg, spec)
 
 
 def split_params(params: Params, paths: set[str]) -> tuple[Params, Params]:
@@ -144,7 +129,7 @@ class Trainer:
   def param_sharding(self):
     """(param path, shape) -> NamedSharding: where `pj.load` places each parameter for this trainer."""
     with self.context():
-      return sharding_lib.layout_sharding(self.mesh, self.cfg)
+      return layout.layout_sharding(self.mesh, self.cfg)
 
   # state ----------------------------------------------------------------------------------------------
   def init_state(self, params: Params, trainable: set[str], seed: int, *, copy: bool = True) -> dict[str, Any]:
