@@ -31,10 +31,10 @@ def get_config(arg=None):
 
   config.pretrain = ml_collections.ConfigDict()
   config.pretrain.steps = 120  # base model pre-training steps (LM, full vocabulary)
-  config.pretrain.batch_size = 16
-  config.pretrain.seq_len = 128
-  config.pretrain.lr = 3e-3
-  config.pretrain.warmup_steps = 20
+  config.pretrain.batch_size = 16  # packed rows per pre-training step
+  config.pretrain.seq_len = 128  # positions per pre-training row
+  config.pretrain.lr = 3e-3  # peak pre-training learning rate (cosine decay after warmup)
+  config.pretrain.warmup_steps = 20  # linear warmup steps of pre-training
 
   config.data.seq_len = 256  # about four copycolors items per packed row
   config.data.max_loss_tokens = 16  # answer + EOS per item: logits for 16 positions per row only

@@ -130,7 +130,6 @@ def base_config(arg=None):
   c.checkpoint.keep = 2  # latest checkpoints kept for resuming (the best by val loss at k_pre is kept apart)
   c.checkpoint.async_save = True  # write in the background while training continues
 
-  # device mesh within a slice (-1: the rest); on several slices a "slice" axis (DCN) adds data parallelism
   c.distributed = ml_collections.ConfigDict()  # one process per host / GPU node (phds_jax/cli/distributed.py)
   c.distributed.enabled = False  # start JAX's multi-process runtime before anything else
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = detected (TPU VM, SLURM)
@@ -139,6 +138,7 @@ def base_config(arg=None):
   c.distributed.local_device_ids = ""  # this process's devices, e.g. "0,1"; "" = all it sees
   c.distributed.cpu_collectives = "gloo"  # CPU processes: gloo | mpi
 
+  # device mesh within a slice (-1: the rest); on several slices a "slice" axis (DCN) adds data parallelism
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   # logical axis -> comma-separated mesh axes (slice, data, fsdp, expert, tensor; "" replicates)
   c.axis_rules = ml_collections.ConfigDict(_default_rules())
