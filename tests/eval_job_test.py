@@ -113,6 +113,13 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert {"acc_mean", "nll", "ppl", "latency", "flops_per_token"} <= set(rows[k])
     assert rows[k]["latency"]["decode_ms_per_token"] >= 0
   assert os.path.getsize(work / "accuracy_vs_latency.png") > 1000
+  cfg, params = pj.load(str(model_dir))  # the job's numbers are those of scoring the model directly
+  tokenizer = data.load_tokenizer(str(model_dir))
+  direct_items = evaluate.read_multiple_choice(str(items))
+  for k in ("1", "2"):
+    direct = evaluate.multiple_choice(cfg, params, tokenizer, direct_items, k=int(k))
+    assert rows[k]["tasks"]["items.jsonl"]["acc"] == pytest.approx(direct["acc"])
+    assert rows[k]["tasks"]["items.jsonl"]["acc_norm"] == pytest.approx(direct["acc_norm"])
   task = rows["1"]["tasks"]["items.jsonl"]
   assert task["n"] == rows["1"]["items"] == 10
   p = task["acc"]

@@ -25,7 +25,7 @@ def test_tpu_v5e_16_job(capsys):
                                "--spot", "--dry-run", "--", *MAIN_ARGS])
   assert cmds[0] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "phds", "--zone", "us-west4-a"]
   assert cmds[1] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "phds", "--accelerator-type", "v5litepod-16",
-                     "--version", "v2-alpha-tpuv5-lite", "--spot", "--zone", "us-west4-a"]
+                     "--version", launch.RUNTIME["v5e"], "--spot", "--zone", "us-west4-a"]
   assert cmds[2][:4] == [sys.executable, "-m", "pip", "wheel"]
   scp = next(c for c in cmds if "scp" in c)
   assert scp[-4:] == ["phds:~/phds/", "--worker=all", "--zone", "us-west4-a"]
@@ -44,7 +44,7 @@ def test_tpu_two_slice_job_uses_a_queued_resource(capsys):
                                  "--num-slices", "2", "--project", "proj", "--dry-run", "--", *MAIN_ARGS])
   assert cmds[0][:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "big"]
   assert cmds[1] == ["gcloud", "compute", "tpus", "queued-resources", "create", "big", "--node-count", "2",
-                     "--node-prefix", "big", "--accelerator-type", "v5p-32", "--runtime-version", "v2-alpha-tpuv5",
+                     "--node-prefix", "big", "--accelerator-type", "v5p-32", "--runtime-version", launch.RUNTIME["v5p"],
                      "--zone", "us-east5-b", "--project", "proj"]
   assert "wait until" in out and "state.state" in out
   starts = [c for c in cmds if "nohup" in c[-1]]

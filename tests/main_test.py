@@ -179,10 +179,7 @@ def test_presets_are_valid_and_init_shapes_match_hf_map():
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     specs = {m.spec.path: m.spec.shape for m in param_map.param_specs(cfg)}
     assert flat == specs, name
-  olmoe = pj.preset("olmoe-1b-7b-0125")
-  assert (olmoe.num_experts, olmoe.k_pre, olmoe.moe_intermediate_size) == (64, 8, 1024)
-  qwen = pj.preset("qwen1.5-moe-a2.7b")
-  assert (qwen.num_experts, qwen.k_pre, qwen.shared_expert_intermediate_size) == (60, 4, 5632)
+  # (the released models' presets equal their config.json: tests/hf_config_test.py)
   with pytest.raises(errors.ConfigError, match="unknown model preset"):
     pj.preset("gpt-5")
 

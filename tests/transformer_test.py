@@ -114,12 +114,20 @@ def test_load_balance_loss_matches_transformers(hf_dirs, variant, tokens):
 
 
 def test_z_loss_and_expert_counts(hf_dirs, tokens):
-  cfg, params, _ = _load(hf_dirs, "olmoe_gqa_clip_norm")
+  """z-loss is the mean over MoE layers and tokens of logsumexp(router logits)^2 (ST-MoE), the router logits
+  being transformers' own; each token counts once for each of its k experts."""
+  import torch
+
+  cfg, params, model = _load(hf_dirs, "olmoe_gqa_clip_norm")
   _, aux = pj.forward(cfg, params, tokens, k=2, return_aux=True)
   counts = np.asarray(aux["expert_counts"])
   assert counts.shape == (len(cfg.moe_layer_indices), cfg.num_experts)
   np.testing.assert_allclose(counts.sum(axis=1), tokens.size * 2)
-  assert float(aux["router_z_loss"]) > 0
+  with torch.no_grad():
+    router_logits = model(torch.as_tensor(tokens), output_router_logits=True).router_logits
+  logits = torch.cat([r.reshape(-1, cfg.num_experts).double() for r in router_logits])
+  expected = float(torch.mean(torch.logsumexp(logits, dim=-1) ** 2))
+  np.testing.assert_allclose(float(aux["router_z_loss"]), expected, rtol=1e-5)
 
 
 def test_packed_segments_equal_separate_sequences(hf_dirs):
