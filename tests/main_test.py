@@ -98,6 +98,9 @@ def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   assert [r["k"] for r in result["rows"]] == [1, 2]
   assert result["heldout_items"] == 40 and result["chance"] == 0.1  # 4 held-out objects x 10 items
   assert "held-out acc PHDS" in capsys.readouterr().out and os.path.isdir(tmp_path / "phds" / "hf_export")
+  assert main.run(load_config("tiny", **short), str(tmp_path)) == result  # a re-run: nothing trained or scored
+  again = capsys.readouterr().out
+  assert "nothing left to do" in again and "(scored before:" in again and "held-out acc PHDS" in again
   # a second run reuses the base model: the same checkpoint, not trained again
   config = load_config("tiny", **short)
   before = os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE)

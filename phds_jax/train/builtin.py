@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
@@ -120,25 +120,44 @@ def run(config, workdir: str) -> dict[str, Any]:
   print(f"PHDS fine-tuning (k_train in {{{config.phds.k_values}}}, anchoring "
         f"{'on' if config.phds.anchor else 'off'}) for {config.train.steps} steps ...", flush=True)
   summary = train.train_and_evaluate(phds_config(config, paths, base), os.path.join(workdir, "phds"))
+  result_file = os.path.join(workdir, "results.json")
+  scored = {"heldout": paths["heldout"], "base": base, "eval_k": summary["eval_k"], "best_step": summary["best_step"]}
+  result = _stored_result(result_file, scored)
+  if result is None:
+    result = {**_score(config, paths, base, workdir, summary), "scored": scored}
+    if jax.process_index() == 0:
+      files.write_text(result_file, json.dumps(result, indent=2))
+  print(f"\ncopycolors held-out objects: {result['heldout_items']} items, chance {result['chance']:.2f}; "
+        f"PHDS checkpoint selected at step {summary['best_step']} ({summary['selected_phase']}) by validation "
+        f"loss at k={summary['select_k']}")
+  print(format_table(result["rows"], result["k_pre"]))
+  print(f"wrote {result_file}" if result.get("fresh", True) else f"(scored before: {result_file})")
+  result.pop("fresh", None)
+  return result
+
+
+def _stored_result(path: str, scored: dict[str, Any]) -> Optional[dict[str, Any]]:
+  """results.json of an earlier run that scored these same models on these same items, or None."""
+  if not files.isfile(path):
+    return None
+  stored = json.loads(files.read_text(path))
+  if stored.get("scored") != json.loads(json.dumps(scored)):
+    return None
+  return {**stored, "fresh": False}
+
+
+def _score(config, paths: dict[str, str], base: str, workdir: str, summary: dict[str, Any]) -> dict[str, Any]:
+  """Validation losses (from the run's history) and held-out accuracy of the base and PHDS models per k."""
   base_losses = summary["history"][0]
   best = next(h for h in summary["history"] if h["step"] == summary["best_step"])
   tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
   items = evaluate.read_multiple_choice(paths["heldout"])
   models = {"base": load(base), "phds": load(os.path.join(workdir, "phds", "best"))}
-  cfg = models["phds"][0]
   rows = []
   for k in summary["eval_k"]:
     acc = {name: evaluate.multiple_choice(c, p, tokenizer, items, k=k, expert_backend=config.model.expert_backend)["acc"]
            for name, (c, p) in models.items()}
     rows.append({"k": k, "val_loss_base": base_losses[f"val_loss_k{k}"], "val_loss_phds": best[f"val_loss_k{k}"],
                  "acc_base": acc["base"], "acc_phds": acc["phds"]})
-  result = {"k_pre": cfg.k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),
-            "best_step": summary["best_step"], "rows": rows}
-  if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, "results.json"), json.dumps(result, indent=2))
-  print(f"\ncopycolors held-out objects: {len(items)} items, chance {result['chance']:.2f}; "
-        f"PHDS checkpoint selected at step {summary['best_step']} ({summary['selected_phase']}) by validation "
-        f"loss at k={summary['select_k']}")
-  print(format_table(rows, cfg.k_pre))
-  print(f"wrote {os.path.join(workdir, 'results.json')}")
-  return result
+  return {"k_pre": models["phds"][0].k_pre, "chance": 1.0 / len(items[0]["choices"]), "heldout_items": len(items),
+          "best_step": summary["best_step"], "rows": rows}
