@@ -203,7 +203,7 @@ def toy_train_config(tmp_path, **changes):
   c = base_config()
   c.model.random_init = True
   c.tokenizer_path = write_toy_tokenizer(tmp_path / "tok")
-  c.model.overrides = {"vocab_size": 64}
+  c.model.overrides = {"vocab_size": 64, "num_hidden_layers": 1}  # one layer: half the compile time
   c.data.train_files = write_toy_sft(tmp_path / "sft.jsonl")
   c.data.seq_len = 64
   c.data.max_loss_tokens = 8

@@ -111,7 +111,7 @@ def two_process_runs(tmp_path_factory):
   return {"two": two, "one": one, "resumed": resumed, "model_bytes": model_bytes, "dirs": tmp}
 
 
-def test_two_processes_train_like_one_with_the_same_devices(two_process_runs):
+def _two_processes_train_like_one_with_the_same_devices(two_process_runs):
   two, one = two_process_runs["two"], two_process_runs["one"]
   assert [(r["processes"], r["devices"], r["local_devices"]) for r in two] == [(2, 4, 2)] * 2
   assert (one["processes"], one["devices"]) == (1, 4)
@@ -125,7 +125,7 @@ def test_two_processes_train_like_one_with_the_same_devices(two_process_runs):
       _close(a, b)
 
 
-def test_each_process_reads_only_its_devices_blocks(two_process_runs):
+def _each_process_reads_only_its_devices_blocks(two_process_runs):
   """mesh fsdp=4: a process holds half of every sharded parameter (and all of the few replicated ones)."""
   model_bytes = two_process_runs["model_bytes"]
   for r in two_process_runs["two"]:
@@ -133,7 +133,7 @@ def test_each_process_reads_only_its_devices_blocks(two_process_runs):
   assert two_process_runs["one"]["bytes_read"] >= model_bytes
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
+def _a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
   resumed, one = two_process_runs["resumed"], two_process_runs["one"]
   rest = [str(s) for s in range(_stop_step(two_process_runs["two"]) + 1, 5)]
   assert list(resumed["train_loss"]) == rest
@@ -141,8 +141,16 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
   _close(resumed["history"][-1], one["history"][-1])  # validation at step 4: the final parameters agree
 
 
-def test_only_process_zero_writes_outputs(two_process_runs):
+def _only_process_zero_writes_outputs(two_process_runs):
   workdir = two_process_runs["dirs"] / "two"
   history = [json.loads(line) for line in (workdir / "eval_history.jsonl").read_text().splitlines()]
   assert [h["step"] for h in history] == [0, 2, 4]  # one line per evaluation: 0 and 2 (two processes), 4
   assert len(os.listdir(workdir / "tensorboard")) == 2  # one event file per run: 2-process and resumed
+
+
+def test_two_processes(two_process_runs):
+  """One test over the runs (pytest-xdist would otherwise start them again on a second worker)."""
+  _two_processes_train_like_one_with_the_same_devices(two_process_runs)
+  _each_process_reads_only_its_devices_blocks(two_process_runs)
+  _a_two_process_checkpoint_resumes_in_one_process(two_process_runs)
+  _only_process_zero_writes_outputs(two_process_runs)

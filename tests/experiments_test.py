@@ -219,7 +219,7 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   scale = dataclasses.replace(DEFAULT.scales["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2", steps=2)
   settings = dataclasses.replace(
       DEFAULT, scales={"tiny": scale}, base_root=str(tmp_path / "base"),
-      model_overrides=dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32, num_hidden_layers=2),
+      model_overrides=dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32, num_hidden_layers=1),
       base={**DEFAULT.base, "num_experts": 4, "k_pre": 2, "text_docs": 50, "steps": 2, "batch_size": 4,
             "seq_len": 64},
       tasks={name: (member, 3, 12) for name, (member, _, _) in DEFAULT.tasks.items()},

@@ -89,7 +89,7 @@ def test_sweep_job_runs_end_to_end(tmp_path, capsys):
 def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
   tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,
-                                                          intermediate_size=32, num_hidden_layers=2).items()}
+                                                          intermediate_size=32, num_hidden_layers=1).items()}
   short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "pretrain.seq_len": 64, "train.steps": 4, "eval.every": 4,
            "checkpoint.every": 4, "log_every": 2, "builtin.text_docs": 50, "builtin.train_objects": 96,
            "eval.k_values": "1,2", **tiniest}

@@ -210,7 +210,8 @@ def test_eight_device_sharded_training_matches_one_device(tmp_path):
 def test_a_workdir_of_another_model_is_refused_untouched(runs, tmp_path):
   workdir = runs["a"]
   before = {p: os.path.getmtime(p) for p in workdir.rglob("*")}
-  other = toy_train_config(tmp_path, **_SHARED, **{"model.overrides": {"vocab_size": 64, "hidden_size": 48},
+  other = toy_train_config(tmp_path, **_SHARED, **{"model.overrides": {"vocab_size": 64, "num_hidden_layers": 1,
+                                                                        "hidden_size": 48},
                                                    "train.batch_size": 4})
   with pytest.raises(errors.WorkdirMismatchError) as raised:
     train.train_and_evaluate(other, str(workdir))
@@ -269,7 +270,8 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 def test_each_micro_batch_runs_at_its_own_k(tmp_path):
   """phds.k_per_microbatch: with k = [1, 2] micro-batch 0 (rows 0, 2, ...) runs at k=1 and micro-batch 1 at
   k=2; the step's loss is their token-weighted mean, and differs from [1, 1] and [2, 2]."""
-  config, cfg, params, trainer = _trainer(tmp_path, **{"train.grad_accum": 2, "phds.k_per_microbatch": True})
+  config, cfg, params, trainer = _trainer(tmp_path, **{"train.grad_accum": 2, "phds.k_per_microbatch": True,
+                                                        "model.overrides.num_hidden_layers": 2})  # k matters more
   batch = _toy_batches(tmp_path, config, 1)[0]
   loss = {}
   for ks in ([1, 2], [1, 1], [2, 2]):
