@@ -16,7 +16,7 @@ _SCRIPT = textwrap.dedent("""
     from phds_jax.plan import programs as plan
     from phds_jax.model import layout, sharding
 
-    cfg = pj.preset("tiny-olmoe").replace(num_experts=8, num_experts_per_tok=2, vocab_size=64)
+    cfg = pj.preset("tiny-olmoe").replace(num_experts=8, num_experts_per_tok=2, vocab_size=64, num_hidden_layers=1)
     params = pj.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
 

@@ -52,7 +52,9 @@ def test_a_logical_axis_without_a_rule_or_a_leaf_without_axes_is_an_error():
 
 
 def test_every_layout_axis_has_a_default_rule():
-  for name in pj.PRESETS:
+  tiny = [name for name in pj.PRESETS if name.startswith("tiny-")]  # the axes depend on the family, not sizes
+  assert {pj.preset(n).model_type for n in tiny} == {pj.preset(n).model_type for n in pj.PRESETS}
+  for name in tiny:
     for spec in layout.param_layout(pj.preset(name)):
       assert all(a is None or a in sharding.DEFAULT_RULES for a in spec.axes), spec
 
