@@ -220,3 +220,15 @@ def toy_train_config(tmp_path, **changes):
   c.log_every = 5
   c.export_hf = False
   return set_fields(c, **changes)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Longest first, spread over the workers: pytest-xdist's worksteal gives each worker a contiguous share of
+  this order at the start, so each share begins with its part of the `slow` tests; a worker that finishes
+  early steals short tests from the other's end instead of waiting on a long test started last."""
+  del config
+  workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+  slow = [item for item in items if item.get_closest_marker("slow")]
+  rest = [item for item in items if not item.get_closest_marker("slow")]
+  share = -(-len(rest) // workers)
+  items[:] = [item for w in range(workers) for item in slow[w::workers] + rest[w * share:(w + 1) * share]]

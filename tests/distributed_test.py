@@ -148,6 +148,7 @@ def _only_process_zero_writes_outputs(two_process_runs):
   assert len(os.listdir(workdir / "tensorboard")) == 2  # one event file per run: 2-process and resumed
 
 
+@pytest.mark.slow
 def test_two_processes(two_process_runs):
   """One test over the runs (pytest-xdist would otherwise start them again on a second worker)."""
   _two_processes_train_like_one_with_the_same_devices(two_process_runs)

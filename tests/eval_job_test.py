@@ -90,6 +90,7 @@ def test_unknown_olmo_task_and_bad_task_files(tmp_path):
     evaluate.read_multiple_choice(str(tmp_path / "t.jsonl"))
 
 
+@pytest.mark.slow
 def test_eval_command_end_to_end(tmp_path, capsys):
   model_dir = tmp_path / "model"
   build_hf_model("qwen_sparse_step").save_pretrained(model_dir)

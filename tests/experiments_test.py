@@ -211,6 +211,7 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
   assert line[:7] == ["1", "0.750", "±", "0.000", "0.500", "±", "0.000"] and line[-1] == "+50.0%"
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   """The base (built here: 2 layers, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps each,
   evaluated at k = 1, 2 on three items per task; a re-run skips both."""

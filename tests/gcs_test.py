@@ -84,6 +84,7 @@ def test_files_api_in_a_bucket(bucket):
     files.stage(f"{root}/missing", files.cache_dir())
 
 
+@pytest.mark.slow
 def test_a_bucket_run_trains_resumes_and_exports(bucket, tmp_path, capsys):
   local = toy_train_config(tmp_path)
   cfg = load_lib.run_model_config(local)

@@ -86,6 +86,7 @@ def test_sweep_job_runs_end_to_end(tmp_path, capsys):
   assert "agree@k2" in capsys.readouterr().out and os.path.isdir(tmp_path / "random_tiny_olmoe")
 
 
+@pytest.mark.slow
 def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
   """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
   tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,

@@ -196,6 +196,7 @@ def _run_sharded(tmp_path, devices, changes):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_eight_device_sharded_training_matches_one_device(tmp_path):
   common = {"train.steps": 10, "eval.every": 5, "model.expert_backend": "reference"}
   assert jax.device_count() == 1  # this process: the one-device run
@@ -364,6 +365,7 @@ def _kill_points(workdir, seed=0):
           (f"{delay:.2f} s after the step-{step} checkpoint", after_step)]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(runs, tmp_path):
   """SIGKILL (no chance to clean up) during an asynchronous save and at a random moment, then run to the end:
   every restart resumes from an intact checkpoint and the final state equals the uninterrupted run's."""
