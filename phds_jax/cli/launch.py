@@ -277,8 +277,7 @@ def _check_job(args: argparse.Namespace, root: str):
   """Refuses a job whose config has a mistake (exit 2) before any gcloud or sbatch command runs."""
   mistakes, notes = job_problems(args.main_args, root)
   for note in notes:
-    where = "" if "not looked at here" in note else " (on this machine; the job looks again where it runs)"
-    print(f"note: {note}{where}", flush=True)
+    print(f"note: {note} (the job looks again where it runs)", flush=True)
   if mistakes:
     print("phds-launch: the job's config has mistakes; nothing was created or submitted:", file=sys.stderr)
     for line in mistakes:

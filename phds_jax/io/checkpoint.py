@@ -95,7 +95,7 @@ def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfi
   params_dir = os.path.join(paths.resolve(directory, "directory"), PARAMS_DIR)
   if not files.isdir(params_dir):
     raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
-  abstract = traverse_util.unflatten_dict(  # the shapes the config implies, from the layout (no tracing)
+  abstract = traverse_util.unflatten_dict(  # the shapes the config implies, from the layout (abstract: nothing allocated)
       {spec.path: jax.ShapeDtypeStruct(spec.shape, jnp.float32) for spec in param_layout(cfg)})
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir).item_metadata.tree

@@ -17,7 +17,7 @@ import contextvars
 import hashlib
 import os
 import shutil
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from phds_jax.errors import PathError
 
@@ -50,7 +50,7 @@ def _fs(path: str):
   """(fsspec filesystem, path inside it) for a bucket path; listings are never cached, since orbax and
   tensorstore write the same bucket behind fsspec's back."""
   if _BUCKETS_OFF.get():
-    raise PathError(f"{path}: a bucket path, not looked at here (the job reads it where it runs)")
+    raise PathError(f"{path}: a bucket path, not looked at from this machine")
   try:
     import fsspec  # pylint: disable=g-import-not-at-top  (an orbax dependency)
 
@@ -60,25 +60,24 @@ def _fs(path: str):
                     f"pip install 'phds_jax[gcs]' ({e})") from None
 
 
-def exists(path: str) -> bool:
+def _ask(path: str, local: Callable[[str], bool], method: str) -> bool:
+  """`local(path)` for a local path, the fsspec filesystem's `method` for a bucket path."""
   if not is_bucket(path):
-    return os.path.exists(path)
+    return local(path)
   fs, inner = _fs(path)
-  return fs.exists(inner)
+  return getattr(fs, method)(inner)
+
+
+def exists(path: str) -> bool:
+  return _ask(path, os.path.exists, "exists")
 
 
 def isdir(path: str) -> bool:
-  if not is_bucket(path):
-    return os.path.isdir(path)
-  fs, inner = _fs(path)
-  return fs.isdir(inner)
+  return _ask(path, os.path.isdir, "isdir")
 
 
 def isfile(path: str) -> bool:
-  if not is_bucket(path):
-    return os.path.isfile(path)
-  fs, inner = _fs(path)
-  return fs.isfile(inner)
+  return _ask(path, os.path.isfile, "isfile")
 
 
 def makedirs(path: str) -> None:
@@ -171,14 +170,19 @@ def upload_dir(local_dir: str, dst: str) -> None:
       fs.put_file(os.path.join(root, name), f"{inner}/{rel}")
 
 
+def local_mirror(path: str, cache: str) -> str:
+  """Where a bucket path's local counterpart lives: `cache/buckets/<hash of path>/<its name>`."""
+  key = hashlib.sha256(path.encode()).hexdigest()[:12]
+  return os.path.join(cache, "buckets", key, os.path.basename(path.rstrip("/")))
+
+
 def stage(path: str, cache: str) -> str:
   """A local copy of `path`: the path itself when local; a bucket file or directory is downloaded once into
   `cache/buckets/...` (a `.complete` marker records a finished copy, so an interrupted one is redone)."""
   if not is_bucket(path):
     return path
   fs, inner = _fs(path)
-  key = hashlib.sha256(path.encode()).hexdigest()[:12]
-  local = os.path.join(cache, "buckets", key, os.path.basename(inner.rstrip("/")))
+  local = local_mirror(path, cache)
   marker = local + ".complete"
   if os.path.isfile(marker):
     return local

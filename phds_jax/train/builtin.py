@@ -123,7 +123,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   result_file = os.path.join(workdir, "results.json")
   scored = {"heldout": paths["heldout"], "base": base, "eval_k": summary["eval_k"], "best_step": summary["best_step"]}
   result = _stored_result(result_file, scored)
-  if result is None:
+  fresh = result is None
+  if fresh:
     result = {**_score(config, paths, base, workdir, summary), "scored": scored}
     if jax.process_index() == 0:
       files.write_text(result_file, json.dumps(result, indent=2))
@@ -131,8 +132,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"PHDS checkpoint selected at step {summary['best_step']} ({summary['selected_phase']}) by validation "
         f"loss at k={summary['select_k']}")
   print(format_table(result["rows"], result["k_pre"]))
-  print(f"wrote {result_file}" if result.get("fresh", True) else f"(scored before: {result_file})")
-  result.pop("fresh", None)
+  print(f"wrote {result_file}" if fresh else f"(scored before: {result_file})")
   return result
 
 
@@ -141,9 +141,7 @@ def _stored_result(path: str, scored: dict[str, Any]) -> Optional[dict[str, Any]
   if not files.isfile(path):
     return None
   stored = json.loads(files.read_text(path))
-  if stored.get("scored") != json.loads(json.dumps(scored)):
-    return None
-  return {**stored, "fresh": False}
+  return stored if stored.get("scored") == json.loads(json.dumps(scored)) else None
 
 
 def _score(config, paths: dict[str, str], base: str, workdir: str, summary: dict[str, Any]) -> dict[str, Any]:

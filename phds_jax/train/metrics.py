@@ -6,8 +6,6 @@ without TensorFlow; MaxText uses it the same way.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import time
 from typing import Mapping, TextIO
@@ -26,7 +24,7 @@ class SummaryWriter:
   def __init__(self, logdir: str):
     self._writer, self._logdir, self._local = None, logdir, logdir
     if files.is_bucket(logdir):
-      self._local = os.path.join(files.cache_dir(), "tensorboard", hashlib.sha256(logdir.encode()).hexdigest()[:12])
+      self._local = files.local_mirror(logdir, files.cache_dir())
     if jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 

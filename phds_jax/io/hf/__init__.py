@@ -24,6 +24,7 @@ import numpy as np
 from phds_jax.errors import (MissingTensorError, ShapeMismatchError,
                              UnexpectedTensorError)
 from phds_jax.io import files
+from phds_jax.io import paths
 from phds_jax.io.hf import param_map
 from phds_jax.io.hf.config_io import config_from_hf, config_to_hf, load_config, read_config_json
 from phds_jax.io.hf.safetensors_io import PendingTensor, scratch_array, write_file
@@ -181,7 +182,7 @@ def save_pretrained(cfg: ModelConfig, params: Params, out_dir: str, *, dtype=Non
   Returns out_dir.
   """
   in_bucket = files.is_bucket(out_dir)
-  out_dir = out_dir.rstrip("/") if in_bucket else os.path.abspath(out_dir)
+  out_dir = paths.resolve(out_dir, "out_dir")
   if files.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
   dtype = _np_dtype(dtype if dtype is not None else params["embed_tokens"]["embedding"].dtype)
