@@ -158,11 +158,11 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   b = dict(tests[[t for t in tests if t.startswith("(b)")][0]])["k=1"]  # phds 0.75 vs oracle 0.5 / 0.25 / 0.5
   assert b == {0: 0.25, 1: 0.5, 2: 0.25}
   assert stats.verdict({0: 0.1, 1: -0.1, 2: 0.2}) == "no clear difference"
-  text, data = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
+  text, results = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
   assert "| base | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text  # accuracy of the base at k=1, k=2
-  assert data["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
+  assert results["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
   assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
-  json.dumps(data, allow_nan=False)  # strict JSON: no NaN for missing runs
+  json.dumps(results, allow_nan=False)  # strict JSON: no NaN for missing runs
   assert "Roster of Experts" not in text
 
   # experiments/roe.py's outputs: M = 2 at k = 1, 2 on base and phds; M = 1 is the study's own evaluation
@@ -179,9 +179,9 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   latency = {"1": {"1": {"decode_ms_per_token": 1.0}, "2": {"decode_ms_per_token": 1.5}},
              "2": {"1": {"decode_ms_per_token": 2.0}, "2": {"decode_ms_per_token": 3.0}}}
   (tmp_path / "roe" / "latency.json").write_text(json.dumps(latency))
-  text, data = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
+  text, results = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
   assert "## Roster of Experts (RoE) at every k" in text and "| phds, M=2 | 1, 1, 1 | 0.5, 0.5, 0.5 |" in text
-  claims = {c["claim"][:4]: {d["name"]: d for d in c["differences"]} for c in data["roe"]["claims"]}
+  claims = {c["claim"][:4]: {d["name"]: d for d in c["differences"]} for c in results["roe"]["claims"]}
   # (i): base at k=1 is 0.0 alone (study) and 0.25 with M=2; phds at k=1 is 0.75 alone, 1.0 with M=2
   assert claims["(i) "]["base M=2 k=1"]["mean"] == pytest.approx(0.25)
   assert claims["(i) "]["phds M=2 k=1"]["mean"] == pytest.approx(0.25)
@@ -194,7 +194,7 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   assert claims["(iii"]["phds - base, M=2 k=1"]["mean"] == pytest.approx(0.75)
   assert claims["(iii"]["interaction M=2 k=1"]["mean"] == pytest.approx(0.0)
   assert os.path.isfile(tmp_path / "roe_accuracy_vs_latency.png")
-  json.dumps(data, allow_nan=False)
+  json.dumps(results, allow_nan=False)
 
 
 def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
