@@ -62,11 +62,21 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def cache_attention_mask(kv_valid: jax.Array, cache_index, length: int) -> jax.Array:
-  """kv_valid bool [B, S] -> [B, 1, 1, L, S]: query i (slot cache_index + i) sees valid slots <= its own."""
+  """kv_valid bool [B, S] -> [B, 1, 1, L, S]: query i (slot cache_index + i) sees valid slots <= its own.
+
+  cache_index: one int for every row, or int32 [B], each row's own first slot (serving's decode slots)."""
   slots = jnp.arange(kv_valid.shape[1])
-  query_slots = cache_index + jnp.arange(length)
-  causal = slots[None, :] <= query_slots[:, None]  # [L, S]
-  return (causal[None] & kv_valid[:, None, :])[:, None, None]
+  query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(length)  # [L] or [B, L]
+  causal = slots <= query_slots[..., None]  # [L, S] or [B, L, S]
+  return (causal & kv_valid[:, None, :])[:, None, None]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, cache_index) -> jax.Array:
+  """cache [B, S, KV, D], new [B, L, KV, D] -> cache with `new` at slots cache_index .. + L - 1
+  (cache_index: one int, or int32 [B], one per row)."""
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (0, cache_index, 0, 0))
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache, new, cache_index)
 
 
 # Query rows per causal chunk in self-attention (see `attend`). 256 rather than 128: on CPU the extra
@@ -120,15 +130,16 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       members = b // cache["k"].shape[0]  # > 1: Roster-of-Experts members share one clean cache
-      rows, start = b // members, (0, cache_index, 0, 0)
-      new_cache = {name: jax.lax.dynamic_update_slice(cache[name], own[:rows].astype(cache[name].dtype), start)
+      rows = b // members
+      new_cache = {name: write_cache(cache[name], own[:rows].astype(cache[name].dtype), cache_index)
                    for name, own in (("k", k), ("v", v))}
       if members > 1:
         split = lambda t: t.reshape((members, rows) + t.shape[1:])  # member-major rows -> [M, B, ...]
         q = split(q).reshape(members, rows, length, kv, n // kv, d).transpose(0, 1, 3, 4, 2, 5)
         own_k, own_v = (split(t).transpose(0, 1, 3, 2, 4) for t in (k, v))  # [M, B, KV, L, D]
         past_k, past_v = (new_cache[name].transpose(0, 2, 1, 3) for name in ("k", "v"))  # [B, KV, S, D]
-        past_mask = mask & (jnp.arange(past_k.shape[2]) < cache_index)
+        before = jnp.arange(past_k.shape[2]) < jnp.asarray(cache_index)[..., None]  # [S] or [B, S]
+        past_mask = mask & (before if before.ndim == 1 else before[:, None, None, None, :])
         out = attend_members(q, own_k, own_v, past_k, past_v, past_mask, d ** -0.5)  # [M, B, KV, G, L, D]
         return o_proj(out.transpose(0, 1, 4, 2, 3, 5).reshape(b, length, n * d)), new_cache
       k, v = new_cache["k"], new_cache["v"]
@@ -232,7 +243,7 @@ class SparseMoeBlock(nn.Module):
     """x [B, L, H]; k static int or int32 [B] (traced); token_mask [B, L] -> ([B, L, H], RouterStats).
 
     roe_tau: float32 [B], each row's Gumbel temperature (Roster of Experts; 0 = deterministic), with
-    roe_key, this layer's PRNG key; None routes every row deterministically."""
+    roe_key, this layer's PRNG key (one, or one per row [B]); None routes every row deterministically."""
     cfg = self.cfg
     b, length, hidden = x.shape
     flat = x.reshape(b * length, hidden)
@@ -241,7 +252,8 @@ class SparseMoeBlock(nn.Module):
     k_tok = k if isinstance(k, int) else jnp.repeat(jnp.asarray(k, jnp.int32), length)
     scores = None
     if roe_tau is not None:
-      scores = routing.gumbel_scores(router_logits, probs, jnp.repeat(roe_tau, length), roe_key)
+      key = roe_key if roe_key.ndim == 0 else jnp.repeat(roe_key, length)  # per row -> per token
+      scores = routing.gumbel_scores(router_logits, probs, jnp.repeat(roe_tau, length), key)
     routed = routing.route(probs, k=k_tok, width=width, norm_topk_prob=cfg.norm_topk_prob,
                            soft_mask_eps=soft_mask_eps, scores=scores)
     weights = routed.weights.astype(router_logits.dtype)  # transformers casts to the hidden dtype

@@ -66,9 +66,13 @@ def gumbel_scores(router_logits: jax.Array, probs: jax.Array, tau: jax.Array, ke
   Gumbel(0, 1) [T, E], whose top-k samples k experts without replacement from softmax(logits / tau); tokens
   with tau = 0 rank by `probs` itself, so their routing is exactly the deterministic one.
 
-  router_logits, probs: [T, E]; tau: float32 [T] (one temperature per token, >= 0); key: a PRNG key.
+  router_logits, probs: [T, E]; tau: float32 [T] (one temperature per token, >= 0); key: a PRNG key, or
+  one per token [T] (each token's noise then depends on its own key only).
   """
-  noise = jax.random.gumbel(key, probs.shape, jnp.float32)
+  if key.ndim == 0:
+    noise = jax.random.gumbel(key, probs.shape, jnp.float32)
+  else:
+    noise = jax.vmap(lambda one: jax.random.gumbel(one, probs.shape[1:], jnp.float32))(key)
   noisy = router_logits.astype(jnp.float32) + tau[:, None] * noise
   return jnp.where(tau[:, None] > 0, noisy, probs)
 

@@ -75,7 +75,8 @@ class Decoder(nn.Module):
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
                cache=None, cache_index=None, kv_valid=None, roe_taus=None, roe_key=None):
     """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int). roe_taus: float32
-    [num_moe_layers, B], each row's Gumbel temperature per MoE layer, with roe_key (Roster of Experts).
+    [num_moe_layers, B], each row's Gumbel temperature per MoE layer, with roe_key (Roster of Experts;
+    one key, or one per row [B]). cache_index: one int, or int32 [B] (each row writes its own slot).
 
     Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache` (one
     {"k", "v"} per layer, [B, S, KV, D]) the tokens take slots cache_index.., attend to earlier valid
@@ -105,7 +106,7 @@ class Decoder(nn.Module):
       x, stats, layer_cache = layer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
           x, cos, sin, mask, token_mask, k, width, soft_mask_eps,
           None if cache is None else cache[i], cache_index, roe_taus[moe_slot] if noisy else None,
-          jax.random.fold_in(roe_key, moe_slot) if noisy else None)
+          _fold_in(roe_key, moe_slot) if noisy else None)
       x = constrain(x, ("batch", "length", "embed"))
       new_cache.append(layer_cache)
       if is_moe:
@@ -121,6 +122,13 @@ class Decoder(nn.Module):
     if cache is None:
       return constrain(out, ("batch", "length", "vocab")) if not self.skip_head else out, all_stats
     return out, all_stats, new_cache
+
+
+def _fold_in(key: jax.Array, data: int) -> jax.Array:
+  """A PRNG key (or each of a [B] array of keys) folded with `data`."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, data)
+  return jax.vmap(jax.random.fold_in, (0, None))(key, data)
 
 
 def project_logits(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
