@@ -61,7 +61,7 @@ def _flag_error(error: Exception, argv) -> str:
   return detail
 
 
-def _set_log_levels(verbose: bool):
+def set_log_levels(verbose: bool):
   """Library INFO logs only when verbose; our own progress goes to stdout either way."""
   if verbose:
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -79,7 +79,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   verbose = flags.FLAGS.verbosity >= 1 or bool(config.get("verbose", False))
-  _set_log_levels(verbose)
+  set_log_levels(verbose)
   from phds_jax.errors import ConfigProblems, PhdsError  # pylint: disable=g-import-not-at-top
 
   try:

@@ -43,6 +43,9 @@ RANGES = {
     "builtin.text_docs": (1, None), "builtin.train_objects": (1, 99),
     "pretrain.steps": (1, None), "pretrain.batch_size": (1, None), "pretrain.seq_len": (2, None),
     "pretrain.lr": ((0.0, _OPEN), None), "pretrain.warmup_steps": (0, None),
+    "serve.port": (0, 65535), "serve.slots": (1, None), "serve.roe_slots": (0, None), "serve.roe_members": (0, None),
+    "serve.max_len": (2, None), "serve.max_tokens": (1, None), "serve.k_max": (0, None), "serve.max_waiting": (0, None),
+    "serve.max_body_bytes": (1, None), "serve.drain_seconds": (0.0, None), "serve.timing_steps": (1, None),
 }
 
 
@@ -253,6 +256,42 @@ def eval_problems(config) -> list[str]:
   out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
   out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
   return list(dict.fromkeys(out))
+
+
+def serve_problems(config) -> list[str]:
+  if not config.model_path:
+    return ["model_path: required. To serve the built-in default, run `python -m phds_jax.main "
+            "--config=configs/tiny.py` here first (it exports workdir/tiny/phds/hf_export), or pass "
+            "--config.model_path=DIR (`phds-serve DIR`: an HF directory, a phds_jax checkpoint, gs://... or a "
+            "model id)"]
+  problem = _model_dir_problem("model_path", config.model_path)
+  if problem:
+    return [problem]
+  out = []
+  cfg = _model_config(config.model_path)
+  s = config.serve
+  if cfg is not None:
+    if s.k_max > cfg.num_experts:
+      out.append(f"serve.k_max={s.k_max} exceeds the model's {cfg.num_experts} experts")
+    if s.max_len > cfg.max_position_embeddings:
+      out.append(f"serve.max_len={s.max_len} exceeds the model's max_position_embeddings="
+                 f"{cfg.max_position_embeddings}")
+  for field in ("buckets", "widths"):
+    text = s[field]
+    try:
+      values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+      out.append(f"serve.{field}={text!r} must be comma-separated integers")
+      continue
+    if any(v < 1 for v in values):
+      out.append(f"serve.{field}={text!r}: each value must be >= 1")
+    elif field == "buckets" and values and max(values) >= s.max_len:
+      out.append(f"serve.buckets={text!r}: a bucket holds the prompt but its last token, so each must be < "
+                 f"serve.max_len={s.max_len}")
+    elif field == "widths" and values and cfg is not None and max(values) != (s.k_max or cfg.num_experts):
+      out.append(f"serve.widths={text!r} must end at k_max={s.k_max or cfg.num_experts} (serve.k_max, or the "
+                 "number of experts)")
+  return out
 
 
 def sweep_problems(config) -> list[str]:

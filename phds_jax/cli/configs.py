@@ -15,7 +15,7 @@ import ml_collections
 
 def base_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | builtin | eval | sweep | convert (phds_jax/cli/modes.py)
+  c.mode = "train"  # train | builtin | eval | sweep | convert | serve (phds_jax/cli/modes.py)
   c.seed = 0  # parameter init (random models), the train-state RNG, random sweep inputs
   c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
@@ -125,6 +125,24 @@ def base_config(arg=None):
   c.convert.allow_pickle = False  # convert: accept pytorch_model.bin pickles (torch.load weights_only=True)
   c.convert.max_shard_size_gb = 5.0  # convert: safetensors shard size when writing HF
 
+  c.serve = ml_collections.ConfigDict()  # serve mode (phds_jax/serve/, docs/serving.md; phds-serve flags mirror it)
+  c.serve.host = "127.0.0.1"  # serve: the address to bind (loopback unless told otherwise)
+  c.serve.port = 8000  # serve: the HTTP port
+  c.serve.api_key = ""  # serve: required as "Authorization: Bearer KEY" on every route but /health ("" = $PHDS_API_KEY)
+  c.serve.model_name = ""  # serve: the model id in /v1/models and responses ("" = model_path's directory name)
+  c.serve.slots = 8  # serve: decode slots (requests decoded together by one step)
+  c.serve.roe_slots = 2  # serve: decode slots of the Roster-of-Experts engine (requests with roe.members > 1)
+  c.serve.roe_members = 4  # serve: the most RoE members a request may ask (0 or 1: no ensemble engine)
+  c.serve.max_len = 1024  # serve: KV-cache positions per slot: prompt + max_tokens (at most max_position_embeddings)
+  c.serve.max_tokens = 512  # serve: the largest max_tokens a request may ask
+  c.serve.k_max = 0  # serve: the largest k a request may ask (0 = num_experts)
+  c.serve.buckets = ""  # serve: prompt-length buckets, comma-separated ("" = 16, 32, ... max_len)
+  c.serve.widths = ""  # serve: expert widths with a compiled decode step ("" = 1, 2, 4, ... k_max)
+  c.serve.max_waiting = 64  # serve: waiting-queue bound; a request beyond it gets 429 with Retry-After
+  c.serve.max_body_bytes = 1 << 20  # serve: the largest request body
+  c.serve.drain_seconds = 30.0  # serve: SIGTERM lets in-flight requests finish this long, then ends them
+  c.serve.timing_steps = 5  # serve: timed decode steps per width at start-up (latency_budget_ms picks k from them)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200  # save every N steps (and at the end)
   c.checkpoint.keep = 2  # latest checkpoints kept for resuming (the best by val loss at k_pre is kept apart)
@@ -146,6 +164,11 @@ def base_config(arg=None):
   c.export_hf = True  # export the selected (best) checkpoint to workdir/hf_export at the end
   apply_arg(c, arg)
   return c
+
+
+def serve_fields() -> ml_collections.ConfigDict:
+  """The serve block (docs/serving.md); `phds-serve` has one flag per field."""
+  return base_config().serve
 
 
 def model_override_fields() -> ml_collections.ConfigDict:
@@ -170,6 +193,19 @@ def _default_rules() -> dict[str, str]:
   from phds_jax.model.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
 
   return {name: ",".join(axes) for name, axes in DEFAULT_RULES.items()}
+
+
+def serve_config(arg=None):
+  """configs/serve.py and `phds-serve`: the serve mode; model_path defaults to the built-in default's PHDS
+  export (workdir/tiny/phds/hf_export, where configs/tiny.py run from this directory leaves it)."""
+  import os  # pylint: disable=g-import-not-at-top
+
+  c = base_config()
+  c.mode = "serve"
+  export = os.path.join("workdir", "tiny", "phds", "hf_export")
+  c.model_path = export if os.path.isdir(export) else ""
+  c.workdir = "workdir/serve"  # the server writes nothing there
+  return apply_arg(c, arg)
 
 
 def paper_scale(config):

@@ -26,6 +26,7 @@ MODES = {
     "eval": Mode(config_check.eval_problems, "phds_jax.eval.job:run"),
     "sweep": Mode(config_check.sweep_problems, "phds_jax.eval.sweep:run"),
     "convert": Mode(config_check.convert_problems, "phds_jax.io.convert:run_job"),
+    "serve": Mode(config_check.serve_problems, "phds_jax.serve.server:run"),
 }
 
 
@@ -85,7 +86,7 @@ def run(config, workdir: Optional[str] = None, source: str = "config") -> Any:
   if bad:
     raise ConfigProblems(source, bad)
   workdir = workdir or config.get("workdir", "") or os.path.abspath(os.path.join("workdir", config.mode))
-  if config.mode not in ("convert", "train"):  # training writes it once it knows the workdir is its own
+  if config.mode not in ("convert", "train", "serve"):  # training writes it once it knows the workdir is its own
     write_resolved(config, workdir)
   module, function = MODES[config.mode].runner.split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)

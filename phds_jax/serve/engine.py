@@ -16,6 +16,7 @@ deterministic "clean" cache, each route that token with their own noise, as `pj.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional, Sequence
@@ -28,6 +29,24 @@ from phds_jax.model.config import ModelConfig
 from phds_jax.model.transformer import Decoder
 
 TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI's completions allow up to 5)
+
+_PROGRAMS = tuple(f"jit({name})" for name in ("_prefill", "_insert", "_decode_step", "_empty_state"))
+_compiled: collections.Counter = collections.Counter()
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+  del duration
+  if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") in _PROGRAMS:
+    _compiled[kwargs["fun_name"]] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compiled_programs() -> int:
+  """Programs of every engine in this process compiled (or loaded from the persistent cache) so far: flat
+  once the engines are warmed up."""
+  return sum(_compiled.values())
 
 
 class Prefix(NamedTuple):
@@ -101,14 +120,18 @@ class Engine:
     self.dtype = jax.tree.leaves(params)[0].dtype
     statics = dict(cfg=cfg, members=members, expert_backend=expert_backend)
     self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, width=self.k_max, expert_backend=expert_backend))
-    self._insert = jax.jit(_insert, donate_argnums=(0,))
+    self._insert = jax.jit(functools.partial(_insert), donate_argnums=(0,))  # its own cache: counts per engine
     self._step = jax.jit(functools.partial(_decode_step, **statics), static_argnames=("width",),
                          donate_argnums=(1,))
     self.busy_k = np.zeros((slots, self.n_moe), np.int32)  # host copy: each busy slot's k (0 = free)
 
   # -- programs -------------------------------------------------------------------------------------
   def init_decode_state(self) -> dict:
-    """Every slot free: an empty cache [S, T, KV, D] per layer and neutral settings."""
+    """Every slot free: an empty cache [S, T, KV, D] per layer and neutral settings. Made by a compiled
+    program, so its arrays are placed as the other programs' outputs are (one compiled version each)."""
+    return jax.jit(self._empty_state)()
+
+  def _empty_state(self) -> dict:
     cfg, s = self.cfg, self.slots
     shape = (s, self.max_len, cfg.num_key_value_heads, cfg.resolved_head_dim)
     state = {
@@ -170,10 +193,6 @@ class Engine:
   def free(self, slot: int) -> None:
     """Releases `slot` (its k no longer sets the step's width)."""
     self.busy_k[slot] = 0
-
-  def program_count(self) -> int:
-    """Programs compiled so far (prefill, insert, decode steps): flat once warmed up."""
-    return sum(f._cache_size() for f in (self._prefill, self._insert, self._step))  # pylint: disable=protected-access
 
   def warm_up(self, report=None) -> None:
     """Compiles every program (each bucket's prefill and insert, each width's step); report(message) after
