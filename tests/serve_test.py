@@ -266,10 +266,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
   model_dir = tmp_path / "long"
   shutil.copytree(served[3], model_dir)
   config = json.loads((model_dir / "config.json").read_text())
-  (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+  (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
   port = _free_port()
   proc = subprocess.Popen([sys.executable, "-m", "phds_jax.cli.serve", str(model_dir), f"--port={port}", "--slots=2",
-                           "--roe-members=0", "--max-len=2048", "--max-tokens=2000", "--buckets=16", "--widths=8",
+                           "--roe-members=0", "--max-len=1024", "--max-tokens=1000", "--buckets=16", "--widths=8",
                            "--timing-steps=1", "--drain-seconds=60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
   url = f"http://127.0.0.1:{port}"
@@ -283,8 +283,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
         pass
       time.sleep(0.1)
     lines, reasons = [], []
-    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={  # ~2000 decode steps: the drain waits
-        "prompt": "w1", "max_tokens": 2000, "stream": True, "temperature": 0, "stop": ["never"]}) as r:
+    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={  # ~1000 decode steps: the drain waits
+        "prompt": "w1", "max_tokens": 1000, "stream": True, "temperature": 0, "stop": ["never"]}) as r:
       for line in r.iter_lines():
         if not lines:
           proc.send_signal(signal.SIGTERM)
@@ -357,7 +357,7 @@ def test_scheduler_bounds_its_queue_and_cuts_what_outlives_the_drain_deadline():
   runner.submit(make(1))  # waiting: both slots are busy
   with pytest.raises(sched.QueueFull):
     runner.submit(make(1))
-  runner.drain(3.0)
+  runner.drain(1.5)
   with pytest.raises(sched.NotAccepting):
     runner.submit(make(1))
   reasons = sorted(e["finish_reason"] for e in ends)

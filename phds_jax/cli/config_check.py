@@ -259,6 +259,11 @@ def eval_problems(config) -> list[str]:
 
 
 def serve_problems(config) -> list[str]:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+  if missing:
+    return [f"serve needs {', '.join(missing)}: pip install 'phds_jax[serve]' (or -e '.[serve]' in a checkout)"]
   if not config.model_path:
     return ["model_path: required. To serve the built-in default, run `python -m phds_jax.main "
             "--config=configs/tiny.py` here first (it exports workdir/tiny/phds/hf_export), or pass "
@@ -276,7 +281,7 @@ def serve_problems(config) -> list[str]:
     if s.max_len > cfg.max_position_embeddings:
       out.append(f"serve.max_len={s.max_len} exceeds the model's max_position_embeddings="
                  f"{cfg.max_position_embeddings}")
-  for field in ("buckets", "widths"):
+  for field in ("buckets", "widths", "rows"):
     text = s[field]
     try:
       values = [int(v) for v in text.split(",") if v.strip()]
@@ -288,6 +293,8 @@ def serve_problems(config) -> list[str]:
     elif field == "buckets" and values and max(values) >= s.max_len:
       out.append(f"serve.buckets={text!r}: a bucket holds the prompt but its last token, so each must be < "
                  f"serve.max_len={s.max_len}")
+    elif field == "rows" and values and max(values) != s.slots:
+      out.append(f"serve.rows={text!r} must end at serve.slots={s.slots}")
     elif field == "widths" and values and cfg is not None and max(values) != (s.k_max or cfg.num_experts):
       out.append(f"serve.widths={text!r} must end at k_max={s.k_max or cfg.num_experts} (serve.k_max, or the "
                  "number of experts)")

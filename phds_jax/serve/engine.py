@@ -6,8 +6,10 @@ per slot the KV cache, the number of cached tokens, the next input token, k per 
 the sampling settings (temperature, top-p, seed) and, in an ensemble engine, the Roster-of-Experts
 members, temperatures and seed. Nothing about a request is static, so the compiled programs are fixed
 when the engine is built: one prefill and one insert per prompt-length bucket, one decode step per
-expert width (the step computes the smallest width >= the largest k among the busy slots; requests'
-k, sampling settings, seeds and ensembles never add a program).
+(expert width, row bucket): a step computes the smallest width >= the largest k among the busy slots, over
+the first rows up to the highest busy slot (rounded up to a row bucket; requests take the lowest free
+slot), so a lightly loaded server does not pay for its idle slots. Requests' k, sampling settings, seeds
+and ensembles never add a program.
 
 Prefill caches all prompt tokens but the last; the decode step then runs the last prompt token, so the
 first new token comes from the same step as every later one (and an ensemble's members, which share the
@@ -98,13 +100,25 @@ def default_widths(k_max: int) -> tuple[int, ...]:
   return tuple(out) + (k_max,)
 
 
+def default_rows(slots: int) -> tuple[int, ...]:
+  """Row buckets of the decode step: slots, slots / 4, slots / 16, ... (at least 1)."""
+  out, rows = [], slots
+  while rows >= 1:
+    out.append(rows)
+    if rows == 1:
+      break
+    rows = max(1, rows // 4)
+  return tuple(sorted(set(out)))
+
+
 class Engine:
   """Decode slots over one model. `members` > 1 makes an ensemble engine: every slot runs `members` routings
   (a request may use fewer) against its one clean cache."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, slots: int, max_len: int,
                buckets: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
-               k_max: Optional[int] = None, members: int = 1, expert_backend: str = "chunked"):
+               k_max: Optional[int] = None, members: int = 1, expert_backend: str = "chunked",
+               rows: Optional[Sequence[int]] = None):
     if max_len > cfg.max_position_embeddings:
       raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
                        f"{cfg.max_position_embeddings}")
@@ -114,6 +128,9 @@ class Engine:
     self.k_max = k_max or cfg.num_experts
     self.buckets = tuple(sorted(set(buckets or default_buckets(max_len))))
     self.widths = tuple(sorted(set(widths or default_widths(self.k_max))))
+    self.rows = tuple(sorted(set(rows or default_rows(slots))))
+    if self.rows[-1] != slots or self.rows[0] < 1:
+      raise ValueError(f"row buckets {self.rows} must lie in [1, slots={slots}] and include slots")
     if self.buckets[-1] > max_len or self.widths[-1] != self.k_max or self.widths[0] < 1:
       raise ValueError(f"buckets {self.buckets} must fit max_len={max_len}; widths {self.widths} must lie in "
                        f"[1, k_max={self.k_max}] and include k_max")
@@ -121,7 +138,7 @@ class Engine:
     statics = dict(cfg=cfg, members=members, expert_backend=expert_backend)
     self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, width=self.k_max, expert_backend=expert_backend))
     self._insert = jax.jit(functools.partial(_insert), donate_argnums=(0,))  # its own cache: counts per engine
-    self._step = jax.jit(functools.partial(_decode_step, **statics), static_argnames=("width",),
+    self._step = jax.jit(functools.partial(_decode_step, **statics), static_argnames=("width", "rows"),
                          donate_argnums=(1,))
     self.busy_k = np.zeros((slots, self.n_moe), np.int32)  # host copy: each busy slot's k (0 = free)
 
@@ -184,10 +201,17 @@ class Engine:
     top = max(ks, default=1)
     return next(w for w in self.widths if w >= top)
 
+  def rows_for(self, highest_busy: int) -> int:
+    """The smallest row bucket holding slots 0 .. highest_busy."""
+    return next(r for r in self.rows if r > highest_busy)
+
   def generate(self, state: dict) -> tuple[dict, StepResult]:
-    """One decode step for every slot (free slots compute too, their output is ignored)."""
-    width = self.width_for(self.busy_k.max(axis=1) if self.busy_k.any() else [1])
-    state, out = self._step(self.params, state, width=width)
+    """One decode step for the slots up to the highest busy one, rounded up to a row bucket (free slots
+    among them compute too; their output is ignored). The result has one row per slot stepped."""
+    busy = np.flatnonzero(self.busy_k.any(axis=1))
+    width = self.width_for(self.busy_k.max(axis=1) if busy.size else [1])
+    rows = self.rows_for(int(busy[-1]) if busy.size else 0)
+    state, out = self._step(self.params, state, width=width, rows=rows)
     return state, StepResult(*jax.device_get(out))
 
   def free(self, slot: int) -> None:
@@ -205,11 +229,12 @@ class Engine:
         report(f"prompt bucket {bucket}")
     self.busy_k[:] = 0
     for width in self.widths:
-      self.busy_k[0] = width
-      state, _ = self.generate(state)
-      if report:
-        report(f"decode step at width {width}")
-    self.busy_k[:] = 0
+      for rows in self.rows:
+        self.busy_k[rows - 1] = width
+        state, _ = self.generate(state)
+        self.busy_k[:] = 0
+        if report:
+          report(f"decode step at width {width}, {rows} rows")
 
 
 def _prefill(params, tokens, length, k, *, cfg: ModelConfig, width: int, expert_backend: str):
@@ -255,8 +280,25 @@ def _sample(logp, temperature, top_p, keys):
   return jnp.where(temperature > 0, drawn, jnp.argmax(logp, axis=-1)).astype(jnp.int32)
 
 
-def _decode_step(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int):
-  """Every slot's next token: the cache holds `length` tokens, `token` goes in at slot `length`."""
+def _decode_step(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int, rows: int):
+  """The next token of slots 0 .. rows - 1: each slot's cache holds `length` tokens, `token` goes in at
+  position `length`. The other slots' state passes through unchanged."""
+  head = {name: ([{kv: c[kv][:rows] for kv in c} for c in value] if name == "cache" else
+                 value[:, :rows] if value.ndim == 2 else value[:rows]) for name, value in state.items()}
+  head, out = _step_rows(params, head, cfg=cfg, members=members, expert_backend=expert_backend, width=width)
+  merged = {}
+  for name, value in state.items():
+    if name == "cache":
+      merged[name] = [{kv: full[kv].at[:rows].set(part[kv]) for kv in full} for full, part in zip(value, head[name])]
+    elif value.ndim == 2:
+      merged[name] = value.at[:, :rows].set(head[name])
+    else:
+      merged[name] = value.at[:rows].set(head[name])
+  return merged, out
+
+
+def _step_rows(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int):
+  """Every row's next token (see _decode_step)."""
   slots = state["length"].shape[0]
   n_moe = len(cfg.moe_layer_indices)
   length = state["length"]

@@ -52,10 +52,10 @@ def build(config, state: api.ServerState, say=print) -> None:
   backend = resolve_expert_backend(config.model.expert_backend)
   common = dict(max_len=max_len, buckets=_ints(s.buckets) or None, widths=_ints(s.widths) or None, k_max=k_max,
                 expert_backend=backend)
-  engines = {"plain": Engine(cfg, params, slots=s.slots, **common)}
+  engines = {"plain": Engine(cfg, params, slots=s.slots, rows=_ints(s.rows) or None, **common)}
   if s.roe_members > 1 and s.roe_slots > 0:
-    engines["roe"] = Engine(cfg, params, slots=s.roe_slots, members=s.roe_members, **common)
-  total = sum(len(e.buckets) + len(e.widths) for e in engines.values())
+    engines["roe"] = Engine(cfg, params, slots=s.roe_slots, members=s.roe_members, rows=(s.roe_slots,), **common)
+  total = sum(len(e.buckets) + len(e.widths) * len(e.rows) for e in engines.values())
   done = [0]
 
   def report(name: str, what: str) -> None:
@@ -64,7 +64,7 @@ def build(config, state: api.ServerState, say=print) -> None:
 
   start = time.perf_counter()
   say(f"compiling {total} programs (prompt buckets {engines['plain'].buckets}, expert widths "
-      f"{engines['plain'].widths}) ...")
+      f"{engines['plain'].widths}, row buckets {engines['plain'].rows}) ...")
   with context():
     for name, engine in engines.items():
       engine.warm_up(lambda what, name=name: report(name, what))
@@ -98,7 +98,7 @@ def time_steps(engine, steps: int) -> dict[int, float]:
 
   state = engine.init_decode_state()
   out = {}
-  for width in engine.widths:
+  for width in engine.widths:  # all slots busy: the step a loaded server runs
     engine.busy_k[:] = width
     times = []
     for _ in range(max(steps, 1)):
