@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 
-def _args():
+def _args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="serve_bench.json")
   p.add_argument("--plot", default="")
@@ -42,7 +42,7 @@ def _args():
   p.add_argument("--hf-ks", default="2,8", help="k levels served by transformers serve (one process each)")
   p.add_argument("--requests", type=int, default=2, help="measured requests per client at each concurrency")
   p.add_argument("--quick", action="store_true")
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
 WORDS = [f"w{i}" for i in range(2000)]

@@ -142,6 +142,28 @@ def test_programs_stay_flat_over_fifty_requests_with_mixed_settings(served):
   assert _metric(url, "phds_serve_slots_in_use", engine="plain") == 0
 
 
+def test_overload_at_concurrency_32_completes_or_refuses_each_request_explicitly(served):
+  """4 slots, a queue of 16, 32 clients at once with mixed k: each request either gets the tokens it asked for
+  (finish_reason length, or stop at the end-of-sequence token) or a 429 with Retry-After; nothing hangs."""
+  import httpx
+  url, state, _, _ = served
+  bodies = [{"prompt": f"say first of : w{i} w{i + 1}", "max_tokens": 6, "temperature": 0, "k": 1 + i % 8}
+            for i in range(32)]
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    replies = list(pool.map(lambda b: httpx.post(url + "/v1/completions", json=b, timeout=60), bodies))
+  codes = [r.status_code for r in replies]
+  assert set(codes) <= {200, 429} and codes.count(200) >= 4 + 16 - 1, codes
+  for reply in replies:
+    if reply.status_code == 429:
+      assert reply.headers["retry-after"] == "1" and reply.json()["error"]["type"] == "rate_limit_error"
+      continue
+    choice, usage = reply.json()["choices"][0], reply.json()["usage"]
+    assert choice["finish_reason"] == "length" and usage["completion_tokens"] == 6 or (
+        choice["finish_reason"] == "stop" and usage["completion_tokens"] < 6)
+  assert _metric(url, "phds_serve_slots_in_use", engine="plain") == 0
+  assert _metric(url, "phds_serve_requests_waiting") == 0
+
+
 def test_same_seed_same_sample_and_an_ensemble_says_what_it_used(served):
   url, _, _, _ = served
   client = _client(url)
@@ -375,7 +397,7 @@ def test_the_page_compares_k_in_a_real_browser(served):
   from selenium.webdriver.support.ui import WebDriverWait
   url, state, _, _ = served
   options = webdriver.ChromeOptions()
-  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1100,760"):
     options.add_argument(flag)
   options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
   service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))

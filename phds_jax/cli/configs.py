@@ -136,10 +136,10 @@ def base_config(arg=None):
   c.serve.max_len = 1024  # serve: KV-cache positions per slot: prompt + max_tokens (at most max_position_embeddings)
   c.serve.max_tokens = 512  # serve: the largest max_tokens a request may ask
   c.serve.k_max = 0  # serve: the largest k a request may ask (0 = num_experts)
-  c.serve.buckets = ""  # serve: prompt-length buckets, comma-separated ("" = 16, 32, ... max_len)
+  c.serve.buckets = ""  # serve: prompt-length buckets, comma-separated ("" = 16, 64, 256, ... max_len)
   c.serve.widths = ""  # serve: expert widths with a compiled decode step ("" = 1, 2, 4, ... k_max)
   c.serve.rows = ""  # serve: row buckets of the decode step: it runs the slots up to the highest busy one,
-  #                    rounded up to one ("" = slots, slots/4, slots/16, ... 1)
+  #                    rounded up to one ("" = slots/4 and slots)
   c.serve.max_waiting = 64  # serve: waiting-queue bound; a request beyond it gets 429 with Retry-After
   c.serve.max_body_bytes = 1 << 20  # serve: the largest request body
   c.serve.drain_seconds = 30.0  # serve: SIGTERM lets in-flight requests finish this long, then ends them

@@ -82,11 +82,11 @@ class SlotSettings:
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-  """Prompt-length buckets: powers of two from `smallest` up to the cache length."""
+  """Prompt-length buckets: 16, 64, 256, ... (x4: each costs a compile at start-up) up to the cache length."""
   out, size = [], smallest
   while size < max_len:
     out.append(size)
-    size *= 2
+    size *= 4
   return tuple(out) + (max_len,)
 
 
@@ -101,14 +101,8 @@ def default_widths(k_max: int) -> tuple[int, ...]:
 
 
 def default_rows(slots: int) -> tuple[int, ...]:
-  """Row buckets of the decode step: slots, slots / 4, slots / 16, ... (at least 1)."""
-  out, rows = [], slots
-  while rows >= 1:
-    out.append(rows)
-    if rows == 1:
-      break
-    rows = max(1, rows // 4)
-  return tuple(sorted(set(out)))
+  """Row buckets of the decode step: slots / 4 (when at least 1) and slots."""
+  return tuple(sorted({max(1, slots // 4), slots}))
 
 
 class Engine:
@@ -136,7 +130,7 @@ class Engine:
                        f"[1, k_max={self.k_max}] and include k_max")
     self.dtype = jax.tree.leaves(params)[0].dtype
     statics = dict(cfg=cfg, members=members, expert_backend=expert_backend)
-    self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg, width=self.k_max, expert_backend=expert_backend))
+    self._prefill = _prefill_program(cfg, self.k_max, expert_backend)  # shared by the engines of one model
     self._insert = jax.jit(functools.partial(_insert), donate_argnums=(0,))  # its own cache: counts per engine
     self._step = jax.jit(functools.partial(_decode_step, **statics), static_argnames=("width", "rows"),
                          donate_argnums=(1,))
@@ -237,6 +231,11 @@ class Engine:
           report(f"decode step at width {width}, {rows} rows")
 
 
+@functools.lru_cache(maxsize=None)
+def _prefill_program(cfg: ModelConfig, width: int, expert_backend: str):
+  return jax.jit(functools.partial(_prefill, cfg=cfg, width=width, expert_backend=expert_backend))
+
+
 def _prefill(params, tokens, length, k, *, cfg: ModelConfig, width: int, expert_backend: str):
   """tokens [1, P] (the first `length` real), k int32 [n_moe] -> per layer {"k", "v": [1, P, KV, D]}."""
   bucket = tokens.shape[1]
@@ -268,21 +267,33 @@ def _insert(state, cache, slot, row):
 
 def _sample(logp, temperature, top_p, keys):
   """logp float32 [S, V], temperature/top_p [S], keys [S] -> int32 [S]: argmax where temperature == 0, else
-  a draw from softmax(logp / temperature) restricted to the top-p nucleus (the top token always stays)."""
-  scaled = logp / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  order = jnp.argsort(-scaled, axis=-1)
-  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
-  filtered = jnp.where(keep, scaled, -jnp.inf)
-  drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
-  return jnp.where(temperature > 0, drawn, jnp.argmax(logp, axis=-1)).astype(jnp.int32)
+  a draw from softmax(logp / temperature) restricted to the top-p nucleus (the top token always stays).
+  The sort a nucleus needs runs only when some sampled row has top_p < 1, the draw only when a row samples."""
+  sampled = temperature > 0
+  scaled = logp / jnp.where(sampled, temperature, 1.0)[:, None]
+
+  def nucleus(scaled):
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, scaled, -jnp.inf)
+
+  def draw(scaled):
+    filtered = jax.lax.cond(jnp.any(sampled & (top_p < 1.0)), nucleus, lambda x: x, scaled)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+  greedy = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+  drawn = jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, scaled)
+  return jnp.where(sampled, drawn, greedy)
 
 
 def _decode_step(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int, rows: int):
   """The next token of slots 0 .. rows - 1: each slot's cache holds `length` tokens, `token` goes in at
   position `length`. The other slots' state passes through unchanged."""
+  if rows == state["length"].shape[0]:
+    return _step_rows(params, state, cfg=cfg, members=members, expert_backend=expert_backend, width=width)
   head = {name: ([{kv: c[kv][:rows] for kv in c} for c in value] if name == "cache" else
                  value[:, :rows] if value.ndim == 2 else value[:rows]) for name, value in state.items()}
   head, out = _step_rows(params, head, cfg=cfg, members=members, expert_backend=expert_backend, width=width)

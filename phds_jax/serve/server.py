@@ -56,11 +56,13 @@ def build(config, state: api.ServerState, say=print) -> None:
   if s.roe_members > 1 and s.roe_slots > 0:
     engines["roe"] = Engine(cfg, params, slots=s.roe_slots, members=s.roe_members, rows=(s.roe_slots,), **common)
   total = sum(len(e.buckets) + len(e.widths) * len(e.rows) for e in engines.values())
-  done = [0]
+  done, shown = [0], [time.perf_counter()]
 
-  def report(name: str, what: str) -> None:
+  def report(name: str, what: str) -> None:  # a line every 5 s, and at the end
     done[0] += 1
-    say(f"  compiled {done[0]}/{total}: {name} {what}")
+    if time.perf_counter() - shown[0] >= 5 or done[0] == total:
+      shown[0] = time.perf_counter()
+      say(f"  compiled {done[0]}/{total} ({name} {what})")
 
   start = time.perf_counter()
   say(f"compiling {total} programs (prompt buckets {engines['plain'].buckets}, expert widths "
