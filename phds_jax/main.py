@@ -9,15 +9,15 @@ one line each naming the field, with exit status 2. Library logs (orbax, absl, t
 Python traceback of a user error appear only with `--verbosity=1` or `--config.verbose=True`.
 """
 
-import logging
 import os
 import re
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from phds_jax.cli.logs import set_log_levels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: the config's `workdir`).")
@@ -59,19 +59,6 @@ def _flag_error(error: Exception, argv) -> str:
     field, value = given[0][len("--config."):].split("=", 1)
     return f"--config.{field}={value}: {value!r} is not a valid value for {field} ({detail})"
   return detail
-
-
-def set_log_levels(verbose: bool):
-  """Library INFO logs only when verbose; our own progress goes to stdout either way."""
-  if verbose:
-    absl_logging.set_verbosity(absl_logging.INFO)
-    logging.getLogger("phds_jax").setLevel(logging.INFO)
-    return
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("phds_jax").setLevel(logging.WARNING)
-  logging.getLogger("gcsfs").setLevel(logging.ERROR)  # e.g. "could not determine bucket type" on every call
-  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # also silences "PyTorch was not found"
-  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def main(argv):

@@ -139,7 +139,7 @@ def base_config(arg=None):
   c.serve.buckets = ""  # serve: prompt-length buckets, comma-separated ("" = 16, 64, 256, ... max_len)
   c.serve.widths = ""  # serve: expert widths with a compiled decode step ("" = 1, 2, 4, ... k_max)
   c.serve.rows = ""  # serve: row buckets of the decode step: it runs the slots up to the highest busy one,
-  #                    rounded up to one ("" = slots/4 and slots)
+  #                    rounded up to one ("" = 1, slots/4 and slots)
   c.serve.max_waiting = 64  # serve: waiting-queue bound; a request beyond it gets 429 with Retry-After
   c.serve.max_body_bytes = 1 << 20  # serve: the largest request body
   c.serve.drain_seconds = 30.0  # serve: SIGTERM lets in-flight requests finish this long, then ends them

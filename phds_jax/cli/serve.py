@@ -31,8 +31,9 @@ def main(argv=None) -> None:
 
   use_cpu_without_accelerator()
   args = parser().parse_args(argv)
-  from phds_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli import modes  # pylint: disable=g-import-not-at-top
   from phds_jax.cli.configs import serve_config, serve_fields  # pylint: disable=g-import-not-at-top
+  from phds_jax.cli.logs import set_log_levels  # pylint: disable=g-import-not-at-top
   from phds_jax.errors import ConfigProblems, PhdsError  # pylint: disable=g-import-not-at-top
 
   config = serve_config()
@@ -42,9 +43,9 @@ def main(argv=None) -> None:
   config.model.expert_backend, config.verbose = args.expert_backend, args.verbose
   for name in serve_fields():
     config.serve[name] = getattr(args, name)
-  main_lib.set_log_levels(args.verbose)
+  set_log_levels(args.verbose)
   try:
-    main_lib.run(config, source="phds-serve")
+    modes.run(config, source="phds-serve")
   except ConfigProblems as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -101,8 +101,8 @@ def default_widths(k_max: int) -> tuple[int, ...]:
 
 
 def default_rows(slots: int) -> tuple[int, ...]:
-  """Row buckets of the decode step: slots / 4 (when at least 1) and slots."""
-  return tuple(sorted({max(1, slots // 4), slots}))
+  """Row buckets of the decode step: 1 (one user), slots / 4 and slots."""
+  return tuple(sorted({1, max(1, slots // 4), slots}))
 
 
 class Engine:
