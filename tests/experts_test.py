@@ -32,8 +32,8 @@ FAST_BACKENDS = ["chunked", "sorted", "ragged"]
 def test_backend_equals_reference(backend, width):
   x = jax.random.normal(jax.random.key(2), (T, H))
   w, r = _weights(), _routing(width)
-  ref = experts_lib.reference_moe(x, r.experts, r.weights, w)
-  out = experts_lib.moe_ffn(x, r.experts, r.weights, w, backend)
+  ref = jax.jit(experts_lib.reference_moe)(x, r.experts, r.weights, w)
+  out = jax.jit(experts_lib.moe_ffn, static_argnums=4)(x, r.experts, r.weights, w, backend)
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -46,8 +46,8 @@ def test_backend_gradients_equal_reference(backend):
   def loss(fn):
     return lambda x, w, weights: jnp.sum(jnp.sin(fn(x, r.experts, weights, w)))
 
-  ref = jax.grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2))(x, w, r.weights)
-  out = jax.grad(loss(experts_lib.BACKENDS[backend]), argnums=(0, 1, 2))(x, w, r.weights)
+  ref = jax.jit(jax.grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2)))(x, w, r.weights)
+  out = jax.jit(jax.grad(loss(experts_lib.BACKENDS[backend]), argnums=(0, 1, 2)))(x, w, r.weights)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -59,8 +59,8 @@ def test_backend_is_exact_for_decode_sized_inputs(backend, tokens, width):
   w = _weights()
   logits = jax.random.normal(jax.random.key(5), (tokens, E))
   r = routing.route(routing.router_probs(logits), k=width, width=width, norm_topk_prob=True)
-  np.testing.assert_allclose(experts_lib.BACKENDS[backend](x, r.experts, r.weights, w),
-                             experts_lib.reference_moe(x, r.experts, r.weights, w), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(experts_lib.BACKENDS[backend])(x, r.experts, r.weights, w),
+                             jax.jit(experts_lib.reference_moe)(x, r.experts, r.weights, w), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -75,8 +75,8 @@ def test_backend_handles_the_most_concentrated_routing(backend, tokens, width):
   def loss(fn):
     return lambda x, w, weights: jnp.sum(jnp.sin(fn(x, expert_ids, weights, w)))
 
-  ref = jax.value_and_grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2))(x, w, weights)
-  out = jax.value_and_grad(loss(experts_lib.BACKENDS[backend]), argnums=(0, 1, 2))(x, w, weights)
+  ref = jax.jit(jax.value_and_grad(loss(experts_lib.reference_moe), argnums=(0, 1, 2)))(x, w, weights)
+  out = jax.jit(jax.value_and_grad(loss(experts_lib.BACKENDS[backend]), argnums=(0, 1, 2)))(x, w, weights)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-5)
 

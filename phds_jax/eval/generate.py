@@ -5,7 +5,8 @@ Optionally by a Roster-of-Experts routing ensemble (`roe`), decoded against one 
 Prompts of different lengths are left-padded into one batch (positions count real tokens only, as
 transformers does); each prompt may get its own k (a traced int32 [B]); decoding is greedy, or samples
 with temperature and nucleus (top-p) filtering; a prompt stops at its first stop token. Shapes are
-bucketed (prompt length and new-token count rounded up) so one compiled program serves many calls.
+bucketed (prompt length and new-token count rounded up) and temperature, top-p and seed are traced, so one
+compiled program serves many calls.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.model import roe as roe_lib
+from phds_jax.model import sampling
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.roe import RoE
 from phds_jax.model.transformer import Decoder, plan_k, project_logits, resolve_expert_backend
@@ -31,26 +33,13 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _sample(logits, rng, temperature: float, top_p: float):
-  """logits [B, V] -> token ids [B]: argmax when temperature == 0, else nucleus sampling."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p  # the top token always stays
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "temperature",
-                                             "top_p", "stop_ids", "expert_backend", "roe_members"))
-def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, *, cfg, layer_k, layer_width,
-              max_new, temperature, top_p, stop_ids, expert_backend, roe_members=0):
+@functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "stop_ids",
+                                             "expert_backend", "roe_members"))
+def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, temperature=0.0, top_p=1.0, *,
+                       cfg, layer_k, layer_width, max_new, stop_ids, expert_backend, roe_members=0):
   """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
+
+  temperature / top_p: traced float32 scalars (one program for every sampling setting; 0 = greedy).
 
   max_new (static) sizes the cache; decoding stops after `limit` (traced) tokens or when all rows stopped.
   roe_members > 0: a Roster-of-Experts ensemble (roe_taus [n_moe, M * B], roe_key). The prompt but its last
@@ -95,8 +84,11 @@ def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, ro
       _, _, cache = run(tokens[:, :-1], positions[:, :-1], valid[:, :-1].astype(jnp.int32), cache, 0,
                         decoder=prefill_model)
     scores, cache = step(tokens[:, -1], -1, cache)
+  temperature = jnp.full((batch,), temperature, jnp.float32)
+  top_p = jnp.full((batch,), top_p, jnp.float32)
+  choose = lambda scores, key: sampling.sample(scores, temperature, top_p, jax.random.split(key, batch))
   rng, first = jax.random.split(rng)
-  token = _sample(scores, first, temperature, top_p)
+  token = choose(scores, first)
   stops = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
 
   def cond(state):
@@ -109,7 +101,7 @@ def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, ro
     done = done | jnp.isin(token, stops)
     scores, cache = step(token, t, cache)
     rng, key = jax.random.split(rng)
-    return t + 1, _sample(scores, key, temperature, top_p), cache, done, out, rng
+    return t + 1, choose(scores, key), cache, done, out, rng
 
   out = jnp.full((batch, max_new), -1, jnp.int32)
   state = (jnp.int32(0), token, cache, jnp.zeros((batch,), jnp.bool_), out, rng)
@@ -199,8 +191,8 @@ def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
   roe_taus = None if ensemble is None else ensemble.row_taus(len(cfg.moe_layer_indices), batch)
   roe_key = None if ensemble is None else jax.random.key(ensemble.seed)
   args = (params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),
-          jnp.int32(max_new_tokens), roe_taus, roe_key)
+          jnp.int32(max_new_tokens), roe_taus, roe_key, jnp.float32(temperature), jnp.float32(top_p))
   statics = dict(cfg=cfg, roe_members=ensemble.members if ensemble else 0, layer_k=plan.static,
-                 layer_width=plan.widths, max_new=max_new, temperature=float(temperature), top_p=float(top_p),
-                 stop_ids=tuple(int(t) for t in stop_tokens), expert_backend=expert_backend)
+                 layer_width=plan.widths, max_new=max_new, stop_ids=tuple(int(t) for t in stop_tokens),
+                 expert_backend=expert_backend)
   return args, statics

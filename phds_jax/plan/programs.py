@@ -181,10 +181,11 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
     args = (params, jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows_sh),
             jax.ShapeDtypeStruct((batch, prompt), jnp.bool_, sharding=rows_sh), None,
             jax.ShapeDtypeStruct((), key_dtype, sharding=repl),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), None, None)  # no routing ensemble
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), None, None,  # no routing ensemble
+            jax.ShapeDtypeStruct((), jnp.float32, sharding=repl), jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
     compiled = generation.lower(
-        *args, cfg=cfg, layer_k=plan.static, layer_width=plan.widths, max_new=new, temperature=0.0, top_p=1.0,
-        stop_ids=(), expert_backend=trainer.expert_backend).compile()
+        *args, cfg=cfg, layer_k=plan.static, layer_width=plan.widths, max_new=new, stop_ids=(),
+        expert_backend=trainer.expert_backend).compile()
   mem = compiled.memory_analysis()
   rows = {"parameters": _bytes(params), "optimizer state": 0, "gradients": 0,
           "activations / temporaries": int(mem.temp_size_in_bytes),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax.model.config import ModelConfig
+from phds_jax.model.sampling import sample
 from phds_jax.model.transformer import Decoder
 
 TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI's completions allow up to 5)
@@ -265,30 +266,6 @@ def _insert(state, cache, slot, row):
   return state
 
 
-def _sample(logp, temperature, top_p, keys):
-  """logp float32 [S, V], temperature/top_p [S], keys [S] -> int32 [S]: argmax where temperature == 0, else
-  a draw from softmax(logp / temperature) restricted to the top-p nucleus (the top token always stays).
-  The sort a nucleus needs runs only when some sampled row has top_p < 1, the draw only when a row samples."""
-  sampled = temperature > 0
-  scaled = logp / jnp.where(sampled, temperature, 1.0)[:, None]
-
-  def nucleus(scaled):
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, scaled, -jnp.inf)
-
-  def draw(scaled):
-    filtered = jax.lax.cond(jnp.any(sampled & (top_p < 1.0)), nucleus, lambda x: x, scaled)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-
-  greedy = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-  drawn = jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, scaled)
-  return jnp.where(sampled, drawn, greedy)
-
-
 def _decode_step(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int, rows: int):
   """The next token of slots 0 .. rows - 1: each slot's cache holds `length` tokens, `token` goes in at
   position `length`. The other slots' state passes through unchanged."""
@@ -332,7 +309,7 @@ def _step_rows(params, state, *, cfg: ModelConfig, members: int, expert_backend:
     weight = jnp.where(used, -jnp.log(state["roe_members"].astype(jnp.float32))[None], -jnp.inf)
     logp = jax.nn.logsumexp(logp.reshape(members, slots, -1) + weight[..., None], axis=0)
   keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(state["seed"], length)
-  token = _sample(logp, state["temperature"], state["top_p"], keys)
+  token = sample(logp, state["temperature"], state["top_p"], keys)
   top_logprobs, top_tokens = jax.lax.top_k(logp, TOP_LOGPROBS)
   chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
   state = dict(state, cache=cache, token=token, length=jnp.minimum(length + 1, kv_valid.shape[1] - 1))
