@@ -391,7 +391,7 @@ def test_the_page_compares_k_in_a_real_browser(served):
   """Headless chromium: type a prompt, move the k dial, generate, compare at several k; the answers are the
   server's own."""
   if not shutil.which("chromium") and not shutil.which("chromium-browser"):
-    pytest.fail("chromium is not installed: .ci/run installs chromium and chromium-driver")
+    pytest.fail("chromium is not installed: `apt-get install chromium chromium-driver` (.ci/run does)")
   from selenium import webdriver
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import WebDriverWait
