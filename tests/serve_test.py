@@ -282,18 +282,23 @@ def test_an_api_key_guards_every_route_but_health(served):
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
-  """phds-serve as a user starts it: loading, ready line; SIGTERM turns /health 503, refuses new requests,
-  lets the in-flight stream finish, exits 0."""
+  """The config entry point on 2 CPU devices (parameters sharded over fsdp=2): ready line; greedy output
+  equal to the one-device server's; SIGTERM turns /health 503, refuses new requests, lets the in-flight
+  stream finish, exits 0."""
   import httpx
   model_dir = tmp_path / "long"
   shutil.copytree(served[3], model_dir)
   config = json.loads((model_dir / "config.json").read_text())
   (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "phds_jax.cli.serve", str(model_dir), f"--port={port}", "--slots=2",
-                           "--roe-members=0", "--max-len=1024", "--max-tokens=1000", "--buckets=16", "--widths=8",
-                           "--timing-steps=1", "--drain-seconds=60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
+  fields = dict(model_path=model_dir, compile_cache="", **{"mesh.data": 1, "mesh.fsdp": 2}, **{
+      f"serve.{k}": v for k, v in dict(port=port, slots=2, roe_members=0, max_len=1024, max_tokens=1000,
+                                       buckets="16", widths="8", timing_steps=1, drain_seconds=60).items()})
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+  proc = subprocess.Popen([sys.executable, "-m", "phds_jax.main", f"--config={ROOT}/configs/serve.py",
+                           *[f"--config.{k}={v}" for k, v in fields.items()]],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.monotonic() + 120
@@ -304,6 +309,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
       except httpx.TransportError:
         pass
       time.sleep(0.1)
+    ask = {"prompt": "say first of : w3 w4", "max_tokens": 8, "temperature": 0, "k": 1}
+    assert (httpx.post(url + "/v1/completions", json=ask).json()["choices"][0]["text"] ==
+            httpx.post(served[0] + "/v1/completions", json=ask).json()["choices"][0]["text"])
     lines, reasons = [], []
     with httpx.stream("POST", url + "/v1/completions", timeout=120, json={  # ~1000 decode steps: the drain waits
         "prompt": "w1", "max_tokens": 1000, "stream": True, "temperature": 0, "stop": ["never"]}) as r:
@@ -324,6 +332,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, out
+  assert "over 2 cpu device(s)" in out and "'fsdp': 2" in out
   assert "ready: http://127.0.0.1" in out and "SIGTERM: draining" in out and "Traceback" not in out
 
 
@@ -439,6 +448,9 @@ def test_serve_config_mistakes_are_one_line_each(served, tmp_path, monkeypatch):
   assert "configs/tiny.py" in modes.problems(config)[0]
   (tmp_path / "workdir" / "tiny" / "phds" / "hf_export").mkdir(parents=True)
   assert serve_config().model_path == "workdir/tiny/phds/hf_export"  # the built-in default's export, once it exists
+  from phds_jax.cli import serve as serve_cli  # phds-serve: one flag per serve field
+  flags = {a.dest for a in serve_cli.parser()._actions}
+  assert set(config.serve) <= flags and serve_cli.parser().parse_args(["m", "--max-len=7"]).max_len == 7
   config = _serve_config(served[3], buckets="16,x", widths="2,4", k_max=9, max_len=100)
   config.serve.port = 70000
   found = modes.problems(config)
