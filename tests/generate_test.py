@@ -28,10 +28,13 @@ def _hf_greedy(model, prompts, k, max_new, eos=None):
 @pytest.mark.parametrize("variant", ["olmoe_gqa_clip_norm", "qwen_sparse_step", "qwen_norm_tied",
                                      "qwen3_sparse_step", "mixtral_gqa"])
 def test_greedy_generation_matches_transformers(hf_dirs, variant):
+  """At k = 1 and k_pre, through one program (k traced per prompt; the static-k program is checked against
+  transformers in test_stop_tokens_end_each_prompt)."""
   path, model = hf_dirs[variant]
   cfg, params = pj.hf.load_pretrained(path)
   for k in (1, cfg.k_pre):
-    ours = pj.generate(cfg, params, PROMPTS, max_new_tokens=12, k=k, stop_tokens=[])
+    ours = pj.generate(cfg, params, PROMPTS, max_new_tokens=12, k=[k] * len(PROMPTS), k_max=cfg.k_pre,
+                       stop_tokens=[])
     assert ours == _hf_greedy(model, PROMPTS, k, 12), (variant, k)
 
 
