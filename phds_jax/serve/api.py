@@ -204,7 +204,6 @@ def parse_request(body: Any, state: ServerState, chat: bool) -> tuple[sched.Requ
                           settings=SlotSettings(k=k, temperature=temperature, top_p=top_p, seed=seed, roe=roe),
                           emit=lambda event: None, stop_ids=state.eos_ids, stop_strings=_stop(body),
                           logprobs=logprobs)
-  state.metrics.requests_by_k.labels(k=str(max(k))).inc()
   return request, phds
 
 

@@ -57,7 +57,6 @@ class Prefix(NamedTuple):
 
   cache: list
   length: int
-  bucket: int
 
 
 class StepResult(NamedTuple):
@@ -172,7 +171,7 @@ class Engine:
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :cached] = prompt[:-1]
     cache = self._prefill(self.params, jnp.asarray(tokens), jnp.int32(cached), jnp.asarray(k, jnp.int32))
-    return Prefix(cache, cached, bucket)
+    return Prefix(cache, cached)
 
   def insert(self, prefix: Prefix, state: dict, slot: int, last_token: int, settings: SlotSettings) -> dict:
     """`state` with `prefix` and `settings` written into `slot` (its next input: `last_token`)."""

@@ -161,6 +161,7 @@ class Scheduler:
     engine = self.engines[name]
     request.admitted = time.monotonic()
     self.metrics.queue_seconds.observe(request.admitted - request.created)
+    self.metrics.requests_by_k.labels(k=str(max(request.settings.k))).inc()
     prefix = engine.prefill(request.prompt, request.settings.k)
     self._states[name] = engine.insert(prefix, self._states[name], slot, request.prompt[-1], request.settings)
     self._update_gauges()
