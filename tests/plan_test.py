@@ -50,6 +50,45 @@ def test_collective_bytes_read_result_shapes():
   assert plan.collective_bytes(hlo) == {"all-gather": 8 * 1024 * 2, "all-reduce": 64, "all-to-all": 32}
 
 
+# A compiled 4-device program (scan of 5 steps, psum in the body, inside a 3-trip outer loop written by hand
+# around it), trimmed to the lines the parser reads.
+_LOOPS_HLO = """
+%region_1.0 (a: f32[], b: f32[]) -> f32[] {
+  ROOT %add = f32[] add(%a, %b)
+}
+
+%inner_body (param: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
+  %psum.7 = f32[2,16]{1,0} all-reduce(%get-tuple-element.19), channel_id=1, to_apply=%region_1.0, metadata={op_name="jit(f)/while/body/psum"}
+  %ragged = bf16[64,8]{1,0} ragged-all-to-all(%x, %out, %a, %b, %c, %d), metadata={op_name="jit(f)/dispatch"}
+  %fusion.1 = f32[2,16]{1,0} fusion(%psum.7), kind=kLoop, calls=%fused_computation
+}
+
+%outer_body (param: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
+  %while.9 = (s32[], f32[2,16]{1,0}) while(%tuple.8), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"5"}}
+  %ag = f32[8,16]{1,0} all-gather(%p), dimensions={0}, metadata={op_name="jit(f)/while/body/all_gather"}
+}
+
+ENTRY %main.5_spmd (param.3: f32[2,16]) -> f32[2,16] {
+  %while.10 = (s32[], f32[2,16]{1,0}) while(%tuple.9), condition=%cond2, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %unknown = (s32[], f32[2,16]{1,0}) while(%tuple.11), condition=%cond3, body=%inner_body
+  %ar = f32[4]{0} all-reduce(%y), to_apply=%region_1.0
+}
+"""
+
+
+def test_collectives_inside_loops_count_once_per_iteration():
+  """Nested known trip counts multiply (3 x 5), a loop of unknown trip count counts once, ragged all-to-all is
+  a kind of its own, and the largest collectives are named by their JAX op."""
+  ops = plan.collective_ops(_LOOPS_HLO)
+  assert sorted((op.kind, op.executions) for op in ops) == [
+      ("all-gather", 3), ("all-reduce", 1), ("all-reduce", 1), ("all-reduce", 15), ("ragged-all-to-all", 1),
+      ("ragged-all-to-all", 15)]
+  assert plan.collective_bytes(_LOOPS_HLO) == {"all-reduce": 128 * 16 + 16, "all-gather": 512 * 3,
+                                               "ragged-all-to-all": 1024 * 16}
+  assert plan.top_collectives(_LOOPS_HLO, 2) == [("ragged-all-to-all", "jit(f)/dispatch", 1024 * 16, 16),
+                                                 ("all-reduce", "jit(f)/while/body/psum", 128 * 16, 16)]
+
+
 @pytest.fixture(scope="module")
 def tiny_plan(tmp_path_factory):
   """The toy training config planned for a v5e-4 (4 chips, one host), parameters sharded over fsdp."""

@@ -42,27 +42,90 @@ def _bytes(tree) -> int:
   return total
 
 
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(?:-start)?\(")
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(ragged-all-to-all|all-gather|all-reduce|reduce-scatter|"
+                         r"all-to-all|collective-permute)(?:-start)?\(")
 _SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
              "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLED = re.compile(r"\b(?:calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+class CollectiveOp(NamedTuple):
+  kind: str
+  op_name: str  # the JAX operation it came from (HLO metadata), or the HLO instruction's name
+  bytes: int  # result bytes per device per execution
+  executions: int  # per call of the program: the trip counts of the loops around it multiplied
+
+
+def _line_bytes(types: str) -> int:
+  shapes = _SHAPE.findall(types)
+  if types.startswith("(") and len(shapes) > 1:  # async start: (operand, result, ...) -> result
+    shapes = shapes[1:2]
+  return sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes)
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+  """Every collective of a compiled program's HLO with how often one call executes it: an op inside a
+  `while` body counts its loop's known trip count (nested loops multiply); a loop without a known trip
+  count counts once. Text without computation headers is read as one entry computation."""
+  own: dict[str, list] = {}
+  calls: dict[str, list[tuple[str, int]]] = {}
+  entry, current = "", ""
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      entry = current if header.group(1) else entry
+      continue
+    match = _COLLECTIVE.search(line)
+    if match and "-done" not in line.split("=")[1][:40]:
+      name = _OP_NAME.search(line)
+      instruction = line.split("=")[0].strip().lstrip("%")
+      own.setdefault(current, []).append((match.group(2), name.group(1) if name else instruction,
+                                          _line_bytes(match.group(1))))
+    body = _WHILE_BODY.search(line)
+    if body:
+      trips = _TRIP_COUNT.search(line)
+      calls.setdefault(current, []).append((body.group(1), int(trips.group(1)) if trips else 1))
+    for called in _CALLED.findall(line):
+      for callee in (c.strip().lstrip("%") for c in called.split(",")):
+        if callee:
+          calls.setdefault(current, []).append((callee, 1))
+  out: list[CollectiveOp] = []
+
+  def visit(computation: str, executions: int, depth: int = 0) -> None:
+    if depth > 64:
+      return
+    out.extend(CollectiveOp(kind, name, size, executions) for kind, name, size in own.get(computation, []))
+    for callee, trips in calls.get(computation, []):
+      visit(callee, executions * trips, depth + 1)
+
+  visit(entry if entry else "", 1)
+  return out
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Result bytes per device of each collective kind in a compiled program's HLO (ops inside loops are
-  counted once, like XLA's own cost analysis)."""
+  """Result bytes per device of each collective kind per call of a compiled program, ops inside loops
+  counted once per iteration (`collective_ops`)."""
   out: dict[str, int] = {}
-  for line in hlo_text.splitlines():
-    match = _COLLECTIVE.search(line)
-    if not match or "-done" in line.split("=")[1][:40]:
-      continue
-    shapes = _SHAPE.findall(match.group(1))
-    if match.group(1).startswith("(") and len(shapes) > 1:  # async start: (operand, result, ...) -> result
-      shapes = shapes[1:2]
-    size = sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes)
-    out[match.group(2)] = out.get(match.group(2), 0) + size
+  for op in collective_ops(hlo_text):
+    out[op.kind] = out.get(op.kind, 0) + op.bytes * op.executions
   return out
+
+
+def top_collectives(hlo_text: str, n: int = 3) -> list[tuple[str, str, int, int]]:
+  """The `n` collectives moving the most bytes per call: (kind, JAX op name, bytes per call, executions)."""
+  merged: dict[tuple[str, str], list[int]] = {}
+  for op in collective_ops(hlo_text):
+    entry = merged.setdefault((op.kind, op.op_name), [0, 0])
+    entry[0] += op.bytes * op.executions
+    entry[1] += op.executions
+  ranked = sorted(merged.items(), key=lambda item: -item[1][0])[:n]
+  return [(kind, name, total, count) for (kind, name), (total, count) in ranked]
 
 
 # ---- the programs ----------------------------------------------------------------------------------------
@@ -74,9 +137,10 @@ class Program(NamedTuple):
   total: int
   flops: float  # model FLOPs per device per call
   min_bytes: float  # HBM bytes a call must at least move per device
-  collectives: dict[str, int]
+  collectives: dict[str, int]  # kind -> result bytes per device per call, loops counted per iteration
   xla_flops: float
   note: str
+  top_collectives: tuple = ()  # (kind, JAX op name, bytes per call, executions) of the largest three
 
 
 def _train_program(trainer, cfg, config, state, devices: int) -> Program:
@@ -100,9 +164,10 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
           "batch, outputs, code": _io_bytes(mem, state_bytes=_bytes(state)) + int(mem.generated_code_size_in_bytes)}
   mode = "traced k" if config.phds.k_mode == "traced" else f"static k={k_max}"
   return Program("train step", rows, sum(rows.values()), flops, 2 * _bytes(state),
-                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
                  f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
-                 f"grad_accum={config.train.grad_accum}")
+                 f"grad_accum={config.train.grad_accum}",
+                 top_collectives=tuple(top_collectives(text)))
 
 
 def _abstract_rows(trainer, batch: int, seq: int) -> dict[str, Any]:
@@ -158,9 +223,10 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
           "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
   flops = forward_flops_per_token(cfg, cfg.k_pre, (seq + 1) / 2) * batch * seq / devices
   return Program("validation step", rows, sum(rows.values()), flops, _bytes(params),
-                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
                  f"{batch} x {seq} tokens at k_pre={cfg.k_pre}, beside the resident train state and a "
-                 f"{config.train.compute_dtype} copy of the parameters")
+                 f"{config.train.compute_dtype} copy of the parameters",
+                 top_collectives=tuple(top_collectives(text)))
 
 
 def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
@@ -194,9 +260,10 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
   flops = forward_flops_per_token(cfg, cfg.k_pre, prompt + new / 2) * tokens / devices
   # the HBM bound: every parameter read once per call (each decoded token reads its experts' again)
   return Program("generation", rows, sum(rows.values()), flops, _bytes(params) * 1.0,
-                 collective_bytes(compiled.as_text()), _xla_flops(compiled),
+                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
                  f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
-                 f"{config.model.param_dtype} parameters (the eval job's settings: eval.latency)")
+                 f"{config.model.param_dtype} parameters (the eval job's settings: eval.latency)",
+                 top_collectives=tuple(top_collectives(text)))
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
@@ -281,7 +348,9 @@ def format_plan(plan: dict[str, Any]) -> str:
       memory = p["min_bytes"] / plan["hbm_bandwidth_per_device"]
       coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(p["collectives"].items())) or "none"
       lines.append(f"  model FLOPs per device {p['flops']:.3g} (XLA counts {p['xla_flops']:.3g}, loops once); "
-                   f"collectives per device: {coll}")
+                   f"collectives per device per call (loops counted per iteration): {coll}")
+      for kind, name, size, count in p.get("top_collectives", ()):
+        lines.append(f"    {kind} {size / 2**20:.1f} MiB in {count} execution(s): {name}")
       lines.append(f"  roofline lower bound {1e3 * max(compute, memory):.1f} ms per call (compute "
                    f"{1e3 * compute:.1f} ms at peak, HBM traffic {1e3 * memory:.1f} ms)")
   return "\n".join(lines)
