@@ -114,6 +114,15 @@ def test_a_plan_compiles_the_three_programs_for_the_slice(tiny_plan, capsys):
   assert all(p["total"] > 0 and plan.fits(p, result["hbm_per_device"]) for p in result["programs"])
   assert result["hbm_per_device"] == 16 * 2**30 and "remat=dots" in train_step["note"]
   assert train_step["flops"] > result["programs"][1]["flops"] > 0
+  # collectives: fsdp gathers the parameters; the three largest are named; the roofline counts them at the
+  # v5e's 400 GB/s bidirectional ICI
+  assert result["ici_bandwidth_per_device"] == 400e9 and train_step["collectives"]["all-gather"] > 0
+  top = train_step["top_collectives"]
+  assert 1 <= len(top) <= 3 and top[0][2] == max(t[2] for t in top) and all(t[1] for t in top)
+  links = sum(train_step["collectives"].values()) / 400e9
+  text = plan.format_plan(result)
+  assert f"collectives {1e3 * links:.1f} ms at the ICI's bidirectional bandwidth" in text
+  assert f"    {top[0][0]} {top[0][2] / 2**20:.1f} MiB in {top[0][3]} execution(s): {top[0][1]}" in text
 
 
 def test_a_plan_that_does_not_fit_names_the_largest_consumer(tiny_plan):

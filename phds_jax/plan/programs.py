@@ -28,7 +28,7 @@ import numpy as np
 from phds_jax.errors import ConfigProblems, PlanDoesNotFitError
 from phds_jax.io import files
 from phds_jax.plan.cost import forward_flops_per_token
-from phds_jax.plan.topology import GIB, parse_slice, topology_devices
+from phds_jax.plan.topology import GIB, ici_bytes_per_s, parse_slice, topology_devices
 
 
 def _bytes(tree) -> int:
@@ -294,6 +294,7 @@ def build(config) -> dict[str, Any]:
   hbm_per_device = int(chip.hbm_gib * GIB * spec.chips * spec.num_slices / len(devices))
   peak = chip.peak_tflops * 1e12 * spec.chips * spec.num_slices / len(devices)
   bandwidth = chip.hbm_gbps * 1e9 * spec.chips * spec.num_slices / len(devices)
+  per_chip = spec.chips * spec.num_slices / len(devices)  # chips per device (1, or 1/2 for v4/v5p cores)
   programs = []
   for name, make in (("train step", _train_program), ("validation step", _eval_program),
                      ("generation", _generate_program)):
@@ -309,6 +310,7 @@ def build(config) -> dict[str, Any]:
           "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model": cfg.model_type,
           "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))),
           "hbm_per_device": hbm_per_device, "peak_flops_per_device": peak, "hbm_bandwidth_per_device": bandwidth,
+          "ici_bandwidth_per_device": ici_bytes_per_s(chip) * per_chip,
           "programs": [p._asdict() for p in programs]}
 
 
@@ -351,8 +353,12 @@ def format_plan(plan: dict[str, Any]) -> str:
                    f"collectives per device per call (loops counted per iteration): {coll}")
       for kind, name, size, count in p.get("top_collectives", ()):
         lines.append(f"    {kind} {size / 2**20:.1f} MiB in {count} execution(s): {name}")
-      lines.append(f"  roofline lower bound {1e3 * max(compute, memory):.1f} ms per call (compute "
-                   f"{1e3 * compute:.1f} ms at peak, HBM traffic {1e3 * memory:.1f} ms)")
+      links = sum(p["collectives"].values()) / plan["ici_bandwidth_per_device"] if plan.get(
+          "ici_bandwidth_per_device") else 0.0
+      lines.append(f"  roofline lower bound {1e3 * max(compute, memory, links):.1f} ms per call (compute "
+                   f"{1e3 * compute:.1f} ms at peak, HBM traffic {1e3 * memory:.1f} ms, collectives "
+                   f"{1e3 * links:.1f} ms at the ICI's bidirectional bandwidth"
+                   + ("; across slices the DCN is slower and not modelled" if plan["num_slices"] > 1 else "") + ")")
   return "\n".join(lines)
 
 

@@ -22,17 +22,24 @@ class Chip(NamedTuple):
   hbm_gbps: float  # HBM bandwidth per chip, GB/s
   name_counts: str  # what the number in a slice name counts: "chips" or "cores" (2 TensorCores per chip)
   shapes: dict[int, str]  # chips -> topology (as jax.experimental.topologies names it)
+  ici_gbps: float  # inter-chip interconnect bandwidth per chip, Gbit/s one way over all ports, as documented
+  #                  (v5e: 1600 Gbps, which the same page gives as 400 GB/s bidirectional)
 
 
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
        512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 CHIPS = {
-    "v4": Chip(32, 275, 1228, "cores", _3D),
-    "v5e": Chip(16, 197, 819, "chips", _2D),
-    "v5p": Chip(95, 459, 2765, "cores", _3D),
-    "v6e": Chip(32, 918, 1640, "chips", _2D),
+    "v4": Chip(32, 275, 1228, "cores", _3D, 2400),
+    "v5e": Chip(16, 197, 819, "chips", _2D, 1600),
+    "v5p": Chip(95, 459, 2765, "cores", _3D, 4800),
+    "v6e": Chip(32, 918, 1640, "chips", _2D, 3584),
 }
+
+
+def ici_bytes_per_s(chip: Chip) -> float:
+  """Bytes per second a chip's ICI moves in both directions together (the optimistic collective bound)."""
+  return 2 * chip.ici_gbps * 1e9 / 8
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 
 
