@@ -123,10 +123,6 @@ def test_a_plan_compiles_the_three_programs_for_the_slice(tiny_plan, capsys):
   text = plan.format_plan(result)
   assert f"collectives {1e3 * links:.1f} ms at the ICI's bidirectional bandwidth" in text
   assert f"    {top[0][0]} {top[0][2] / 2**20:.1f} MiB in {top[0][3]} execution(s): {top[0][1]}" in text
-  # each device routes its own tokens: no global token gather implemented as all-reduces of full buffers
-  # (before: the validation step's all-reduces were 4x its all-gathers here, ~16 GiB per call at OLMoE shapes)
-  validation = result["programs"][1]["collectives"]
-  assert validation.get("all-reduce", 0) < 0.05 * validation["all-gather"], validation
 
 
 def test_a_plan_that_does_not_fit_names_the_largest_consumer(tiny_plan):

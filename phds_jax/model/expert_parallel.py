@@ -1,13 +1,7 @@
-"""Routed experts under a mesh: each device computes its own tokens (and, with "expert" > 1, only its experts).
+"""Expert parallelism: routed experts computed where their weights live, under a mesh with "expert" > 1.
 
-Left to XLA's partitioner, the routed experts of tokens sharded over the batch axes are sorted and gathered
-as one global set: a data-dependent gather over a sharded dimension, which it implements by all-reducing
-full-size buffers (at OLMoE shapes, ~16 GiB per validation step), and with expert-sharded weights it
-gathers every expert's weights on every device. Here (shard_map over the current mesh):
-
-Without expert parallelism (no "expert" axis in the experts' sharding), each device runs the backend on
-its own tokens with the expert weights gathered over the axes that shard their hidden dimension (FSDP),
-partial outputs summed over the tensor axes. With it, each device keeps its E / n experts:
+Without it, XLA's partitioner meets a data-dependent expert index and gathers every expert's weights on
+every device. Here (shard_map over the current mesh) each device keeps its E / n experts:
 
   1. tokens [T, H] (sharded over the batch axes) and their routing are gathered across the expert group
      (the devices that share every batch coordinate but the expert one): n x T_local tokens;
@@ -41,9 +35,8 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def plan(num_tokens: int, w: experts_lib.ExpertWeights) -> Optional[tuple[P, P, P, P]]:
-  """(token spec, gate/up spec, down spec, expert axes) when the current mesh shards the tokens over batch
-  axes (and the experts, if at all, over some of them), else None (the plain path: one device, or tokens
-  replicated)."""
+  """(token spec, gate/up spec, down spec, expert axes) when the current mesh shards experts and the
+  tokens split evenly over the batch axes, else None (the plain path)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
@@ -53,7 +46,7 @@ def plan(num_tokens: int, w: experts_lib.ExpertWeights) -> Optional[tuple[P, P, 
   expert_axes = _axes(gate_spec[0])
   token_spec = sharding_lib.logical_to_spec(shape, ("batch", None), (num_tokens, 1))
   batch_axes = _axes(token_spec[0])
-  if not batch_axes or not set(expert_axes) <= set(batch_axes):
+  if not expert_axes or not set(expert_axes) <= set(batch_axes):
     return None
   return token_spec, gate_spec, down_spec, P(*expert_axes)
 
@@ -65,19 +58,11 @@ def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w: experts_lib
   if layout is None:
     return experts_lib.moe_ffn(x, experts, weights, w, backend)
   token_spec, gate_spec, down_spec, expert_spec = layout
-  expert_axes = _axes(expert_spec[0]) if len(expert_spec) else ()
+  expert_axes = _axes(expert_spec[0])
   hidden_axes_in, mlp_axes = _axes(gate_spec[1]), _axes(gate_spec[2])
   hidden_axes_down = _axes(down_spec[2])
 
   def local(x, experts, weights, gate, up, down):
-    if not expert_axes:  # data parallel: this device's tokens, every expert
-      if hidden_axes_in:
-        gate = jax.lax.all_gather(gate, hidden_axes_in, axis=1, tiled=True)
-        up = jax.lax.all_gather(up, hidden_axes_in, axis=1, tiled=True)
-      if hidden_axes_down:
-        down = jax.lax.all_gather(down, hidden_axes_down, axis=2, tiled=True)
-      y = experts_lib.moe_ffn(x, experts, weights, experts_lib.ExpertWeights(gate, up, down), backend)
-      return jax.lax.psum(y, mlp_axes) if mlp_axes else y
     xs = jax.lax.all_gather(x, expert_axes, axis=0, tiled=True)  # [n * T_local, H]
     ids = jax.lax.all_gather(experts, expert_axes, axis=0, tiled=True)
     wts = jax.lax.all_gather(weights, expert_axes, axis=0, tiled=True)
