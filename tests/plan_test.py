@@ -51,10 +51,16 @@ def test_collective_bytes_read_result_shapes():
 
 
 # A compiled 4-device program (scan of 5 steps, psum in the body, inside a 3-trip outer loop written by hand
-# around it), trimmed to the lines the parser reads.
+# around it, whose count only its condition states, as TPU programs do), trimmed to the lines the parser reads.
 _LOOPS_HLO = """
 %region_1.0 (a: f32[], b: f32[]) -> f32[] {
   ROOT %add = f32[] add(%a, %b)
+}
+
+%cond2 (p: (s32[], f32[2,16])) -> pred[] {
+  %constant.3 = s32[]{:T(128)} constant(3)
+  %gte = s32[] get-tuple-element(%p), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%gte, %constant.3), direction=LT, metadata={op_name="jit(f)/while/cond/lt"}
 }
 
 %inner_body (param: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
@@ -69,7 +75,7 @@ _LOOPS_HLO = """
 }
 
 ENTRY %main.5_spmd (param.3: f32[2,16]) -> f32[2,16] {
-  %while.10 = (s32[], f32[2,16]{1,0}) while(%tuple.9), condition=%cond2, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %while.10 = (s32[], f32[2,16]{1,0}) while(%tuple.9), condition=%cond2, body=%outer_body
   %unknown = (s32[], f32[2,16]{1,0}) while(%tuple.11), condition=%cond3, body=%inner_body
   %ar = f32[4]{0} all-reduce(%y), to_apply=%region_1.0
 }
@@ -77,8 +83,9 @@ ENTRY %main.5_spmd (param.3: f32[2,16]) -> f32[2,16] {
 
 
 def test_collectives_inside_loops_count_once_per_iteration():
-  """Nested known trip counts multiply (3 x 5), a loop of unknown trip count counts once, ragged all-to-all is
-  a kind of its own, and the largest collectives are named by their JAX op."""
+  """Nested trip counts multiply (3, read from its condition, x 5, stated by XLA), a loop of unknown trip
+  count counts once, ragged all-to-all is a kind of its own, and the largest collectives are named by their
+  JAX op."""
   ops = plan.collective_ops(_LOOPS_HLO)
   assert sorted((op.kind, op.executions) for op in ops) == [
       ("all-gather", 3), ("all-reduce", 1), ("all-reduce", 1), ("all-reduce", 15), ("ragged-all-to-all", 1),

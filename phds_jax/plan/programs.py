@@ -49,8 +49,11 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 
              "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+_WHILE_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s(?:32|64)\[\]\S*\s+constant\((\d+)\)")
+_LESS_THAN = re.compile(r"^\s*ROOT\s.*\scompare\(%?[\w.\-]+,\s*%?([\w.\-]+)\),\s*direction=LT")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLED = re.compile(r"\b(?:calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
+_CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
@@ -70,10 +73,14 @@ def _line_bytes(types: str) -> int:
 
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   """Every collective of a compiled program's HLO with how often one call executes it: an op inside a
-  `while` body counts its loop's known trip count (nested loops multiply); a loop without a known trip
-  count counts once. Text without computation headers is read as one entry computation."""
+  `while` body counts its loop's trip count (nested loops multiply): XLA's `known_trip_count` where it
+  states one (CPU), else N when the loop's condition is `counter < constant N` (TPU programs state no
+  count; JAX's loop counters start at 0); any other loop counts once. Text without computation headers
+  is read as one entry computation."""
   own: dict[str, list] = {}
-  calls: dict[str, list[tuple[str, int]]] = {}
+  calls: dict[str, list[tuple[str, object]]] = {}  # callee, trip count (an int, or the condition's name)
+  bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N` (the scan counters start at 0)
+  constants: dict[str, int] = {}
   entry, current = "", ""
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -81,6 +88,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       current = header.group(2)
       entry = current if header.group(1) else entry
       continue
+    constant = _CONSTANT.match(line)
+    if constant:
+      constants[constant.group(1)] = int(constant.group(2))
+    less = _LESS_THAN.match(line)
+    if less and less.group(1) in constants:
+      bounds[current] = constants[less.group(1)]
     match = _COLLECTIVE.search(line)
     if match and "-done" not in line.split("=")[1][:40]:
       name = _OP_NAME.search(line)
@@ -90,7 +103,9 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
     body = _WHILE_BODY.search(line)
     if body:
       trips = _TRIP_COUNT.search(line)
-      calls.setdefault(current, []).append((body.group(1), int(trips.group(1)) if trips else 1))
+      condition = _WHILE_CONDITION.search(line)
+      calls.setdefault(current, []).append(
+          (body.group(1), int(trips.group(1)) if trips else condition.group(1) if condition else 1))
     for called in _CALLED.findall(line):
       for callee in (c.strip().lstrip("%") for c in called.split(",")):
         if callee:
@@ -102,7 +117,7 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       return
     out.extend(CollectiveOp(kind, name, size, executions) for kind, name, size in own.get(computation, []))
     for callee, trips in calls.get(computation, []):
-      visit(callee, executions * trips, depth + 1)
+      visit(callee, executions * (trips if isinstance(trips, int) else bounds.get(trips, 1)), depth + 1)
 
   visit(entry if entry else "", 1)
   return out
