@@ -70,7 +70,8 @@ def run(config, workdir: Optional[str] = None, source: str = "config") -> Any:
   from phds_jax.io.paths import write_resolved  # pylint: disable=g-import-not-at-top
 
   config, workdir = resolve_paths(config, workdir, source)
-  enable_compile_cache(config.get("compile_cache", ""))
+  if not config.compile_topology:  # a plan's TPU executables cannot be loaded back on this machine
+    enable_compile_cache(config.get("compile_cache", ""))
   if config.compile_topology:  # a plan: compiles for the slice, reads no weights or data, starts no runtime
     bad = config_check.plan_problems(config)
     if bad:
