@@ -264,6 +264,22 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(served):
     time.sleep(0.05)
   assert _metric(url, "phds_serve_requests_total", finish_reason="cancelled") == cancelled + 1
   assert _metric(url, "phds_serve_slots_in_use", engine="plain") == 0
+  # a non-streamed request whose client gives up is cancelled too (the server polls for the disconnect)
+  engine = state.scheduler.engines["plain"]
+  step = engine.generate
+  engine.generate = lambda decode_state: (time.sleep(0.05), step(decode_state))[1]  # 40 tokens: 2 s
+  try:
+    with pytest.raises(httpx.TimeoutException):
+      httpx.post(url + "/v1/completions", timeout=0.3,
+                 json={"prompt": "w1", "max_tokens": 40, "temperature": 0, "k": 1, "stop": ["never"]})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _metric(url, "phds_serve_requests_total",
+                                                  finish_reason="cancelled") == cancelled + 1:
+      time.sleep(0.05)
+  finally:
+    del engine.generate  # the class's method again
+  assert _metric(url, "phds_serve_requests_total", finish_reason="cancelled") == cancelled + 2
+  assert _metric(url, "phds_serve_slots_in_use", engine="plain") == 0
 
 
 def test_an_api_key_guards_every_route_but_health(served):

@@ -23,6 +23,7 @@ from phds_jax.serve import scheduler as sched
 from phds_jax.serve.engine import SlotSettings
 
 PAGE = os.path.join(os.path.dirname(__file__), "page", "index.html")
+DISCONNECT_POLL_S = 0.25  # a non-streamed request checks this often whether its client is still there
 
 
 class ApiError(Exception):
@@ -262,17 +263,26 @@ def create_app(state: ServerState):
     return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": None}},
                         status_code=e.status, headers=e.headers)
 
-  @app.middleware("http")
-  async def guard(request: Request, call_next):
-    if state.api_key and request.url.path != "/health":
-      given = request.headers.get("authorization", "")
-      if not secrets.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-        return error(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)"))
-    size = request.headers.get("content-length")
-    limit = state.limits.max_body_bytes if state.limits else 1 << 20
-    if size is not None and size.isdigit() and int(size) > limit:
-      return error(ApiError(400, f"the body has {size} bytes; at most {limit} (serve.max_body_bytes)", "body"))
-    return await call_next(request)
+  def guard(app_):
+    """A plain ASGI wrapper (not BaseHTTPMiddleware, which hides a client's disconnect from the routes):
+    the API key on every route but /health, and the body-size limit from its declared length."""
+
+    async def guarded(scope, receive, send):
+      if scope["type"] == "http":
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = None
+        if state.api_key and scope["path"] != "/health" and not secrets.compare_digest(
+            headers.get("authorization", "").encode(), f"Bearer {state.api_key}".encode()):
+          problem = ApiError(401, "missing or wrong API key (Authorization: Bearer ...)")
+        size = headers.get("content-length", "")
+        limit = state.limits.max_body_bytes if state.limits else 1 << 20
+        if problem is None and size.isdigit() and int(size) > limit:
+          problem = ApiError(400, f"the body has {size} bytes; at most {limit} (serve.max_body_bytes)", "body")
+        if problem is not None:
+          return await error(problem)(scope, receive, send)
+      return await app_(scope, receive, send)
+
+    return guarded
 
   @app.exception_handler(ApiError)
   async def api_error(_, e: ApiError):
@@ -333,8 +343,18 @@ def create_app(state: ServerState):
                                headers={"Cache-Control": "no-cache"})
     try:
       pieces, logprobs, end = [], [], None
+      checked = time.monotonic()
       while end is None:
-        event = await events.get()
+        try:
+          event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+          event = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:
+          checked = time.monotonic()
+          if await request.is_disconnected():  # the client went away: free the slot (finally, below)
+            return Response(status_code=499)
+        if event is None:
+          continue
         if "finish_reason" in event:
           end = event
         else:
@@ -362,7 +382,7 @@ def create_app(state: ServerState):
   async def chat_completions(request: Request):
     return await generate(request, chat=True)
 
-  return app
+  return guard(app)
 
 
 def _completion_logprobs(steps: list[dict]) -> dict:
