@@ -370,8 +370,8 @@ class _SlowEngine:
     self.busy_k[slot] = 1
     return state
 
-  def width_for(self, ks):
-    return 1
+  def step_shape(self):
+    return 1, 2
 
   def generate(self, state):
     from phds_jax.serve.engine import StepResult

@@ -134,13 +134,14 @@ class Engine:
     self._insert = jax.jit(functools.partial(_insert), donate_argnums=(0,))  # its own cache: counts per engine
     self._step = jax.jit(functools.partial(_decode_step, **statics), static_argnames=("width", "rows"),
                          donate_argnums=(1,))
+    self._empty = jax.jit(self._empty_state)
     self.busy_k = np.zeros((slots, self.n_moe), np.int32)  # host copy: each busy slot's k (0 = free)
 
   # -- programs -------------------------------------------------------------------------------------
   def init_decode_state(self) -> dict:
     """Every slot free: an empty cache [S, T, KV, D] per layer and neutral settings. Made by a compiled
     program, so its arrays are placed as the other programs' outputs are (one compiled version each)."""
-    return jax.jit(self._empty_state)()
+    return self._empty()
 
   def _empty_state(self) -> dict:
     cfg, s = self.cfg, self.slots
@@ -149,11 +150,11 @@ class Engine:
         "cache": [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                   for _ in range(cfg.num_hidden_layers)],
         "length": jnp.zeros((s,), jnp.int32), "token": jnp.zeros((s,), jnp.int32),
-        "k": jnp.ones((self.n_moe, s), jnp.int32), "temperature": jnp.zeros((s,), jnp.float32),
+        "k": jnp.ones((s, self.n_moe), jnp.int32), "temperature": jnp.zeros((s,), jnp.float32),
         "top_p": jnp.ones((s,), jnp.float32), "seed": jnp.zeros((s,), jnp.uint32),
     }
     if self.members > 1:
-      state.update(tau=jnp.zeros((self.n_moe, s), jnp.float32), roe_members=jnp.ones((s,), jnp.int32),
+      state.update(tau=jnp.zeros((s, self.n_moe), jnp.float32), roe_members=jnp.ones((s,), jnp.int32),
                    roe_seed=jnp.zeros((s,), jnp.uint32))
     return state
 
@@ -199,12 +200,16 @@ class Engine:
     """The smallest row bucket holding slots 0 .. highest_busy."""
     return next(r for r in self.rows if r > highest_busy)
 
+  def step_shape(self) -> tuple[int, int]:
+    """(expert width, rows) of the next decode step, from the busy slots."""
+    busy = np.flatnonzero(self.busy_k.any(axis=1))
+    width = self.width_for(self.busy_k.max(axis=1) if busy.size else [1])
+    return width, self.rows_for(int(busy[-1]) if busy.size else 0)
+
   def generate(self, state: dict) -> tuple[dict, StepResult]:
     """One decode step for the slots up to the highest busy one, rounded up to a row bucket (free slots
     among them compute too; their output is ignored). The result has one row per slot stepped."""
-    busy = np.flatnonzero(self.busy_k.any(axis=1))
-    width = self.width_for(self.busy_k.max(axis=1) if busy.size else [1])
-    rows = self.rows_for(int(busy[-1]) if busy.size else 0)
+    width, rows = self.step_shape()
     state, out = self._step(self.params, state, width=width, rows=rows)
     return state, StepResult(*jax.device_get(out))
 
@@ -252,16 +257,13 @@ def _prefill(params, tokens, length, k, *, cfg: ModelConfig, width: int, expert_
 
 
 def _insert(state, cache, slot, row):
-  """Writes one prefix (cache rows [1, P, ...], P <= T) and one slot's settings into `state`."""
+  """Writes one prefix (cache rows [1, P, ...], P <= T) and one slot's settings into `state` (every leaf of
+  the state has the slot on its first axis)."""
   state = dict(state)
   state["cache"] = [{name: jax.lax.dynamic_update_slice(full[name], part[name].astype(full[name].dtype),
                                                         (slot, 0, 0, 0)) for name in ("k", "v")}
                     for full, part in zip(state["cache"], cache)]
-  for name, value in row.items():
-    if state[name].ndim == 2:  # [n_moe, S]
-      state[name] = state[name].at[:, slot].set(value)
-    else:
-      state[name] = state[name].at[slot].set(value)
+  state.update({name: state[name].at[slot].set(value) for name, value in row.items()})
   return state
 
 
@@ -270,18 +272,15 @@ def _decode_step(params, state, *, cfg: ModelConfig, members: int, expert_backen
   position `length`. The other slots' state passes through unchanged."""
   if rows == state["length"].shape[0]:
     return _step_rows(params, state, cfg=cfg, members=members, expert_backend=expert_backend, width=width)
-  head = {name: ([{kv: c[kv][:rows] for kv in c} for c in value] if name == "cache" else
-                 value[:, :rows] if value.ndim == 2 else value[:rows]) for name, value in state.items()}
-  head, out = _step_rows(params, head, cfg=cfg, members=members, expert_backend=expert_backend, width=width)
-  merged = {}
-  for name, value in state.items():
-    if name == "cache":
-      merged[name] = [{kv: full[kv].at[:rows].set(part[kv]) for kv in full} for full, part in zip(value, head[name])]
-    elif value.ndim == 2:
-      merged[name] = value.at[:, :rows].set(head[name])
-    else:
-      merged[name] = value.at[:rows].set(head[name])
-  return merged, out
+  head, out = _step_rows(params, jax.tree.map(lambda a: a[:rows], state), cfg=cfg, members=members,
+                         expert_backend=expert_backend, width=width)
+  return jax.tree.map(lambda full, part: full.at[:rows].set(part), state, head), out
+
+
+def _position_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+  """uint32 [S] seeds, int32 [S] positions -> one PRNG key per row: key(seed) folded with the position, so a
+  row's randomness depends on its own request only."""
+  return jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(seeds, positions)
 
 
 def _step_rows(params, state, *, cfg: ModelConfig, members: int, expert_backend: str, width: int):
@@ -295,20 +294,18 @@ def _step_rows(params, state, *, cfg: ModelConfig, members: int, expert_backend:
   roe_taus = roe_keys = None
   if members > 1:
     member = jnp.repeat(jnp.arange(members), slots)  # [M * S]
-    roe_taus = tile(state["tau"].T).T * (member >= 1)[None]  # member 0 of every slot is deterministic
-    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(state["roe_seed"], length)
-    roe_keys = jax.vmap(jax.random.fold_in)(tile(keys), member)
+    roe_taus = tile(state["tau"]).T * (member >= 1)[None]  # [n_moe, M * S]; member 0 is deterministic
+    roe_keys = jax.vmap(jax.random.fold_in)(tile(_position_keys(state["roe_seed"], length)), member)
   logits, _, cache = Decoder(cfg, expert_backend=expert_backend).apply(
       {"params": params}, tile(state["token"])[:, None], tile(length)[:, None], jnp.ones((rows, 1), jnp.int32),
-      layer_k=tuple(tile(state["k"][i]) for i in range(n_moe)), layer_width=(width,) * n_moe,
+      layer_k=tuple(tile(state["k"][:, i]) for i in range(n_moe)), layer_width=(width,) * n_moe,
       cache=state["cache"], cache_index=length, kv_valid=kv_valid, roe_taus=roe_taus, roe_key=roe_keys)
   logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [M * S, V]
   if members > 1:  # the mean of each slot's first roe_members members' probabilities
     used = jnp.arange(members)[:, None] < state["roe_members"][None]  # [M, S]
     weight = jnp.where(used, -jnp.log(state["roe_members"].astype(jnp.float32))[None], -jnp.inf)
     logp = jax.nn.logsumexp(logp.reshape(members, slots, -1) + weight[..., None], axis=0)
-  keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(state["seed"], length)
-  token = sample(logp, state["temperature"], state["top_p"], keys)
+  token = sample(logp, state["temperature"], state["top_p"], _position_keys(state["seed"], length))
   top_logprobs, top_tokens = jax.lax.top_k(logp, TOP_LOGPROBS)
   chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
   state = dict(state, cache=cache, token=token, length=jnp.minimum(length + 1, kv_valid.shape[1] - 1))

@@ -107,7 +107,7 @@ class Scheduler:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
       with self._lock:
-        if not self._waiting and not any(r for slots in self._slots.values() for r in slots):
+        if not self._waiting and not self._busy():
           break
       time.sleep(0.02)
     with self._lock:
@@ -167,7 +167,7 @@ class Scheduler:
     self._update_gauges()
 
   def _step(self, name: str, engine: Engine) -> None:
-    width = engine.width_for(engine.busy_k.max(axis=1)) if engine.busy_k.any() else engine.widths[0]
+    width, _ = engine.step_shape()
     start = time.perf_counter()
     self._states[name], result = engine.generate(self._states[name])
     elapsed = time.perf_counter() - start
