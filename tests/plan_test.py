@@ -92,7 +92,7 @@ def test_collectives_inside_loops_count_once_per_iteration():
       ("ragged-all-to-all", 15)]
   assert plan.collective_bytes(_LOOPS_HLO) == {"all-reduce": 128 * 16 + 16, "all-gather": 512 * 3,
                                                "ragged-all-to-all": 1024 * 16}
-  assert plan.top_collectives(_LOOPS_HLO, 2) == [("ragged-all-to-all", "jit(f)/dispatch", 1024 * 16, 16),
+  assert plan.top_collectives(ops, 2) == [("ragged-all-to-all", "jit(f)/dispatch", 1024 * 16, 16),
                                                  ("all-reduce", "jit(f)/while/body/psum", 128 * 16, 16)]
 
 

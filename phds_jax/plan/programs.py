@@ -126,21 +126,33 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Result bytes per device of each collective kind per call of a compiled program, ops inside loops
   counted once per iteration (`collective_ops`)."""
+  return _bytes_by_kind(collective_ops(hlo_text))
+
+
+def _bytes_by_kind(ops: list[CollectiveOp]) -> dict[str, int]:
   out: dict[str, int] = {}
-  for op in collective_ops(hlo_text):
+  for op in ops:
     out[op.kind] = out.get(op.kind, 0) + op.bytes * op.executions
   return out
 
 
-def top_collectives(hlo_text: str, n: int = 3) -> list[tuple[str, str, int, int]]:
-  """The `n` collectives moving the most bytes per call: (kind, JAX op name, bytes per call, executions)."""
+def top_collectives(ops: list[CollectiveOp], n: int = 3) -> list[tuple[str, str, int, int]]:
+  """The `n` collectives of `ops` (`collective_ops`) moving the most bytes per call: (kind, JAX op name,
+  bytes per call, executions)."""
   merged: dict[tuple[str, str], list[int]] = {}
-  for op in collective_ops(hlo_text):
+  for op in ops:
     entry = merged.setdefault((op.kind, op.op_name), [0, 0])
     entry[0] += op.bytes * op.executions
     entry[1] += op.executions
   ranked = sorted(merged.items(), key=lambda item: -item[1][0])[:n]
   return [(kind, name, total, count) for (kind, name), (total, count) in ranked]
+
+
+def _collectives(compiled) -> dict[str, Any]:
+  """A compiled program's collectives for its Program: bytes per kind and the largest three (its HLO read
+  once)."""
+  ops = collective_ops(compiled.as_text())
+  return {"collectives": _bytes_by_kind(ops), "top_collectives": tuple(top_collectives(ops))}
 
 
 # ---- the programs ----------------------------------------------------------------------------------------
@@ -179,10 +191,10 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
           "batch, outputs, code": _io_bytes(mem, state_bytes=_bytes(state)) + int(mem.generated_code_size_in_bytes)}
   mode = "traced k" if config.phds.k_mode == "traced" else f"static k={k_max}"
   return Program("train step", rows, sum(rows.values()), flops, 2 * _bytes(state),
-                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
-                 f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
+                 xla_flops=_xla_flops(compiled),
+                 note=f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
                  f"grad_accum={config.train.grad_accum}",
-                 top_collectives=tuple(top_collectives(text)))
+                 **_collectives(compiled))
 
 
 def _abstract_rows(trainer, batch: int, seq: int) -> dict[str, Any]:
@@ -238,10 +250,10 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
           "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
   flops = forward_flops_per_token(cfg, cfg.k_pre, (seq + 1) / 2) * batch * seq / devices
   return Program("validation step", rows, sum(rows.values()), flops, _bytes(params),
-                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
-                 f"{batch} x {seq} tokens at k_pre={cfg.k_pre}, beside the resident train state and a "
+                 xla_flops=_xla_flops(compiled),
+                 note=f"{batch} x {seq} tokens at k_pre={cfg.k_pre}, beside the resident train state and a "
                  f"{config.train.compute_dtype} copy of the parameters",
-                 top_collectives=tuple(top_collectives(text)))
+                 **_collectives(compiled))
 
 
 def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
@@ -275,10 +287,10 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
   flops = forward_flops_per_token(cfg, cfg.k_pre, prompt + new / 2) * tokens / devices
   # the HBM bound: every parameter read once per call (each decoded token reads its experts' again)
   return Program("generation", rows, sum(rows.values()), flops, _bytes(params) * 1.0,
-                 collective_bytes(text := compiled.as_text()), _xla_flops(compiled),
-                 f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
+                 xla_flops=_xla_flops(compiled),
+                 note=f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
                  f"{config.model.param_dtype} parameters (the eval job's settings: eval.latency)",
-                 top_collectives=tuple(top_collectives(text)))
+                 **_collectives(compiled))
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
