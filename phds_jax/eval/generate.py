@@ -186,8 +186,7 @@ def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
     tokens[i, prompt_len - len(p):] = p
     valid[i, prompt_len - len(p):] = True
   if stop_tokens is None:
-    eos = cfg.eos_token_id
-    stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    stop_tokens = cfg.eos_ids
   roe_taus = None if ensemble is None else ensemble.row_taus(len(cfg.moe_layer_indices), batch)
   roe_key = None if ensemble is None else jax.random.key(ensemble.seed)
   args = (params, jnp.asarray(tokens), jnp.asarray(valid), plan.traced, jax.random.key(seed),

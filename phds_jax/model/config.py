@@ -87,6 +87,12 @@ class ModelConfig:
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """The end-of-sequence token ids (`eos_token_id` may be one id, several, or None)."""
+    eos = self.eos_token_id
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+  @property
   def k_pre(self) -> int:
     """The top-k the checkpoint was trained at (HF `num_experts_per_tok`)."""
     return self.num_experts_per_tok

@@ -80,8 +80,7 @@ def build(config, state: api.ServerState, say=print) -> None:
   for width, seconds in scheduler.step_seconds.items():
     metrics.step_seconds.labels(width=str(width)).set(seconds)
   metrics.programs.set(compiled_programs())
-  eos = cfg.eos_token_id
-  eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+  eos_ids = set(cfg.eos_ids)
   if tokenizer.eos_token_id is not None:
     eos_ids.add(tokenizer.eos_token_id)
   scheduler.start()
