@@ -74,7 +74,7 @@ def test_load_balance_loss_matches_transformers_formula():
     stats = []
     for logits, probs in layers:
       stats.append(routing.router_stats(logits, probs, routing.route(probs, k=k, width=k, norm_topk_prob=False)))
-    ours = routing.load_balance_loss(routing.combine_stats(stats))
+    ours = routing.load_balance_loss(routing.combine_stats(jax.tree.map(lambda *s: jnp.stack(s), *stats)))
     ref = load_balancing_loss_func(tuple(torch.tensor(np.asarray(l)) for l, _ in layers), 8, k)
     np.testing.assert_allclose(float(ours), float(ref), rtol=1e-5)
 

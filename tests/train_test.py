@@ -284,7 +284,8 @@ def test_each_micro_batch_runs_at_its_own_k(tmp_path):
                            run._replace(k=(jnp.int32(k),) * trainer.n_moe))[:2] for j, k in enumerate((1, 2))]
   expected = float(sum(n for n, _ in sums) / sum(w for _, w in sums))
   assert loss[(1, 2)] == pytest.approx(expected, rel=1e-5)
-  assert min(abs(loss[(1, 2)] - loss[(1, 1)]), abs(loss[(1, 2)] - loss[(2, 2)])) > 1e-4
+  # k's effect on a random model is small; float32 rounding of a loss near 4 is ~5e-7
+  assert min(abs(loss[(1, 2)] - loss[(1, 1)]), abs(loss[(1, 2)] - loss[(2, 2)])) > 1e-5
   with pytest.raises(ValueError, match="one k per micro-batch"):
     trainer.train_step(state, trainer.global_batch(batch), [1, 2, 2])
 

@@ -24,7 +24,7 @@ from phds_jax.model import roe as roe_lib
 from phds_jax.model import sampling
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.roe import RoE
-from phds_jax.model.transformer import Decoder, plan_k, project_logits, resolve_expert_backend
+from phds_jax.model.transformer import Decoder, init_cache, plan_k, project_logits, resolve_expert_backend
 
 log = logging.getLogger("phds_jax")
 
@@ -34,9 +34,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "max_new", "stop_ids",
-                                             "expert_backend", "roe_members"))
+                                             "expert_backend", "roe_members", "scan_layers"))
 def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, roe_key, temperature=0.0, top_p=1.0, *,
-                       cfg, layer_k, layer_width, max_new, stop_ids, expert_backend, roe_members=0):
+                       cfg, layer_k, layer_width, max_new, stop_ids, expert_backend, roe_members=0,
+                       scan_layers=True):
   """tokens/valid [B, P] (left-padded) -> new tokens [B, max_new], -1 after a row's stop token.
 
   temperature / top_p: traced float32 scalars (one program for every sampling setting; 0 = greedy).
@@ -49,13 +50,12 @@ def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, ro
   batch, prompt_len = tokens.shape
   slots = prompt_len + max_new
   dtype = jax.tree.leaves(params)[0].dtype
-  shape = (batch, slots, cfg.num_key_value_heads, cfg.resolved_head_dim)
-  cache = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+  cache = init_cache(cfg, batch, slots, dtype)
   kv_valid = jnp.concatenate([valid, jnp.ones((batch, max_new), jnp.bool_)], axis=1)
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
   lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
-  model = Decoder(cfg, expert_backend=expert_backend)
-  prefill_model = Decoder(cfg, expert_backend=expert_backend, skip_head=True)  # the head at one position only
+  model = Decoder(cfg, expert_backend=expert_backend, scan_layers=scan_layers)
+  prefill_model = Decoder(cfg, expert_backend=expert_backend, skip_head=True, scan_layers=scan_layers)  # the head at one position only
   layer_k = layer_k if layer_k is not None else k_traced
   members = max(roe_members, 1)
   tile = lambda a: jnp.tile(a, (members,) + (1,) * (a.ndim - 1))  # [B, ...] -> [M * B, ...], member-major
@@ -111,7 +111,8 @@ def generation_program(params, tokens, valid, k_traced, rng, limit, roe_taus, ro
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
-             bucket: int = 16, expert_backend: str = "auto", roe: Optional[RoE] = None) -> list[list[int]]:
+             bucket: int = 16, expert_backend: str = "auto", roe: Optional[RoE] = None,
+             scan_layers: bool = True) -> list[list[int]]:
   """New token ids for each prompt (ragged lists of ids), decoded at top-k.
 
   k: None (k_pre), an int, or one int per prompt (one compiled program for the mix, computing k_max
@@ -122,10 +123,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     the mean of the members' next-token distributions (greedy or sampled as above); the KV cache stays
     [B] (member 0's keys/values: the clean cache), so its memory does not grow with members. members = 1
     or tau = 0 is the deterministic model, decoded as without roe.
+  scan_layers: scanned or unrolled decoder layers (see `forward`); the same tokens.
   """
   args, statics = _program_inputs(cfg, params, prompts, max_new_tokens=max_new_tokens, k=k, k_max=k_max,
                                   temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
-                                  bucket=bucket, expert_backend=expert_backend, roe=roe)
+                                  bucket=bucket, expert_backend=expert_backend, roe=roe, scan_layers=scan_layers)
   out = np.asarray(generation_program(*args, **statics))
   return [[int(t) for t in row[:max_new_tokens] if t >= 0] for row in out]
 
@@ -140,7 +142,7 @@ def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
                     k: Union[None, int, Sequence[int]] = None, k_max: Optional[int] = None,
                     temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None,
                     seed: int = 0, bucket: int = 16, expert_backend: str = "auto",
-                    roe: Optional[RoE] = None) -> tuple[tuple, dict]:
+                    roe: Optional[RoE] = None, scan_layers: bool = True) -> tuple[tuple, dict]:
   """Validates `generate`'s arguments (ValueError naming one) -> (arrays, static arguments) of `generation_program`."""
   if not isinstance(prompts, (list, tuple)) or not prompts:
     raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -193,5 +195,5 @@ def _program_inputs(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
           jnp.int32(max_new_tokens), roe_taus, roe_key, jnp.float32(temperature), jnp.float32(top_p))
   statics = dict(cfg=cfg, roe_members=ensemble.members if ensemble else 0, layer_k=plan.static,
                  layer_width=plan.widths, max_new=max_new, stop_ids=tuple(int(t) for t in stop_tokens),
-                 expert_backend=expert_backend)
+                 expert_backend=expert_backend, scan_layers=bool(scan_layers))
   return args, statics

@@ -7,12 +7,14 @@ is managed by the trainer on top of the same params layout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from phds_jax.errors import CheckpointError, ConfigError
@@ -23,6 +25,8 @@ from phds_jax.model.layout import param_layout
 
 CONFIG_FILE = "model_config.json"  # load.ORBAX_CONFIG_FILE
 PARAMS_DIR = "params"
+
+log = logging.getLogger("phds_jax")
 
 
 def save_model(cfg: ModelConfig, params: dict[str, Any], directory: str, *, overwrite: bool = False) -> str:
@@ -95,11 +99,18 @@ def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfi
   params_dir = os.path.join(paths.resolve(directory, "directory"), PARAMS_DIR)
   if not files.isdir(params_dir):
     raise CheckpointError(f"{params_dir} not found: the checkpoint has no params")
-  abstract = traverse_util.unflatten_dict(  # the shapes the config implies, from the layout (abstract: nothing allocated)
-      {spec.path: jax.ShapeDtypeStruct(spec.shape, jnp.float32) for spec in param_layout(cfg)})
+  layout = param_layout(cfg)
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir).item_metadata.tree
+    if _is_per_layer(stored, layout):
+      return cfg, _restore_per_layer(checkpointer, params_dir, stored, layout, dtype, sharding)
+    abstract = traverse_util.unflatten_dict(  # the shapes the config implies (abstract: nothing allocated)
+        {spec.path: jax.ShapeDtypeStruct(spec.shape, jnp.float32) for spec in layout})
+
     def target_of(path, a, m):
+      if tuple(m.shape) != tuple(a.shape):
+        raise ValueError(f"{'/'.join(str(p.key) for p in path)} is stored with shape {list(m.shape)}, "
+                         f"the config implies {list(a.shape)}")
       where = sharding(tuple(p.key for p in path), a.shape) if callable(sharding) else sharding
       return jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype or m.dtype), sharding=where)
 
@@ -109,3 +120,39 @@ def load_model(directory: str, dtype=None, *, sharding=None) -> tuple[ModelConfi
       raise CheckpointError(f"{params_dir}: stored params do not match {CONFIG_FILE} ({e})") from None
     params = checkpointer.restore(params_dir, target)
   return cfg, params
+
+
+def _per_layer_path(spec, position: int) -> tuple[str, ...]:
+  """Where the per-layer layout (before stacked layers) kept layer `spec.layers[position]` of `spec`."""
+  return (f"layers_{spec.layers[position]}", *spec.path[1:])
+
+
+def _is_per_layer(stored, layout) -> bool:
+  """Whether a stored params tree has the per-layer layout ("layers_0", "layers_1", ...: before stacking)."""
+  return "layers_0" in stored and not any(spec.path[0] == "layers_0" for spec in layout)
+
+
+def _restore_per_layer(checkpointer, params_dir: str, stored, layout, dtype, sharding) -> dict[str, Any]:
+  """Restores a per-layer checkpoint and stacks its layers into the current layout, one parameter at a time
+  (each held whole on the host while it is stacked: fine below pod scale; save the model again to convert)."""
+  log.warning("%s holds one entry per decoder layer (written before layers were stacked): converting it on "
+              "load; save it again (pj.save / phds-convert) to load it directly", params_dir)
+  flat_stored = traverse_util.flatten_dict(stored)
+  target = {}
+  for spec in layout:
+    paths_ = [_per_layer_path(spec, j) for j in range(len(spec.layers))] if spec.layers else [spec.path]
+    for path in paths_:
+      if path not in flat_stored or tuple(flat_stored[path].shape) != spec.layer_shape:
+        raise CheckpointError(f"{params_dir}: stored params do not match {CONFIG_FILE} ("
+                              f"{'/'.join(path)} missing or not of shape {list(spec.layer_shape)})")
+      target[path] = jax.ShapeDtypeStruct(spec.layer_shape, jnp.dtype(dtype or flat_stored[path].dtype))
+  restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, traverse_util.unflatten_dict(target)))
+  out = {}
+  for spec in layout:
+    if spec.layers:
+      value = np.stack([np.asarray(restored.pop(_per_layer_path(spec, j))) for j in range(len(spec.layers))])
+    else:
+      value = np.asarray(restored.pop(spec.path))
+    where = sharding(spec.path, spec.shape) if callable(sharding) else sharding
+    out[spec.path] = jax.device_put(value, where) if where is not None else jnp.asarray(value)
+  return traverse_util.unflatten_dict(out)

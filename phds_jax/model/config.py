@@ -9,7 +9,7 @@ arguments of loading and of `forward`, never fields here, so they are never writ
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from phds_jax.errors import ConfigError
 
@@ -108,8 +108,37 @@ class ModelConfig:
   def dense_layer_indices(self) -> tuple[int, ...]:
     return tuple(i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i))
 
+  @property
+  def layer_runs(self) -> tuple["LayerRun", ...]:
+    """The decoder as runs of consecutive equal layers (MoE or dense), each stored stacked (model/layout.py)."""
+    runs, start = [], 0
+    moe_before = 0
+    for i in range(1, self.num_hidden_layers + 1):
+      if i == self.num_hidden_layers or self.is_moe_layer(i) != self.is_moe_layer(start):
+        is_moe = self.is_moe_layer(start)
+        runs.append((start, i, is_moe, moe_before))
+        moe_before += (i - start) if is_moe else 0
+        start = i
+    name = lambda a, b: "layers" if len(runs) == 1 else f"layers_{a}_to_{b - 1}"
+    return tuple(LayerRun(name(a, b), a, b, m, s) for a, b, m, s in runs)
+
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+
+class LayerRun(NamedTuple):
+  """Decoder layers start .. stop - 1, all MoE or all dense, whose parameters are stacked under `name`
+  ("layers" when the whole decoder is one run, else "layers_<start>_to_<last>")."""
+
+  name: str
+  start: int
+  stop: int
+  is_moe: bool
+  moe_start: int  # how many MoE layers come before the run (its first MoE layer's slot in per-MoE-layer k)
+
+  @property
+  def size(self) -> int:
+    return self.stop - self.start
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:

@@ -71,12 +71,13 @@ def cache_attention_mask(kv_valid: jax.Array, cache_index, length: int) -> jax.A
   return (causal & kv_valid[:, None, :])[:, None, None]
 
 
-def write_cache(cache: jax.Array, new: jax.Array, cache_index) -> jax.Array:
-  """cache [B, S, KV, D], new [B, L, KV, D] -> cache with `new` at slots cache_index .. + L - 1
-  (cache_index: one int, or int32 [B], one per row)."""
+def write_cache(cache: jax.Array, new: jax.Array, layer, cache_index) -> jax.Array:
+  """cache [B, NL, S, KV, D] (every layer's), new [B, L, KV, D] -> cache with `new` in layer `layer` (an int
+  or int32 scalar) at slots cache_index .. + L - 1 (cache_index: one int, or int32 [B], one per row)."""
+  new = new[:, None]
   if jnp.ndim(cache_index) == 0:
-    return jax.lax.dynamic_update_slice(cache, new, (0, cache_index, 0, 0))
-  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache, new, cache_index)
+    return jax.lax.dynamic_update_slice(cache, new, (0, layer, cache_index, 0, 0))
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (layer, i, 0, 0)))(cache, new, cache_index)
 
 
 # Query rows per causal chunk in self-attention (see `attend`). 256 rather than 128: on CPU the extra
@@ -100,11 +101,12 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, layer=0):
     """x [B, L, H], cos/sin [B, L, D], mask bool [B, 1, 1, L, S] -> ([B, L, H], new cache or None).
 
-    Without a cache S = L. With a KV cache {"k", "v": [B, S, KV, D]} the new keys/values are written at
-    slots cache_index .. cache_index + L - 1 and attention runs over all S slots (the mask says which).
+    Without a cache S = L. With the decoder's KV cache {"k", "v": [B, NL, S, KV, D]} the new keys/values
+    are written in decoder layer `layer` (int or int32 scalar) at slots cache_index .. cache_index + L - 1,
+    and attention runs over that layer's S slots (the mask says which).
     With M * B rows against a B-row cache (Roster-of-Experts members, member-major) the cache is clean:
     only member 0's keys/values are written, and each member attends to the cached slots before
     cache_index plus its own new keys/values (`attend_members`).
@@ -131,18 +133,20 @@ class Attention(nn.Module):
     if cache is not None:
       members = b // cache["k"].shape[0]  # > 1: Roster-of-Experts members share one clean cache
       rows = b // members
-      new_cache = {name: write_cache(cache[name], own[:rows].astype(cache[name].dtype), cache_index)
+      new_cache = {name: write_cache(cache[name], own[:rows].astype(cache[name].dtype), layer, cache_index)
                    for name, own in (("k", k), ("v", v))}
+      this_layer = {name: jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False)
+                    for name, c in new_cache.items()}  # [B, S, KV, D]
       if members > 1:
         split = lambda t: t.reshape((members, rows) + t.shape[1:])  # member-major rows -> [M, B, ...]
         q = split(q).reshape(members, rows, length, kv, n // kv, d).transpose(0, 1, 3, 4, 2, 5)
         own_k, own_v = (split(t).transpose(0, 1, 3, 2, 4) for t in (k, v))  # [M, B, KV, L, D]
-        past_k, past_v = (new_cache[name].transpose(0, 2, 1, 3) for name in ("k", "v"))  # [B, KV, S, D]
+        past_k, past_v = (this_layer[name].transpose(0, 2, 1, 3) for name in ("k", "v"))  # [B, KV, S, D]
         before = jnp.arange(past_k.shape[2]) < jnp.asarray(cache_index)[..., None]  # [S] or [B, S]
         past_mask = mask & (before if before.ndim == 1 else before[:, None, None, None, :])
         out = attend_members(q, own_k, own_v, past_k, past_v, past_mask, d ** -0.5)  # [M, B, KV, G, L, D]
         return o_proj(out.transpose(0, 1, 4, 2, 3, 5).reshape(b, length, n * d)), new_cache
-      k, v = new_cache["k"], new_cache["v"]
+      k, v = this_layer["k"], this_layer["v"]
     q = q.reshape(b, length, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, L, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     causal_chunk = ATTENTION_QUERY_CHUNK if cache is None else None

@@ -2,8 +2,10 @@
 is read from the Flax modules themselves (`jax.eval_shape` of `init_params`: nothing is allocated), so
 shapes are declared in one place, the modules.
 
-`param_layout(cfg)` lists the parameters `init_params(cfg)` creates, in checkpoint order. Generic code
-works from it instead of matching parameter names:
+`param_layout(cfg)` lists the parameters `init_params(cfg)` creates. Decoder layers are stored stacked: each
+run of equal layers (`cfg.layer_runs`: all of them for most models, "layers") holds every parameter of its
+layers on a leading "layers" axis, so one `jax.lax.scan` computes the run. Generic code works from the
+layout instead of matching parameter names:
   - sharding maps `axes` (logical names such as "embed", "exp") to mesh axes (sharding.py);
   - trainable subsets select by `groups` ("attention", "experts", "router", ...);
   - Hugging Face conversion looks up the family's tensor-name template for `role` (model/families/).
@@ -31,18 +33,23 @@ class ParamSpec(NamedTuple):
   shape: tuple[int, ...]
   axes: tuple[Optional[str], ...]  # one logical axis name per dimension (None: never sharded)
   role: str  # family-neutral name, e.g. "attn.q", "moe.experts.gate", "final_norm"
-  kind: str  # layout against HF: "copy" (same), "linear" ([in, out] vs [out, in]), "experts" (stacked)
-  layer: Optional[int]  # decoder layer index, None for embeddings, final norm and head
+  kind: str  # one layer's layout against HF: "copy" (same), "linear" ([in, out] vs [out, in]), "experts"
+  layers: tuple[int, ...]  # the decoder layers stacked on its first axis; () for embeddings, final norm, head
   groups: frozenset[str]  # trainable groups this parameter belongs to
 
   @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """The shape of one layer's slice (the whole shape when not stacked)."""
+    return self.shape[1:] if self.layers else self.shape
+
+  @property
   def hf_shape(self) -> tuple[int, ...]:
-    """Shape of each HF tensor this parameter is made of (one per expert for "experts")."""
+    """Shape of each HF tensor this parameter is made of (one per layer, and per expert for "experts")."""
     if self.kind == "copy":
-      return self.shape
+      return self.layer_shape
     if self.kind == "linear":
-      return self.shape[::-1]
-    return self.shape[:0:-1]
+      return self.layer_shape[::-1]
+    return self.layer_shape[:0:-1]
 
   @property
   def name(self) -> str:
@@ -59,69 +66,72 @@ def _shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 class _Specs:
-  """Builds one model's ParamSpecs, each shape looked up in the modules' own (`_shapes`)."""
+  """Builds one model's ParamSpecs, each shape looked up in the modules' own (`_shapes`); a stacked
+  parameter (`layers` not empty) gets the "layers" logical axis first."""
 
   def __init__(self, cfg: ModelConfig):
     self.cfg, self.shapes = cfg, _shapes(cfg)
 
-  def __call__(self, path, axes, role, kind, layer, *groups) -> ParamSpec:
+  def __call__(self, path, axes, role, kind, layers, *groups) -> ParamSpec:
     path = tuple(path)
     if path not in self.shapes:
       raise ValueError(f"{'/'.join(path)}: the layout names a parameter the {self.cfg.model_type} modules do not "
                        "create")
-    return ParamSpec(path, self.shapes[path], tuple(axes), role, kind, layer, frozenset(groups))
+    axes = ("layers", *axes) if layers else tuple(axes)
+    return ParamSpec(path, self.shapes[path], axes, role, kind, tuple(layers), frozenset(groups))
 
-  def mlp(self, prefix, role, layer, group) -> list[ParamSpec]:
-    return [self((*prefix, "gate_proj", "kernel"), ("embed", "mlp"), f"{role}.gate", "linear", layer, group),
-            self((*prefix, "up_proj", "kernel"), ("embed", "mlp"), f"{role}.up", "linear", layer, group),
-            self((*prefix, "down_proj", "kernel"), ("mlp", "embed"), f"{role}.down", "linear", layer, group)]
+  def mlp(self, prefix, role, layers, group) -> list[ParamSpec]:
+    return [self((*prefix, "gate_proj", "kernel"), ("embed", "mlp"), f"{role}.gate", "linear", layers, group),
+            self((*prefix, "up_proj", "kernel"), ("embed", "mlp"), f"{role}.up", "linear", layers, group),
+            self((*prefix, "down_proj", "kernel"), ("mlp", "embed"), f"{role}.down", "linear", layers, group)]
 
-  def attention(self, prefix, layer) -> list[ParamSpec]:
+  def attention(self, prefix, layers) -> list[ParamSpec]:
     cfg, out = self.cfg, []
     for name in ("q", "k", "v"):
-      out.append(self((*prefix, f"{name}_proj", "kernel"), ("embed", "heads"), f"attn.{name}", "linear", layer,
+      out.append(self((*prefix, f"{name}_proj", "kernel"), ("embed", "heads"), f"attn.{name}", "linear", layers,
                       "attention"))
       if cfg.qkv_bias:
-        out.append(self((*prefix, f"{name}_proj", "bias"), ("heads",), f"attn.{name}_bias", "copy", layer,
+        out.append(self((*prefix, f"{name}_proj", "bias"), ("heads",), f"attn.{name}_bias", "copy", layers,
                         "attention"))
-    out.append(self((*prefix, "o_proj", "kernel"), ("heads", "embed"), "attn.o", "linear", layer, "attention"))
+    out.append(self((*prefix, "o_proj", "kernel"), ("heads", "embed"), "attn.o", "linear", layers, "attention"))
     if cfg.o_bias:
-      out.append(self((*prefix, "o_proj", "bias"), ("norm",), "attn.o_bias", "copy", layer, "attention"))
+      out.append(self((*prefix, "o_proj", "bias"), ("norm",), "attn.o_bias", "copy", layers, "attention"))
     if cfg.qk_norm != "none":
       for name in ("q", "k"):
-        out.append(self((*prefix, f"{name}_norm", "scale"), ("norm",), f"attn.{name}_norm", "copy", layer,
+        out.append(self((*prefix, f"{name}_norm", "scale"), ("norm",), f"attn.{name}_norm", "copy", layers,
                         "attention", "norms"))
     return out
 
-  def moe(self, prefix, layer) -> list[ParamSpec]:
-    out = [self((*prefix, "gate", "kernel"), ("embed", "router"), "moe.router", "linear", layer, "router")]
+  def moe(self, prefix, layers) -> list[ParamSpec]:
+    out = [self((*prefix, "gate", "kernel"), ("embed", "router"), "moe.router", "linear", layers, "router")]
     for proj, axes in (("gate", ("exp", "embed", "mlp")), ("up", ("exp", "embed", "mlp")),
                        ("down", ("exp", "mlp", "embed"))):
-      out.append(self((*prefix, "experts", f"{proj}_proj"), axes, f"moe.experts.{proj}", "experts", layer, "experts"))
+      out.append(self((*prefix, "experts", f"{proj}_proj"), axes, f"moe.experts.{proj}", "experts", layers,
+                      "experts"))
     if self.cfg.shared_expert_intermediate_size:
-      out += self.mlp((*prefix, "shared_expert"), "moe.shared", layer, "shared_expert")
+      out += self.mlp((*prefix, "shared_expert"), "moe.shared", layers, "shared_expert")
       out.append(self((*prefix, "shared_expert_gate", "kernel"), ("embed", "router"), "moe.shared_gate", "linear",
-                      layer, "shared_expert"))
+                      layers, "shared_expert"))
     return out
 
 
 def param_layout(cfg: ModelConfig) -> list[ParamSpec]:
-  """Every parameter of `cfg`'s model, in Hugging Face checkpoint order."""
+  """Every parameter of `cfg`'s model: embeddings, each run of stacked layers, final norm, head."""
   spec = _Specs(cfg)
-  specs = [spec(("embed_tokens", "embedding"), ("vocab", "embed"), "embed", "copy", None, "embeddings")]
-  for layer in range(cfg.num_hidden_layers):
-    prefix = (f"layers_{layer}",)
-    specs.append(spec((*prefix, "input_layernorm", "scale"), ("norm",), "input_norm", "copy", layer, "norms"))
-    specs += spec.attention((*prefix, "self_attn"), layer)
-    specs.append(spec((*prefix, "post_attention_layernorm", "scale"), ("norm",), "post_attn_norm", "copy", layer,
+  specs = [spec(("embed_tokens", "embedding"), ("vocab", "embed"), "embed", "copy", (), "embeddings")]
+  for run in cfg.layer_runs:
+    prefix, layers = (run.name,), tuple(range(run.start, run.stop))
+    specs.append(spec((*prefix, "input_layernorm", "scale"), ("norm",), "input_norm", "copy", layers, "norms"))
+    specs += spec.attention((*prefix, "self_attn"), layers)
+    specs.append(spec((*prefix, "post_attention_layernorm", "scale"), ("norm",), "post_attn_norm", "copy", layers,
                       "norms"))
-    if cfg.is_moe_layer(layer):
-      specs += spec.moe((*prefix, "mlp"), layer)
+    if run.is_moe:
+      specs += spec.moe((*prefix, "mlp"), layers)
     else:
-      specs += spec.mlp((*prefix, "mlp"), "mlp", layer, "dense_mlp")
-  specs.append(spec(("norm", "scale"), ("norm",), "final_norm", "copy", None, "norms"))
+      specs += spec.mlp((*prefix, "mlp"), "mlp", layers, "dense_mlp")
+  specs.append(spec(("norm", "scale"), ("norm",), "final_norm", "copy", (), "norms"))
   if not cfg.tie_word_embeddings:
-    specs.append(spec(("lm_head", "kernel"), ("embed", "vocab"), "lm_head", "linear", None, "embeddings"))
+    specs.append(spec(("lm_head", "kernel"), ("embed", "vocab"), "lm_head", "linear", (), "embeddings"))
   if len(specs) != len(spec.shapes):
     missing = sorted(set(spec.shapes) - {s.path for s in specs})
     raise ValueError(f"the {cfg.model_type} modules create parameters the layout does not name: {missing[:4]}")

@@ -26,6 +26,7 @@ class RunSpec(NamedTuple):
   max_loss_tokens: int = 0
   expert_backend: str = "auto"
   remat: str = "none"  # model.transformer.REMAT_POLICIES name
+  scan_layers: bool = True  # scanned or unrolled decoder layers (the same function)
 
 
 class LossTerms(NamedTuple):
@@ -43,7 +44,8 @@ def token_nll(cfg: ModelConfig, params, batch: dict[str, jax.Array], run: RunSpe
   """
   hidden, aux = forward(cfg, params, batch["inputs"], k=run.k, k_max=run.k_max, soft_mask_eps=run.soft_mask_eps,
                         positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True,
-                        return_hidden=True, expert_backend=run.expert_backend, remat=run.remat)
+                        return_hidden=True, expert_backend=run.expert_backend, remat=run.remat,
+                        scan_layers=run.scan_layers)
   weights, hidden, targets = trained_positions(run.max_loss_tokens, batch["weights"], hidden, batch["targets"])
   logits = project_logits(cfg, params, hidden).astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]

@@ -119,9 +119,10 @@ def router_stats(router_logits: jax.Array, probs: jax.Array, routing: Routing,
                      z_sum=jnp.sum(jnp.square(z) * mask))
 
 
-def combine_stats(stats: list[RouterStats]) -> RouterStats:
-  """Adds the per-layer sums (the layers' tokens are pooled, as transformers concatenates them)."""
-  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *stats)
+def combine_stats(stats: RouterStats) -> RouterStats:
+  """Per-layer sums stacked [n_moe, ...] -> their totals (the layers' tokens are pooled, as transformers
+  concatenates them)."""
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), stats)
 
 
 def load_balance_loss(stats: RouterStats) -> jax.Array:

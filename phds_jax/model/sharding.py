@@ -36,6 +36,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "exp": ("expert",),
     "norm": (),
     "router": (),
+    "layers": (),  # the stacked decoder layers (scanned): replicated (no pipelining)
 }
 
 _RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar("phds_axis_rules",

@@ -23,7 +23,7 @@ from phds_jax.model import experts as experts_lib
 from phds_jax.model import layers
 from phds_jax.model import roe as roe_lib
 from phds_jax.model import routing
-from phds_jax.model.config import ModelConfig
+from phds_jax.model.config import LayerRun, ModelConfig
 from phds_jax.model.sharding import constrain
 
 Params = dict[str, Any]
@@ -47,10 +47,10 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, token_mask, k=None, width=None, soft_mask_eps=None, cache=None,
-               cache_index=None, roe_tau=None, roe_key=None):
+               cache_index=None, layer=0, roe_tau=None, roe_key=None):
     cfg, dt = self.cfg, self.param_dtype
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-    attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+    attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index, layer)
     x = x + attn
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
     if self.is_moe:
@@ -62,14 +62,56 @@ class DecoderLayer(nn.Module):
     return x + out, stats, cache
 
 
+def _init_run(rng, cfg: ModelConfig, run: LayerRun, param_dtype, expert_backend: str) -> Params:
+  """Random parameters of one run of equal layers, each leaf stacked on a leading [run.size] axis."""
+  layer = DecoderLayer(cfg, run.is_moe, param_dtype, expert_backend)
+  x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
+  cos, sin = layers.rope_cos_sin(jnp.zeros((1, 1), jnp.int32), cfg.resolved_head_dim, cfg.rope_theta, x.dtype)
+  ones = jnp.ones((1, 1), jnp.int32)
+  k = cfg.k_pre if run.is_moe else None
+  init_one = lambda key: layer.init(key, x, cos, sin, layers.attention_mask(ones), ones != 0, k, k)["params"]
+  return jax.vmap(init_one)(jax.random.split(rng, run.size))
+
+
+class _Segment(NamedTuple):
+  """Layers start .. stop - 1 of a run (absolute indices) computed by one scan: one static k and width."""
+
+  start: int
+  stop: int
+  k: Optional[int]  # static k of every layer in it (None: dense, or traced)
+  width: Optional[int]
+
+
+def _segments(run: LayerRun, layer_k, layer_width) -> list[_Segment]:
+  """A run split where its static (k, width) changes (a static per-layer k that differs between layers)."""
+  if not run.is_moe:
+    return [_Segment(run.start, run.stop, None, None)]
+  out = []
+  for i in range(run.size):
+    slot = run.moe_start + i
+    k = layer_k[slot] if isinstance(layer_k[slot], int) else None
+    if out and (out[-1].k, out[-1].width) == (k, layer_width[slot]):
+      out[-1] = out[-1]._replace(stop=run.start + i + 1)
+    else:
+      out.append(_Segment(run.start + i, run.start + i + 1, k, layer_width[slot]))
+  return out
+
+
 class Decoder(nn.Module):
-  """tokens [B, L] -> logits [B, L, V] and one RouterStats per MoE layer."""
+  """tokens [B, L] -> logits [B, L, V] and the MoE layers' RouterStats, stacked [n_moe, ...].
+
+  Each run of equal layers (`cfg.layer_runs`) keeps its parameters stacked on a leading layers axis and is
+  computed by one `jax.lax.scan` (`scan_layers`, compiled once whatever the depth) or by a Python loop over
+  the same parameters (unrolled: one copy of the layer per layer in the program). Both compute the same
+  function. A static per-layer k that differs between layers splits a run into scans of equal k.
+  """
 
   cfg: ModelConfig
   param_dtype: jnp.dtype = jnp.float32
   skip_head: bool = False  # return the final-norm hidden states [B, L, H] instead of logits
   expert_backend: str = "auto"  # how routed experts are computed (model/experts.py); all give the same function
   remat: str = "none"  # REMAT_POLICIES name: what each layer keeps for the backward pass (no cache only)
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
@@ -78,9 +120,9 @@ class Decoder(nn.Module):
     [num_moe_layers, B], each row's Gumbel temperature per MoE layer, with roe_key (Roster of Experts;
     one key, or one per row [B]). cache_index: one int, or int32 [B] (each row writes its own slot).
 
-    Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache` (one
-    {"k", "v"} per layer, [B, S, KV, D]) the tokens take slots cache_index.., attend to earlier valid
-    slots (kv_valid [B, S]), and (logits, stats, new cache) is returned.
+    Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache`
+    ({"k", "v": [B, NL, S, KV, D]}, every layer's: `init_cache`) the tokens take slots cache_index..,
+    attend to earlier valid slots (kv_valid [B, S]), and (logits, stats, new cache) is returned.
     """
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
@@ -91,27 +133,24 @@ class Decoder(nn.Module):
       mask = layers.attention_mask(segment_ids)
     else:
       mask = layers.cache_attention_mask(kv_valid, cache_index, tokens.shape[1])
-    token_mask = segment_ids != 0
-    all_stats, new_cache = [], []
-    moe_slot = 0
-    for i in range(cfg.num_hidden_layers):
-      is_moe = cfg.is_moe_layer(i)
-      k = layer_k[moe_slot] if is_moe else None
-      width = layer_width[moe_slot] if is_moe else None
-      layer = DecoderLayer
-      if self.remat != "none" and cache is None:  # k (when an int), width and eps are static (self = 0)
-        static = (6, 7, 8) if k is None or isinstance(k, int) else (7, 8)
-        layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=static)
-      noisy = is_moe and roe_taus is not None
-      x, stats, layer_cache = layer(cfg, is_moe, self.param_dtype, self.expert_backend, name=f"layers_{i}")(
-          x, cos, sin, mask, token_mask, k, width, soft_mask_eps,
-          None if cache is None else cache[i], cache_index, roe_taus[moe_slot] if noisy else None,
-          _fold_in(roe_key, moe_slot) if noisy else None)
-      x = constrain(x, ("batch", "length", "embed"))
-      new_cache.append(layer_cache)
-      if is_moe:
-        all_stats.append(stats)
-        moe_slot += 1
+    context = (cos, sin, mask, segment_ids != 0, cache_index)
+    traced_k = None if isinstance(layer_k[0], int) else jnp.stack(layer_k)  # [n_moe, B]
+    all_stats = []
+    for run in cfg.layer_runs:
+      stacked = self.param(run.name, _init_run, cfg, run, self.param_dtype, self.expert_backend)
+      for seg in _segments(run, layer_k, layer_width):
+        part = stacked if seg.stop - seg.start == run.size else jax.tree.map(
+            lambda a, seg=seg, run=run: a[seg.start - run.start:seg.stop - run.start], stacked)
+        first = run.moe_start + seg.start - run.start  # the segment's MoE slots: first .. first + n - 1
+        slots = slice(first, first + seg.stop - seg.start) if run.is_moe else None
+        x, stats, cache = self._layers(part, seg, run.is_moe, x, cache, context,
+                                       None if slots is None else first + jnp.arange(seg.stop - seg.start),
+                                       None if traced_k is None or slots is None else traced_k[slots],
+                                       None if roe_taus is None or slots is None else roe_taus[slots],
+                                       roe_key, soft_mask_eps)
+        if run.is_moe:
+          all_stats.append(stats)
+    stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
     if self.skip_head:
       out = x
@@ -120,8 +159,42 @@ class Decoder(nn.Module):
     else:
       out = layers.dense(cfg.vocab_size, False, cfg, self.param_dtype, "lm_head")(x)
     if cache is None:
-      return constrain(out, ("batch", "length", "vocab")) if not self.skip_head else out, all_stats
-    return out, all_stats, new_cache
+      return constrain(out, ("batch", "length", "vocab")) if not self.skip_head else out, stats
+    return out, stats, cache
+
+  def _layers(self, params, seg: _Segment, is_moe: bool, x, cache, context, moe_slots, k, taus, roe_key, eps):
+    """Layers seg.start .. seg.stop - 1 on x [B, L, H], params stacked [n, ...]; k / taus [n, B] or None.
+    Returns (x, stats stacked [n, ...] or None, cache)."""
+    cos, sin, mask, token_mask, cache_index = context
+    layer = DecoderLayer(self.cfg, is_moe, self.param_dtype, self.expert_backend)
+    n = seg.stop - seg.start
+    noisy = taus is not None
+
+    def body(carry, xs):
+      x, cache = carry
+      layer_params, index, slot, k_layer, tau = xs
+      x, stats, cache = layer.apply(
+          {"params": layer_params}, x, cos, sin, mask, token_mask, seg.k if k_layer is None else k_layer,
+          seg.width, eps, cache, cache_index, index, tau, _fold_in(roe_key, slot) if noisy else None)
+      return (constrain(x, ("batch", "length", "embed")), cache), stats
+
+    if self.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    xs = (params, seg.start + jnp.arange(n, dtype=jnp.int32), moe_slots, k, taus)
+    if self.scan_layers:
+      (x, cache), stats = jax.lax.scan(body, (x, cache), xs)
+      return x, stats, cache
+    per_layer = []
+    for i in range(n):
+      (x, cache), stats = body((x, cache), jax.tree.map(lambda a, i=i: a[i], xs))
+      per_layer.append(stats)
+    return x, None if per_layer[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *per_layer), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict[str, jax.Array]:
+  """An empty KV cache for every decoder layer: {"k", "v": [batch, NL, slots, KV, D]} (zeros)."""
+  shape = (batch, cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.resolved_head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def _fold_in(key: jax.Array, data: int) -> jax.Array:
@@ -251,12 +324,14 @@ def resolve_expert_backend(expert_backend: str, platform: Optional[str] = None) 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_k", "layer_width", "soft_mask_eps",
                                              "return_aux", "return_hidden", "expert_backend", "remat",
-                                             "roe_members"))
+                                             "scan_layers", "roe_members"))
 def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe_key, *, cfg, layer_k,
-                 layer_width, soft_mask_eps, return_aux, return_hidden, expert_backend, remat, roe_members=0):
+                 layer_width, soft_mask_eps, return_aux, return_hidden, expert_backend, remat, scan_layers,
+                 roe_members=0):
   if layer_k is None:
     layer_k = k_traced
-  logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat).apply(
+  logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat,
+                          scan_layers=scan_layers).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
       soft_mask_eps=soft_mask_eps, roe_taus=roe_taus, roe_key=roe_key)
   if roe_members and not return_hidden:
@@ -267,7 +342,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe
   aux = {
       "load_balance_loss": routing.load_balance_loss(total),
       "router_z_loss": routing.router_z_loss(total),
-      "expert_counts": jnp.stack([s.expert_counts for s in stats]),  # [num_moe_layers, E]
+      "expert_counts": stats.expert_counts,  # [num_moe_layers, E]
   }
   return logits, aux
 
@@ -275,7 +350,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe
 def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional[int] = None,
             soft_mask_eps: Optional[float] = None, positions=None, segment_ids=None,
             return_aux: bool = False, return_hidden: bool = False, expert_backend: str = "auto",
-            remat: str = "none", roe: Optional[roe_lib.RoE] = None):
+            remat: str = "none", scan_layers: bool = True, roe: Optional[roe_lib.RoE] = None):
   """Runs the decoder at a declared k.
 
   tokens: int [B, L]. positions: int [B, L] (default: restart at each segment). segment_ids: int [B, L],
@@ -287,6 +362,8 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   see model/experts.py): an execution choice, every backend computes the same function.
   remat: what each layer keeps for a backward pass (REMAT_POLICIES: "none", "dots", "full"); the same
   function, less memory for more compute under jax.grad.
+  scan_layers: compute each run of equal layers with one `jax.lax.scan` (True: the program's size and compile
+  time do not grow with depth) or unrolled (False); the same function, parameters stacked either way.
   roe: a Roster-of-Experts ensemble (pj.RoE(members, tau, seed)): the members run as extra batch rows of
   one program and the result is the ensemble's float32 next-token log-probabilities [B, L, V], the log of
   the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). With
@@ -326,4 +403,4 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   return _forward_jit(params, tokens, positions, segment_ids, traced, roe_taus, roe_key, cfg=cfg,
                       layer_k=plan.static, layer_width=plan.widths, soft_mask_eps=eps, return_aux=return_aux,
                       return_hidden=return_hidden, expert_backend=expert_backend, remat=remat,
-                      roe_members=members)
+                      scan_layers=bool(scan_layers), roe_members=members)

@@ -29,7 +29,7 @@ import numpy as np
 
 from phds_jax.model.config import ModelConfig
 from phds_jax.model.sampling import sample
-from phds_jax.model.transformer import Decoder
+from phds_jax.model.transformer import Decoder, init_cache
 
 TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI's completions allow up to 5)
 
@@ -53,9 +53,9 @@ def compiled_programs() -> int:
 
 
 class Prefix(NamedTuple):
-  """One prompt's cache rows: per layer {"k", "v": [1, P, KV, D]}; `length` tokens of them are real."""
+  """One prompt's cache rows {"k", "v": [1, NL, P, KV, D]} (every layer's); `length` tokens are real."""
 
-  cache: list
+  cache: dict
   length: int
 
 
@@ -139,16 +139,14 @@ class Engine:
 
   # -- programs -------------------------------------------------------------------------------------
   def init_decode_state(self) -> dict:
-    """Every slot free: an empty cache [S, T, KV, D] per layer and neutral settings. Made by a compiled
+    """Every slot free: an empty cache [S, NL, T, KV, D] and neutral settings. Made by a compiled
     program, so its arrays are placed as the other programs' outputs are (one compiled version each)."""
     return self._empty()
 
   def _empty_state(self) -> dict:
     cfg, s = self.cfg, self.slots
-    shape = (s, self.max_len, cfg.num_key_value_heads, cfg.resolved_head_dim)
     state = {
-        "cache": [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-                  for _ in range(cfg.num_hidden_layers)],
+        "cache": init_cache(cfg, s, self.max_len, self.dtype),
         "length": jnp.zeros((s,), jnp.int32), "token": jnp.zeros((s,), jnp.int32),
         "k": jnp.ones((s, self.n_moe), jnp.int32), "temperature": jnp.zeros((s,), jnp.float32),
         "top_p": jnp.ones((s,), jnp.float32), "seed": jnp.zeros((s,), jnp.uint32),
@@ -242,11 +240,9 @@ def _prefill_program(cfg: ModelConfig, width: int, expert_backend: str):
 
 
 def _prefill(params, tokens, length, k, *, cfg: ModelConfig, width: int, expert_backend: str):
-  """tokens [1, P] (the first `length` real), k int32 [n_moe] -> per layer {"k", "v": [1, P, KV, D]}."""
+  """tokens [1, P] (the first `length` real), k int32 [n_moe] -> the cache {"k", "v": [1, NL, P, KV, D]}."""
   bucket = tokens.shape[1]
-  shape = (1, bucket, cfg.num_key_value_heads, cfg.resolved_head_dim)
-  dtype = jax.tree.leaves(params)[0].dtype
-  cache = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+  cache = init_cache(cfg, 1, bucket, jax.tree.leaves(params)[0].dtype)
   valid = jnp.arange(bucket)[None] < length  # [1, P]
   n_moe = len(cfg.moe_layer_indices)
   model = Decoder(cfg, expert_backend=expert_backend, skip_head=True)
@@ -257,12 +253,11 @@ def _prefill(params, tokens, length, k, *, cfg: ModelConfig, width: int, expert_
 
 
 def _insert(state, cache, slot, row):
-  """Writes one prefix (cache rows [1, P, ...], P <= T) and one slot's settings into `state` (every leaf of
+  """Writes one prefix (cache [1, NL, P, ...], P <= T) and one slot's settings into `state` (every leaf of
   the state has the slot on its first axis)."""
   state = dict(state)
-  state["cache"] = [{name: jax.lax.dynamic_update_slice(full[name], part[name].astype(full[name].dtype),
-                                                        (slot, 0, 0, 0)) for name in ("k", "v")}
-                    for full, part in zip(state["cache"], cache)]
+  state["cache"] = {name: jax.lax.dynamic_update_slice(state["cache"][name], cache[name].astype(
+      state["cache"][name].dtype), (slot, 0, 0, 0, 0)) for name in ("k", "v")}
   state.update({name: state[name].at[slot].set(value) for name, value in row.items()})
   return state
 
@@ -290,7 +285,7 @@ def _step_rows(params, state, *, cfg: ModelConfig, members: int, expert_backend:
   length = state["length"]
   tile = lambda a: jnp.tile(a, (members,) + (1,) * (a.ndim - 1))  # [S, ...] -> [M * S, ...] member-major
   rows = members * slots
-  kv_valid = jnp.ones((slots, state["cache"][0]["k"].shape[1]), jnp.bool_)  # causality masks the rest
+  kv_valid = jnp.ones((slots, state["cache"]["k"].shape[2]), jnp.bool_)  # causality masks the rest
   roe_taus = roe_keys = None
   if members > 1:
     member = jnp.repeat(jnp.arange(members), slots)  # [M * S]

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from phds_jax.data import pipeline as data_lib
-from phds_jax.errors import ConfigProblems, TrainingDivergedError, WorkdirMismatchError
+from phds_jax.errors import CheckpointError, ConfigProblems, TrainingDivergedError, WorkdirMismatchError
 from phds_jax.eval import scoring as evaluate
 from phds_jax.eval import settings
 from phds_jax.io import checkpoint as model_checkpoint
@@ -208,7 +208,8 @@ class Trainer:
   def _train_step(self, state, batch, k_traced, *, k_static):
     config, accum = self.config, self.config.train.grad_accum
     run = losses.RunSpec(k_static if k_static is not None else k_traced, self.k_max, self.soft_eps,
-                         config.data.max_loss_tokens, self.expert_backend, config.train.remat)
+                         config.data.max_loss_tokens, self.expert_backend, config.train.remat,
+                         config.model.scan_layers)
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     # k_traced of [accum] arrays: micro-batch j runs at k_traced[l][j] (phds.k_per_microbatch)
@@ -320,6 +321,14 @@ def _save(manager, step, state, iterator, meta):
 
 
 def _restore(manager, step, abstract_state, iterator):
+  state_dir = os.path.join(str(manager.directory), str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = traverse_util.flatten_dict(checkpointer.metadata(state_dir).item_metadata.tree)
+  if any("layers_0" in path for path in stored):
+    raise CheckpointError(
+        f"{state_dir} was written before decoder layers were stacked (one entry per layer): this version "
+        "cannot resume it. Start a new run from its model instead: model_path=<workdir>/best (pj.load "
+        "converts a per-layer model checkpoint), or finish the run with the phds_jax it started with")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
       meta=ocp.args.JsonRestore()))

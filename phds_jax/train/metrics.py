@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Mapping, TextIO
+from typing import Mapping, Optional, TextIO
 
 import jax
 
@@ -58,7 +58,8 @@ class SummaryWriter:
 class Progress:
   """One line per `log` call: a bar, step/total, the rate since the first step, the ETA, the metrics."""
 
-  def __init__(self, total: int, start_step: int = 0, stream: TextIO = sys.stdout, width: int = 24):
+  def __init__(self, total: int, start_step: int = 0, stream: Optional[TextIO] = None, width: int = 24):
+    """stream: where the lines go (None: the sys.stdout of each call, not of the import)."""
     self.total, self.stream, self.width = total, stream, width
     self.start_step, self.start = start_step, time.perf_counter()
 
@@ -70,7 +71,7 @@ class Progress:
     eta = f"ETA {_duration((self.total - step) / rate)}" if rate > 0 and step < self.total else ""
     text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     if jax.process_index() == 0:
-      print(f"[{bar}] {step}/{self.total} {rate:.2f} step/s {eta} {text}".replace("  ", " "), file=self.stream,
+      print(f"[{bar}] {step}/{self.total} {rate:.2f} step/s {eta} {text}".replace("  ", " "), file=self.stream or sys.stdout,
             flush=True)
 
 

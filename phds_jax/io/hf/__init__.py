@@ -65,7 +65,7 @@ def declared_dtype(path: str) -> str:
 def _check_against_specs(cfg: ModelConfig, source) -> list[param_map.Mapped]:
   """Raises if the checkpoint lacks, adds or mis-shapes any tensor; returns the parameters to load."""
   specs = param_map.param_specs(cfg)
-  wanted = {name: m.spec for m in specs for name in m.hf_names}
+  wanted = {name: m.spec for m in specs for names in m.hf_names for name in names}
   missing = sorted(set(wanted) - source.names)
   if missing:
     raise MissingTensorError(f"checkpoint lacks {len(missing)} tensor(s) the {cfg.model_type} config needs: "
@@ -144,17 +144,17 @@ def _pending_tensors(cfg: ModelConfig, params: Params, dtype: np.dtype) -> list[
     if tuple(flat[path].shape) != spec.shape:
       raise ShapeMismatchError(f"param {'/'.join(path)} has shape {list(flat[path].shape)}; the config "
                                f"implies {list(spec.shape)}")
-  cache: dict[tuple[str, ...], np.ndarray] = {}
+  cache: dict[tuple, np.ndarray] = {}
 
-  def produce(m, index):
-    path = m.spec.path
-    if path not in cache:
-      cache.clear()  # hold one parameter on the host at a time
-      cache[path] = _to_host(flat[path])
-    return param_map.to_hf(m, cache[path], index).astype(dtype)
+  def produce(m, j, index):
+    key = (m.spec.path, j)
+    if key not in cache:
+      cache.clear()  # hold one layer of one parameter on the host at a time
+      cache[key] = _to_host(flat[m.spec.path][j] if m.spec.layers else flat[m.spec.path])
+    return param_map.to_hf(m, cache[key], index).astype(dtype)
 
-  return [PendingTensor(name, m.spec.hf_shape, dtype, lambda m=m, i=i: produce(m, i))
-          for m in specs for i, name in enumerate(m.hf_names)]
+  return [PendingTensor(m.hf_names[j][i], m.spec.hf_shape, dtype, lambda m=m, j=j, i=i: produce(m, j, i))
+          for m, j, i in param_map.hf_order(specs)]
 
 
 def _shard(tensors: list[PendingTensor], max_bytes: int) -> list[list[PendingTensor]]:
