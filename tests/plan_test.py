@@ -87,13 +87,31 @@ def test_collectives_inside_loops_count_once_per_iteration():
   count counts once, ragged all-to-all is a kind of its own, and the largest collectives are named by their
   JAX op."""
   ops = plan.collective_ops(_LOOPS_HLO)
+  # the inner body runs 3 x 5 times inside the nested loops and once in the loop of unknown trip count
   assert sorted((op.kind, op.executions) for op in ops) == [
-      ("all-gather", 3), ("all-reduce", 1), ("all-reduce", 1), ("all-reduce", 15), ("ragged-all-to-all", 1),
-      ("ragged-all-to-all", 15)]
+      ("all-gather", 3), ("all-reduce", 1), ("all-reduce", 16), ("ragged-all-to-all", 16)]
   assert plan.collective_bytes(_LOOPS_HLO) == {"all-reduce": 128 * 16 + 16, "all-gather": 512 * 3,
                                                "ragged-all-to-all": 1024 * 16}
   assert plan.top_collectives(ops, 2) == [("ragged-all-to-all", "jit(f)/dispatch", 1024 * 16, 16),
                                                  ("all-reduce", "jit(f)/while/body/psum", 128 * 16, 16)]
+
+
+def test_matmul_flops_count_each_loop_iteration():
+  """A dot inside a scan of 5 layers counts 5 times (XLA's cost analysis counts it once); a batched dot inside
+  a fusion counts its batch and contracting dims (operand shapes looked up by name, as CPU prints them)."""
+  import jax
+  import jax.numpy as jnp
+
+  def layers(w, x):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0]
+
+  hlo = jax.jit(layers).lower(jnp.ones((5, 32, 32)), jnp.ones((8, 32))).compile().as_text()
+  assert plan.matmul_flops(hlo) == 5 * 2 * 8 * 32 * 32
+  batched = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b) + 1.0).lower(
+      jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6))).compile().as_text()
+  assert plan.matmul_flops(batched) == 2 * 3 * 4 * 5 * 6
+  conv = "%c = bf16[8,64]{1,0} convolution(bf16[8,32]{1,0} %x, bf16[32,64]{1,0} %w), dim_labels=bf_io->bf"
+  assert plan.matmul_flops(conv) == 2 * 8 * 64 * 32
 
 
 @pytest.fixture(scope="module")

@@ -83,10 +83,12 @@ def range_problems(config) -> list[str]:
 
 
 def common_problems(config) -> list[str]:
-  """Fields every mode reads: the expert backend, the parameter dtype, numeric ranges."""
+  """Fields every mode reads: the expert backend and dispatch, the parameter dtype, numeric ranges."""
+  from phds_jax.model.sharding import EXPERT_DISPATCHES  # pylint: disable=g-import-not-at-top
   from phds_jax.model.transformer import EXPERT_BACKENDS  # pylint: disable=g-import-not-at-top
 
   out = _choice(config, "model.expert_backend", EXPERT_BACKENDS)
+  out += _choice(config, "model.expert_dispatch", EXPERT_DISPATCHES)
   out += _choice(config, "model.param_dtype", DTYPES + (("",) if config.mode == "convert" else ()))
   return out + range_problems(config)
 

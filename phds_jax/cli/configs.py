@@ -33,6 +33,8 @@ def base_config(arg=None):
   c.model.overrides = model_override_fields()  # ModelConfig fields replacing the preset's (None: keep)
   c.model.param_dtype = "float32"  # parameter dtype (training: float32 master weights; convert: "" keeps)
   c.model.expert_backend = "auto"  # how routed experts run: auto | chunked | sorted | ragged | reference
+  c.model.expert_dispatch = "all_to_all"  # with mesh.expert > 1: all_to_all (tokens only to their experts'
+  #                                        devices) | all_gather (the expert group's tokens on every member)
   c.model.scan_layers = True  # one lax.scan per run of equal layers (compile time flat in depth); False: unrolled.
   #                             Training and its plans; evaluation and serving always scan (the same function)
 

@@ -222,7 +222,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   shared, agreement = None, {}  # the anchor checkpoint's predictions, and what agreement was measured against
   for label in sorted(paths, key=lambda name: name != anchor):  # the anchor first
     path = paths[label]
-    with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+    with sharding_lib.use_mesh(mesh, dict(config.axis_rules), config.model.expert_dispatch):
       cfg, params = load(path, config.model.param_dtype, sharding=mesh)
     if tokenizer is None:
       tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
@@ -230,7 +230,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     ks = settings.k_grid(config.eval.k_values, cfg.num_experts)
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)
-    with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+    with sharding_lib.use_mesh(mesh, dict(config.axis_rules), config.model.expert_dispatch):
       results[label], own = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k,
                                                 config, shared)
     if label == anchor:  # evaluated first: every later checkpoint is measured against its predictions
@@ -240,7 +240,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     for roe in ensembles:
       curve = roe_label(label, roe)
       print(f"evaluating {curve}", flush=True)
-      with sharding_lib.use_mesh(mesh, dict(config.axis_rules)):
+      with sharding_lib.use_mesh(mesh, dict(config.axis_rules), config.model.expert_dispatch):
         results[curve], _ = evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, reference_k,
                                                 config, shared if anchor else own, roe=roe)
       print(format_table(curve, results[curve], reference_k, title), flush=True)

@@ -71,11 +71,33 @@ def axis_rules(rules: Mapping[str, Any]) -> Iterator[None]:
     _RULES.reset(token)
 
 
+# How tokens reach experts on other devices (model/expert_parallel.py): "all_to_all" sends each token only to
+# the devices holding its experts; "all_gather" gathers the expert group's tokens on every member.
+EXPERT_DISPATCHES = ("all_to_all", "all_gather")
+# (dispatch, the mesh's device platform or None outside `use_mesh`), read when a function is traced
+_DISPATCH: contextvars.ContextVar[tuple[str, Optional[str]]] = contextvars.ContextVar(
+    "phds_expert_dispatch", default=("all_to_all", None))
+
+
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[None]:
-  """`mesh` (jax.set_mesh) and `rules` (axis_rules) for everything sharded or traced inside the block."""
-  with jax.set_mesh(mesh), axis_rules(rules):
-    yield
+def use_mesh(mesh: Mesh, rules: Mapping[str, Any], expert_dispatch: str = "all_to_all") -> Iterator[None]:
+  """`mesh` (jax.set_mesh), `rules` (axis_rules) and the expert dispatch (EXPERT_DISPATCHES) for everything
+  sharded or traced inside the block."""
+  if expert_dispatch not in EXPERT_DISPATCHES:
+    raise ValueError(f"expert_dispatch={expert_dispatch!r}; choose one of {EXPERT_DISPATCHES}")
+  token = _DISPATCH.set((expert_dispatch, mesh.devices.flat[0].platform))
+  try:
+    with jax.set_mesh(mesh), axis_rules(rules):
+      yield
+  finally:
+    _DISPATCH.reset(token)
+
+
+def current_expert_dispatch() -> tuple[str, str]:
+  """(the expert dispatch, the platform of the mesh's devices) in force here (`use_mesh`; outside one:
+  "all_to_all" on JAX's default backend)."""
+  dispatch, platform = _DISPATCH.get()
+  return dispatch, platform or jax.default_backend()
 
 
 def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from phds_jax.errors import ConfigProblems, PlanDoesNotFitError
 from phds_jax.io import files
-from phds_jax.plan.cost import forward_flops_per_token
+from phds_jax.plan.cost import dispatch_bytes, forward_flops_per_token
 from phds_jax.plan.topology import GIB, ici_bytes_per_s, parse_slice, topology_devices
 
 
@@ -57,6 +57,12 @@ _CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations|true_computation|
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:pred|[a-z]+\d+)\[([\d,]*)\]")
+_MATMUL = re.compile(r"=\s*\S+\s+(dot|convolution)\(([^)]*)\)")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->")
+
+
 class CollectiveOp(NamedTuple):
   kind: str
   op_name: str  # the JAX operation it came from (HLO metadata), or the HLO instruction's name
@@ -71,13 +77,45 @@ def _line_bytes(types: str) -> int:
   return sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes)
 
 
-def collective_ops(hlo_text: str) -> list[CollectiveOp]:
-  """Every collective of a compiled program's HLO with how often one call executes it: an op inside a
-  `while` body counts its loop's trip count (nested loops multiply): XLA's `known_trip_count` where it
-  states one (CPU), else N when the loop's condition is `counter < constant N` (TPU programs state no
-  count; JAX's loop counters start at 0); any other loop counts once. Text without computation headers
-  is read as one entry computation."""
-  own: dict[str, list] = {}
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+class _Hlo(NamedTuple):
+  """A compiled module read once: what each computation does itself, and whom it calls how often."""
+
+  collectives: dict[str, list[tuple[str, str, int]]]  # computation -> (kind, op name, bytes)
+  flops: dict[str, float]  # computation -> FLOPs of its own dots and convolutions, once
+  executions: dict[str, int]  # computation -> executions per call of the entry (loops multiplied)
+
+
+def _matmul_flops(line: str, kind: str, operands: str, shapes: dict[str, list[int]]) -> float:
+  """2 x multiply-adds of one dot / convolution line (operand shapes inline or defined earlier)."""
+  result = _DEFINITION.match(line)
+  if not result:
+    return 0.0
+  def operand_dims(text):
+    inline = _SHAPE.search(text)
+    return _dims(inline.group(2)) if inline else shapes.get(text.strip().lstrip("%"), [])
+  parts = [p for p in operands.split(", ") if p.strip()]
+  if len(parts) < 2:
+    return 0.0
+  lhs, rhs = operand_dims(parts[0]), operand_dims(parts[1])
+  if kind == "dot":
+    contracting = _LHS_CONTRACTING.search(line)
+    reduced = np.prod([lhs[d] for d in _dims(contracting.group(1))]) if contracting and lhs else 1
+  else:  # each output element reduces over the kernel's dims but its output features
+    labels = _DIM_LABELS.search(line)
+    reduced = (np.prod([n for n, label in zip(rhs, labels.group(1)) if label != "o"])
+               if labels and len(labels.group(1)) == len(rhs) else 1)
+  return 2.0 * float(np.prod(_dims(result.group(2)))) * float(reduced)
+
+
+def _read_hlo(hlo_text: str) -> _Hlo:
+  """Reads a compiled program's HLO (see `collective_ops` for how loops are counted)."""
+  collectives: dict[str, list] = {}
+  flops: dict[str, float] = {}
+  shapes: dict[str, list[int]] = {}
   calls: dict[str, list[tuple[str, object]]] = {}  # callee, trip count (an int, or the condition's name)
   bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N` (the scan counters start at 0)
   constants: dict[str, int] = {}
@@ -88,18 +126,24 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       current = header.group(2)
       entry = current if header.group(1) else entry
       continue
+    definition = _DEFINITION.match(line)
+    if definition:
+      shapes[definition.group(1)] = _dims(definition.group(2))
     constant = _CONSTANT.match(line)
     if constant:
       constants[constant.group(1)] = int(constant.group(2))
     less = _LESS_THAN.match(line)
     if less and less.group(1) in constants:
       bounds[current] = constants[less.group(1)]
+    matmul = _MATMUL.search(line)
+    if matmul:
+      flops[current] = flops.get(current, 0.0) + _matmul_flops(line, matmul.group(1), matmul.group(2), shapes)
     match = _COLLECTIVE.search(line)
     if match and "-done" not in line.split("=")[1][:40]:
       name = _OP_NAME.search(line)
       instruction = line.split("=")[0].strip().lstrip("%")
-      own.setdefault(current, []).append((match.group(2), name.group(1) if name else instruction,
-                                          _line_bytes(match.group(1))))
+      collectives.setdefault(current, []).append((match.group(2), name.group(1) if name else instruction,
+                                                  _line_bytes(match.group(1))))
     body = _WHILE_BODY.search(line)
     if body:
       trips = _TRIP_COUNT.search(line)
@@ -110,17 +154,42 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       for callee in (c.strip().lstrip("%") for c in called.split(",")):
         if callee:
           calls.setdefault(current, []).append((callee, 1))
-  out: list[CollectiveOp] = []
+  executions: dict[str, int] = {}
 
-  def visit(computation: str, executions: int, depth: int = 0) -> None:
+  def visit(computation: str, count: int, depth: int = 0) -> None:
     if depth > 64:
       return
-    out.extend(CollectiveOp(kind, name, size, executions) for kind, name, size in own.get(computation, []))
+    executions[computation] = executions.get(computation, 0) + count
     for callee, trips in calls.get(computation, []):
-      visit(callee, executions * (trips if isinstance(trips, int) else bounds.get(trips, 1)), depth + 1)
+      visit(callee, count * (trips if isinstance(trips, int) else bounds.get(trips, 1)), depth + 1)
 
   visit(entry if entry else "", 1)
-  return out
+  return _Hlo(collectives, flops, executions)
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+  """Every collective of a compiled program's HLO with how often one call executes it: an op inside a
+  `while` body counts its loop's trip count (nested loops multiply): XLA's `known_trip_count` where it
+  states one (CPU), else N when the loop's condition is `counter < constant N` (TPU programs state no
+  count; JAX's loop counters start at 0); any other loop counts once. Text without computation headers
+  is read as one entry computation."""
+  return _collective_ops(_read_hlo(hlo_text))
+
+
+def _collective_ops(hlo: _Hlo) -> list[CollectiveOp]:
+  return [CollectiveOp(kind, name, size, count) for computation, count in hlo.executions.items()
+          for kind, name, size in hlo.collectives.get(computation, [])]
+
+
+def matmul_flops(hlo_text: str) -> float:
+  """FLOPs per call of a compiled program's dots and convolutions (2 per multiply-add), each counted once
+  per execution: loops multiplied by their trip counts as in `collective_ops` (XLA's own cost analysis
+  counts a loop body once). Elementwise work is not counted."""
+  return _matmul_flops_of(_read_hlo(hlo_text))
+
+
+def _matmul_flops_of(hlo: _Hlo) -> float:
+  return sum(hlo.flops.get(computation, 0.0) * count for computation, count in hlo.executions.items())
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -148,11 +217,13 @@ def top_collectives(ops: list[CollectiveOp], n: int = 3) -> list[tuple[str, str,
   return [(kind, name, total, count) for (kind, name), (total, count) in ranked]
 
 
-def _collectives(compiled) -> dict[str, Any]:
-  """A compiled program's collectives for its Program: bytes per kind and the largest three (its HLO read
-  once)."""
-  ops = collective_ops(compiled.as_text())
-  return {"collectives": _bytes_by_kind(ops), "top_collectives": tuple(top_collectives(ops))}
+def _hlo_counts(compiled) -> dict[str, Any]:
+  """A compiled program's loop-counted figures for its Program (its HLO read once): collective bytes per
+  kind, the largest three collectives and the dot / convolution FLOPs."""
+  hlo = _read_hlo(compiled.as_text())
+  ops = _collective_ops(hlo)
+  return {"collectives": _bytes_by_kind(ops), "top_collectives": tuple(top_collectives(ops)),
+          "hlo_flops": _matmul_flops_of(hlo)}
 
 
 # ---- the programs ----------------------------------------------------------------------------------------
@@ -165,9 +236,27 @@ class Program(NamedTuple):
   flops: float  # model FLOPs per device per call
   min_bytes: float  # HBM bytes a call must at least move per device
   collectives: dict[str, int]  # kind -> result bytes per device per call, loops counted per iteration
-  xla_flops: float
+  hlo_flops: float  # the compiled program's dot / convolution FLOPs per device per call, loops counted
   note: str
   top_collectives: tuple = ()  # (kind, JAX op name, bytes per call, executions) of the largest three
+  dispatch: Optional[dict] = None  # expert parallelism: cost.dispatch_bytes per MoE layer forward, and its inputs
+
+
+def _dispatch(trainer, cfg, config, tokens: int, width: int) -> Optional[dict]:
+  """The token dispatch's bytes per MoE layer forward when the mesh shards experts (cost.dispatch_bytes),
+  with the group size, tokens per device and the dispatch in use; None without expert parallelism."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from phds_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+  shape = dict(trainer.mesh.shape)
+  rules = sharding_lib.parse_rules(dict(config.axis_rules))
+  group = int(np.prod([shape.get(a, 1) for a in rules["exp"]]))
+  if group <= 1:
+    return None
+  local = tokens / int(np.prod([shape.get(a, 1) for a in rules["batch"]]))
+  itemsize = jnp.dtype(config.train.compute_dtype).itemsize
+  return {"dispatch": config.model.expert_dispatch, "group": group, "tokens_per_device": local, "width": width,
+          **dispatch_bytes(local, width, cfg.hidden_size, group, itemsize)}
 
 
 def _train_program(trainer, cfg, config, state, devices: int) -> Program:
@@ -190,11 +279,12 @@ def _train_program(trainer, cfg, config, state, devices: int) -> Program:
           "gradients": min(grads, temporaries), "activations / temporaries": max(temporaries - grads, 0),
           "batch, outputs, code": _io_bytes(mem, state_bytes=_bytes(state)) + int(mem.generated_code_size_in_bytes)}
   mode = "traced k" if config.phds.k_mode == "traced" else f"static k={k_max}"
+  micro_tokens = tokens // config.train.grad_accum
   return Program("train step", rows, sum(rows.values()), flops, 2 * _bytes(state),
-                 xla_flops=_xla_flops(compiled),
+                 dispatch=_dispatch(trainer, cfg, config, micro_tokens, width),
                  note=f"{batch} x {seq} tokens, {mode}, {width} experts computed, remat={config.train.remat}, "
                  f"grad_accum={config.train.grad_accum}",
-                 **_collectives(compiled))
+                 **_hlo_counts(compiled))
 
 
 def _abstract_rows(trainer, batch: int, seq: int) -> dict[str, Any]:
@@ -214,12 +304,6 @@ def _io_bytes(mem, state_bytes: int) -> int:
   """Argument and output bytes beyond the (donated, aliased) state."""
   return max(int(mem.argument_size_in_bytes) - state_bytes, 0) + max(
       int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
-
-
-def _xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
 
 
 def _params_like(state, dtype) -> Any:
@@ -250,10 +334,10 @@ def _eval_program(trainer, cfg, config, state, devices: int) -> Program:
           "batch, outputs, code": _io_bytes(mem, _bytes(params)) + int(mem.generated_code_size_in_bytes)}
   flops = forward_flops_per_token(cfg, cfg.k_pre, (seq + 1) / 2) * batch * seq / devices
   return Program("validation step", rows, sum(rows.values()), flops, _bytes(params),
-                 xla_flops=_xla_flops(compiled),
+                 dispatch=_dispatch(trainer, cfg, config, batch * seq, cfg.k_pre),
                  note=f"{batch} x {seq} tokens at k_pre={cfg.k_pre}, beside the resident train state and a "
                  f"{config.train.compute_dtype} copy of the parameters",
-                 **_collectives(compiled))
+                 **_hlo_counts(compiled))
 
 
 def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
@@ -287,10 +371,9 @@ def _generate_program(trainer, cfg, config, state, devices: int) -> Program:
   flops = forward_flops_per_token(cfg, cfg.k_pre, prompt + new / 2) * tokens / devices
   # the HBM bound: every parameter read once per call (each decoded token reads its experts' again)
   return Program("generation", rows, sum(rows.values()), flops, _bytes(params) * 1.0,
-                 xla_flops=_xla_flops(compiled),
                  note=f"{batch} x ({prompt} prompt + {new} new) tokens at k_pre={cfg.k_pre}, "
                  f"{config.model.param_dtype} parameters (the eval job's settings: eval.latency)",
-                 **_collectives(compiled))
+                 **_hlo_counts(compiled))
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
@@ -376,10 +459,16 @@ def format_plan(plan: dict[str, Any]) -> str:
       compute = p["flops"] / plan["peak_flops_per_device"]
       memory = p["min_bytes"] / plan["hbm_bandwidth_per_device"]
       coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(p["collectives"].items())) or "none"
-      lines.append(f"  model FLOPs per device {p['flops']:.3g} (XLA counts {p['xla_flops']:.3g}, loops once); "
+      lines.append(f"  model FLOPs per device {p['flops']:.3g} (the compiled program's matmuls {p['hlo_flops']:.3g}); "
                    f"collectives per device per call (loops counted per iteration): {coll}")
       for kind, name, size, count in p.get("top_collectives", ()):
         lines.append(f"    {kind} {size / 2**20:.1f} MiB in {count} execution(s): {name}")
+      d = p.get("dispatch")
+      if d:
+        lines.append(f"  token dispatch per MoE layer forward ({d['dispatch']} in use; {d['group']} devices per expert "
+                     f"group, {d['tokens_per_device']:.0f} tokens x {d['width']} experts per device): all-to-all "
+                     f"sends ~{d['all_to_all_expected'] / 2**20:.1f} MiB (its buffers hold "
+                     f"{d['all_to_all_buffers'] / 2**20:.1f} MiB), all-gather {d['all_gather'] / 2**20:.1f} MiB")
       links = sum(p["collectives"].values()) / plan["ici_bandwidth_per_device"] if plan.get(
           "ici_bandwidth_per_device") else 0.0
       lines.append(f"  roofline lower bound {1e3 * max(compute, memory, links):.1f} ms per call (compute "

@@ -39,7 +39,7 @@ def build(config, state: api.ServerState, say=print) -> None:
 
   s = config.serve
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  context = lambda: sharding_lib.use_mesh(mesh, dict(config.axis_rules))
+  context = lambda: sharding_lib.use_mesh(mesh, dict(config.axis_rules), config.model.expert_dispatch)
   say(f"loading {config.model_path} over {mesh.size} {jax.devices()[0].platform} device(s) "
       f"(mesh {dict(mesh.shape)}) ...")
   with context():

@@ -124,7 +124,7 @@ class Trainer:
 
   def context(self):
     """The mesh and the config's axis rules, for everything that shards or traces."""
-    return sharding_lib.use_mesh(self.mesh, dict(self.config.axis_rules))
+    return sharding_lib.use_mesh(self.mesh, dict(self.config.axis_rules), self.config.model.expert_dispatch)
 
   def param_sharding(self):
     """(param path, shape) -> NamedSharding: where `pj.load` places each parameter for this trainer."""
