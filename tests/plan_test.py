@@ -112,6 +112,11 @@ def test_matmul_flops_count_each_loop_iteration():
   assert plan.matmul_flops(batched) == 2 * 3 * 4 * 5 * 6
   conv = "%c = bf16[8,64]{1,0} convolution(bf16[8,32]{1,0} %x, bf16[32,64]{1,0} %w), dim_labels=bf_io->bf"
   assert plan.matmul_flops(conv) == 2 * 8 * 64 * 32
+  # the largest values by JAX op: the [32, 1000] ones, then the [8, 1000] product (float32)
+  head = jax.jit(lambda w, x: layers(w, x) @ jnp.ones((32, 1000)) * 2.0).lower(
+      jnp.ones((5, 32, 32)), jnp.ones((8, 32))).compile().as_text()
+  assert plan.largest_values(head, 2) == [(32 * 1000 * 4, "jit(<lambda>)/broadcast_in_dim"),
+                                          (8 * 1000 * 4, "jit(<lambda>)/dot_general")]
 
 
 @pytest.fixture(scope="module")

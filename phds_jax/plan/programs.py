@@ -61,6 +61,12 @@ _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:pred|[a-z]+\d+)
 _MATMUL = re.compile(r"=\s*\S+\s+(dot|convolution)\(([^)]*)\)")
 _LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->")
+_VALUE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*((?:pred|[a-z]+\d+)\[[\d,]*\])\S*\s+([\w\-]+)\(")
+_FUSION_CALL = re.compile(r"\sfusion\(.*\bcalls=%?([\w.\-]+)")
+# ops whose result is no new buffer (views, plumbing) or is counted elsewhere (parameters)
+_NOT_BUFFERS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+                "after-all", "partition-id", "replica-id", "copy-done", "all-gather-done", "all-reduce-done",
+                "collective-permute-done"}
 
 
 class CollectiveOp(NamedTuple):
@@ -86,6 +92,7 @@ class _Hlo(NamedTuple):
 
   collectives: dict[str, list[tuple[str, str, int]]]  # computation -> (kind, op name, bytes)
   flops: dict[str, float]  # computation -> FLOPs of its own dots and convolutions, once
+  values: list[tuple[int, str]]  # (bytes, op name) of every array value outside fused computations
   executions: dict[str, int]  # computation -> executions per call of the entry (loops multiplied)
 
 
@@ -119,6 +126,8 @@ def _read_hlo(hlo_text: str) -> _Hlo:
   calls: dict[str, list[tuple[str, object]]] = {}  # callee, trip count (an int, or the condition's name)
   bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N` (the scan counters start at 0)
   constants: dict[str, int] = {}
+  values: dict[str, list[tuple[int, str]]] = {}
+  fused: set[str] = set()
   entry, current = "", ""
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -135,6 +144,13 @@ def _read_hlo(hlo_text: str) -> _Hlo:
     less = _LESS_THAN.match(line)
     if less and less.group(1) in constants:
       bounds[current] = constants[less.group(1)]
+    value = _VALUE.match(line)
+    if value and value.group(2) not in _NOT_BUFFERS:
+      name = _OP_NAME.search(line)
+      values.setdefault(current, []).append((_line_bytes(value.group(1)), name.group(1) if name else value.group(2)))
+    fusion = _FUSION_CALL.search(line)
+    if fusion:
+      fused.add(fusion.group(1))
     matmul = _MATMUL.search(line)
     if matmul:
       flops[current] = flops.get(current, 0.0) + _matmul_flops(line, matmul.group(1), matmul.group(2), shapes)
@@ -164,7 +180,7 @@ def _read_hlo(hlo_text: str) -> _Hlo:
       visit(callee, count * (trips if isinstance(trips, int) else bounds.get(trips, 1)), depth + 1)
 
   visit(entry if entry else "", 1)
-  return _Hlo(collectives, flops, executions)
+  return _Hlo(collectives, flops, [v for c, vs in values.items() if c not in fused for v in vs], executions)
 
 
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
@@ -217,13 +233,24 @@ def top_collectives(ops: list[CollectiveOp], n: int = 3) -> list[tuple[str, str,
   return [(kind, name, total, count) for (kind, name), (total, count) in ranked]
 
 
+def largest_values(hlo_text: str, n: int = 3) -> list[tuple[int, str]]:
+  """The `n` largest array values a compiled program makes (bytes per device, the JAX op it came from),
+  outside fused computations: what its temporaries are made of. A value inside a loop is one buffer, reused
+  by every iteration."""
+  return _largest_values(_read_hlo(hlo_text), n)
+
+
+def _largest_values(hlo: _Hlo, n: int) -> list[tuple[int, str]]:
+  return sorted(hlo.values, key=lambda v: -v[0])[:n]
+
+
 def _hlo_counts(compiled) -> dict[str, Any]:
-  """A compiled program's loop-counted figures for its Program (its HLO read once): collective bytes per
-  kind, the largest three collectives and the dot / convolution FLOPs."""
+  """A compiled program's figures for its Program (its HLO read once): loop-counted collective bytes per
+  kind, the largest three collectives, the dot / convolution FLOPs, and the largest three values."""
   hlo = _read_hlo(compiled.as_text())
   ops = _collective_ops(hlo)
   return {"collectives": _bytes_by_kind(ops), "top_collectives": tuple(top_collectives(ops)),
-          "hlo_flops": _matmul_flops_of(hlo)}
+          "hlo_flops": _matmul_flops_of(hlo), "largest_values": tuple(_largest_values(hlo, 3))}
 
 
 # ---- the programs ----------------------------------------------------------------------------------------
@@ -239,6 +266,7 @@ class Program(NamedTuple):
   hlo_flops: float  # the compiled program's dot / convolution FLOPs per device per call, loops counted
   note: str
   top_collectives: tuple = ()  # (kind, JAX op name, bytes per call, executions) of the largest three
+  largest_values: tuple = ()  # (bytes, JAX op name) of the three largest values: what temporaries hold
   dispatch: Optional[dict] = None  # expert parallelism: cost.dispatch_bytes per MoE layer forward, and its inputs
 
 
@@ -463,6 +491,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                    f"collectives per device per call (loops counted per iteration): {coll}")
       for kind, name, size, count in p.get("top_collectives", ()):
         lines.append(f"    {kind} {size / 2**20:.1f} MiB in {count} execution(s): {name}")
+      for size, name in p.get("largest_values", ()):
+        lines.append(f"    largest value {size / 2**20:.1f} MiB: {name}")
       d = p.get("dispatch")
       if d:
         lines.append(f"  token dispatch per MoE layer forward ({d['dispatch']} in use; {d['group']} devices per expert "
