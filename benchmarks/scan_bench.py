@@ -44,6 +44,9 @@ import jax.numpy as jnp  # noqa: E402
 import phds_jax as pj  # noqa: E402
 from phds_jax.eval import generate as generate_lib  # noqa: E402
 from phds_jax.model import losses  # noqa: E402
+from phds_jax.model import transformer  # noqa: E402
+
+transformer.MIN_SCAN_LAYERS = 1  # measure the scan itself at every depth (the default unrolls 1-2 layers)
 
 
 def _config(depth: int):

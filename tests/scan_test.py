@@ -22,7 +22,9 @@ _SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     import phds_jax as pj
-    from phds_jax.model import layout, sharding
+    from phds_jax.model import layout, sharding, transformer
+
+    transformer.MIN_SCAN_LAYERS = 1  # scan every run, however short (the default unrolls runs of 1-2 layers)
 
     # a dense first layer, then three MoE layers: runs [0] dense, [1, 2, 3] MoE
     cfg = pj.preset("tiny-qwen-moe").replace(vocab_size=64, mlp_only_layers=(0,))

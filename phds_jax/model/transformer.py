@@ -36,6 +36,11 @@ EXPERT_BACKENDS = ("auto", *experts_lib.BACKENDS)
 REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
 
+# Scanning a run of layers pays off from this many layers on; shorter runs are unrolled even when scanning
+# (benchmarks/scan_bench.py, 2-core CPU: at 2 layers unrolled compiles 12% and trains 8% faster, from 4 on
+# scanned is as fast or faster; docs/scan.md).
+MIN_SCAN_LAYERS = 3
+
 
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is MoE or dense by config."""
@@ -101,9 +106,10 @@ class Decoder(nn.Module):
   """tokens [B, L] -> logits [B, L, V] and the MoE layers' RouterStats, stacked [n_moe, ...].
 
   Each run of equal layers (`cfg.layer_runs`) keeps its parameters stacked on a leading layers axis and is
-  computed by one `jax.lax.scan` (`scan_layers`, compiled once whatever the depth) or by a Python loop over
-  the same parameters (unrolled: one copy of the layer per layer in the program). Both compute the same
-  function. A static per-layer k that differs between layers splits a run into scans of equal k.
+  computed by one `jax.lax.scan` (`scan_layers`, compiled once whatever the depth; runs shorter than
+  MIN_SCAN_LAYERS unrolled) or by a Python loop over the same parameters (unrolled: one copy of the layer per
+  layer in the program). Both compute the same function. A static per-layer k that differs between layers
+  splits a run into scans of equal k.
   """
 
   cfg: ModelConfig
@@ -168,6 +174,7 @@ class Decoder(nn.Module):
     cos, sin, mask, token_mask, cache_index = context
     layer = DecoderLayer(self.cfg, is_moe, self.param_dtype, self.expert_backend)
     n = seg.stop - seg.start
+    scan = self.scan_layers and n >= MIN_SCAN_LAYERS
     noisy = taus is not None
 
     def body(carry, xs):
@@ -179,9 +186,9 @@ class Decoder(nn.Module):
       return (constrain(x, ("batch", "length", "embed")), cache), stats
 
     if self.remat != "none" and cache is None:
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not scan)
     xs = (params, seg.start + jnp.arange(n, dtype=jnp.int32), moe_slots, k, taus)
-    if self.scan_layers:
+    if scan:
       (x, cache), stats = jax.lax.scan(body, (x, cache), xs)
       return x, stats, cache
     per_layer = []
