@@ -32,13 +32,14 @@ _SCRIPT = textwrap.dedent("""
     params = pj.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, cfg.vocab_size)
     k_rows = jnp.array([1, 2, 1, 2, 2, 1, 1, 2], jnp.int32)
-    cases = {  # name -> (forward keyword arguments, with gradients)
-        "static per-layer k (1, 2, 2): two scans": (dict(k=(1, 2, 2)), True),
+    cases = {  # name -> (forward keyword arguments, with gradients, also on 8 devices)
+        "static per-layer k (1, 2, 2): two scans": (dict(k=(1, 2, 2)), True, True),
         "traced per-layer k, soft mask, remat=full": (
-            dict(k=(k_rows, jnp.int32(1), k_rows), k_max=2, soft_mask_eps=1e-6, remat="full"), True),
-        "sorted backend, traced k per row": (dict(k=k_rows, k_max=2, expert_backend="sorted"), True),
-        "ragged backend": (dict(k=k_rows, k_max=2, expert_backend="ragged"), True),
-        "RoE, tau per layer": (dict(roe=pj.RoE(members=3, tau=(0.5, 0.0, 1.0), seed=2)), False),
+            dict(k=(k_rows, jnp.int32(1), k_rows), k_max=2, soft_mask_eps=1e-6, remat="full"), True, True),
+        "sorted backend, traced k per row": (dict(k=k_rows, k_max=2, expert_backend="sorted"), False, False),
+        "ragged backend": (dict(k=k_rows, k_max=2, expert_backend="ragged"), False, False),
+        "reference backend": (dict(k=k_rows, k_max=2, expert_backend="reference"), False, False),
+        "RoE, tau per layer": (dict(roe=pj.RoE(members=3, tau=(0.5, 0.0, 1.0), seed=2)), False, True),
     }
 
     def loss(params, kwargs, scan):
@@ -59,39 +60,38 @@ _SCRIPT = textwrap.dedent("""
     def diff(a, b):
       return max([0.0] + [float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
 
+    out, reference = {}, {}
+    for name, (kwargs, grads, _) in cases.items():  # one device, no mesh: unrolled against scanned
+      reference[name] = run(params, kwargs, False, grads)
+      out[name] = {"scanned": diff(reference[name], run(params, kwargs, True, grads))}
     mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-    out = {}
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
       sharded = jax.device_put(params, jax.tree_util.tree_map_with_path(
           lambda path, x: layout.layout_sharding(mesh, cfg)(sharding.path_keys(path), x.shape), params))
-      for i, (name, (kwargs, grads)) in enumerate(cases.items()):
-        reference = run(params, kwargs, False, grads)  # unrolled, one device
-        results = {"scanned": run(params, kwargs, True, grads), "scanned, 8 devices": run(sharded, kwargs, True, grads)}
-        if i < 1:
-          results["unrolled, 8 devices"] = run(sharded, kwargs, False, grads)
-        out[name] = {how: diff(reference, r) for how, r in results.items()}
-    # generation: scanned = unrolled tokens, per-prompt k and a Roster-of-Experts ensemble
+      for name, (kwargs, grads, on_mesh) in cases.items():
+        if on_mesh:
+          out[name]["scanned, 8 devices"] = diff(reference[name], run(sharded, kwargs, True, grads))
+    # generation: scanned = unrolled tokens, a k per prompt and a sampled Roster-of-Experts ensemble
     prompts = [[3, 5, 7], [11, 2, 9, 4, 8, 1], [6]]
-    for name, kw in {"generate, k per prompt": dict(k=[1, 2, 2]),
-                     "generate, RoE": dict(roe=pj.RoE(members=2, tau=0.7, seed=0), temperature=0.8, seed=3)}.items():
-      got = [pj.generate(cfg, params, prompts, max_new_tokens=6, scan_layers=s, **kw) for s in (True, False)]
-      out[name] = {"scanned": 0.0 if got[0] == got[1] else 1.0}
+    kw = dict(k=[1, 2, 2], roe=pj.RoE(members=2, tau=0.7, seed=0), temperature=0.8, seed=3)
+    got = [pj.generate(cfg, params, prompts, max_new_tokens=6, scan_layers=s, **kw) for s in (True, False)]
+    out["generate, k per prompt, RoE"] = {"scanned": 0.0 if got[0] == got[1] else 1.0}
     print(json.dumps(out))
 """)
 
 
 @pytest.mark.slow
 def test_scanned_layers_match_unrolled_and_one_device():
-  """Float32 logits, gradients and router losses within 1e-5 (scanned vs unrolled, one device vs a 2x2x2 mesh
-  of fsdp, expert and tensor) for static per-layer and traced k (per row and per layer), the sorted and ragged
-  expert backends besides the default (chunked, in the first two cases), remat and RoE on a stack with a dense first layer; generated
-  tokens identical."""
+  """Float32 logits, gradients and router losses within 1e-5 (scanned vs unrolled on one device, and on a
+  2x2x2 mesh of fsdp, expert and tensor) for static per-layer and traced k (per row and per layer), remat and
+  RoE; every other expert backend besides the default (chunked) scanned vs unrolled in the forward pass; on
+  a stack with a dense first layer; generated tokens identical."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(out) == 7
+  assert len(out) == 7 and sum(len(diffs) for diffs in out.values()) == 10
   bad = {name: d for name, diffs in out.items() for how, d in diffs.items() if d > 1e-5}
   assert not bad, bad
 
