@@ -401,3 +401,18 @@ def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(run
   assert _leaves_equal(best, best_uninterrupted)
   history = json.loads((workdir / "summary.json").read_text())["history"]
   assert history == runs["full"]["history"]
+
+
+def test_weight_decay_skips_norms_and_biases_also_when_stacked(tmp_path):
+  """AdamW's weight decay applies to matrices only: a stacked norm scale [NL, H] is a vector per layer."""
+  config = toy_train_config(tmp_path, **{"optim.weight_decay": 0.5, "optim.warmup_steps": 0})
+  cfg = pj.preset("tiny-qwen-moe")  # stacked runs, q/k/v biases, norms
+  params = pj.init_params(cfg, jax.random.key(0))
+  tx = train.make_optimizer(config.optim, 10, cfg)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {"/".join(sharding.path_keys(path)): bool(jnp.any(u != 0))
+           for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert not moved["layers_0_to_1/input_layernorm/scale"] and not moved["layers_0_to_1/self_attn/q_proj/bias"]
+  assert not moved["norm/scale"]
+  assert moved["layers_0_to_1/self_attn/q_proj/kernel"] and moved["layers_0_to_1/mlp/experts/gate_proj"]
+  assert moved["embed_tokens/embedding"]

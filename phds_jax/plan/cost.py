@@ -14,7 +14,7 @@ def forward_flops_per_token(cfg, width: int, context: float) -> float:
   keys on average (scores and values)."""
   flops = 0.0
   for spec in layout.param_layout(cfg):
-    if len(spec.shape) < 2 or spec.role == "embed":
+    if len(spec.layer_shape) < 2 or spec.role == "embed":  # vectors (norms, biases) are no matmul
       continue
     size = float(np.prod(spec.shape))
     flops += 2 * size * (width / cfg.num_experts if spec.kind == "experts" else 1)

@@ -94,12 +94,16 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW (no weight decay on vectors: norms, biases)."""
+def make_optimizer(optim, total_steps: int, cfg: ModelConfig) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (no weight decay on vectors: norms, biases; a stacked parameter is a
+  vector when one layer's slice is)."""
+  matrices = {spec.name for spec in layout.param_layout(cfg) if len(spec.layer_shape) > 1}
+  decayed = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(sharding_lib.path_keys(path)) in matrices, params)
   return optax.chain(
       optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
       optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+                  weight_decay=optim.weight_decay, mask=decayed))
 
 
 # ---- loss and steps ----------------------------------------------------------------------------------
@@ -110,7 +114,7 @@ class Trainer:
 
   def __init__(self, cfg: ModelConfig, config, mesh: jax.sharding.Mesh, total_steps: int):
     self.cfg, self.config, self.mesh = cfg, config, mesh
-    self.tx = make_optimizer(config.optim, total_steps)
+    self.tx = make_optimizer(config.optim, total_steps, cfg)
     self.schedule = make_schedule(config.optim, total_steps)
     self.soft_eps = config.phds.soft_mask_eps if config.phds.mask == "soft" else None
     self.traced = config.phds.k_mode == "traced"
