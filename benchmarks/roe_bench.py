@@ -36,11 +36,9 @@ def _args():
 
 
 ARGS = _args()
-os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
-
 from phds_jax import platforms  # noqa: E402
 
-platforms.use_cpu_without_accelerator()  # no libtpu probe on a machine without accelerators
+platforms.use_cpu_threads(ARGS.threads)  # before JAX starts; no libtpu probe without an accelerator
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 

@@ -36,6 +36,13 @@ def use_cpu_without_accelerator() -> None:
     sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+def use_cpu_threads(threads: int) -> None:
+  """For benchmarks, before JAX is imported: XLA's CPU thread count (unless XLA_FLAGS is set already) and
+  `use_cpu_without_accelerator`."""
+  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+  use_cpu_without_accelerator()
+
+
 def prepare_compile_only_tpu() -> None:
   """For compiling TPU programs on any machine (jax.experimental.topologies): the local backend is the
   CPU, and where no TPU is visible libtpu gets the settings that keep it from probing for one."""
