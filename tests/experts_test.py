@@ -177,10 +177,17 @@ def test_chunked_rows_scale_with_width():
     assert n <= computed <= 1.1 * n
 
 
-def test_auto_backend_is_per_platform():
+def test_auto_backend_is_per_platform_unless_the_process_names_one(monkeypatch):
+  monkeypatch.delenv(experts_lib.OVERRIDE_ENV, raising=False)  # the suite sets it (conftest.py)
   assert experts_lib.default_backend("cpu") == "chunked"
   assert experts_lib.default_backend("gpu") == "chunked"
   assert experts_lib.default_backend("tpu") == "ragged"
+  monkeypatch.setenv(experts_lib.OVERRIDE_ENV, "sorted")
+  assert [experts_lib.default_backend(p) for p in ("cpu", "gpu", "tpu")] == ["sorted"] * 3
+  monkeypatch.setenv(experts_lib.OVERRIDE_ENV, "fast")
+  with pytest.raises(ValueError, match=r"\$PHDS_JAX_EXPERT_BACKEND='fast'; choose one of"):
+    experts_lib.default_backend("cpu")
+  monkeypatch.delenv(experts_lib.OVERRIDE_ENV)
   x = jax.random.normal(jax.random.key(2), (T, H))
   w, r = _weights(), _routing(3)
   np.testing.assert_allclose(experts_lib.moe_ffn(x, r.experts, r.weights, w, "auto"),

@@ -10,12 +10,14 @@ with expert(x) = down(silu(gate(x)) * up(x)):
   - "chunked": tokens sorted by expert, each expert's group covered by a few chunks of one expert
     (power-of-two row counts, 8 to 256), looped over only the chunks in use: cost proportional to W
     however uneven the groups, and decoding reads only the routed experts' weights;
-  - "auto": "ragged" on TPU, "chunked" elsewhere (see `default_backend`).
+  - "auto": "ragged" on TPU, "chunked" elsewhere, unless $PHDS_JAX_EXPERT_BACKEND names one for the
+    process (see `default_backend`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -320,9 +322,19 @@ def chunked_moe(x: jax.Array, experts: jax.Array, weights: jax.Array, w: ExpertW
 BACKENDS = {"reference": reference_moe, "sorted": sorted_moe, "ragged": ragged_moe, "chunked": chunked_moe}
 
 
+OVERRIDE_ENV = "PHDS_JAX_EXPERT_BACKEND"
+
+
 def default_backend(platform: str) -> str:
-  """The expert backend "auto" resolves to: TPUs lower ragged_dot to grouped-matmul kernels; CPUs and
-  GPUs run it as dense matmuls over every expert, so they get the chunked backend."""
+  """The expert backend "auto" resolves to: $PHDS_JAX_EXPERT_BACKEND where set (one choice for every
+  program of the process, e.g. a backend that compiles fast for many short test runs); otherwise by
+  platform: TPUs lower ragged_dot to grouped-matmul kernels; CPUs and GPUs run it as dense matmuls over
+  every expert, so they get the chunked backend."""
+  override = os.environ.get(OVERRIDE_ENV, "")
+  if override:
+    if override not in BACKENDS:
+      raise ValueError(f"${OVERRIDE_ENV}={override!r}; choose one of {tuple(BACKENDS)} or leave it unset")
+    return override
   return "ragged" if platform == "tpu" else "chunked"
 
 
