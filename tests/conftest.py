@@ -230,13 +230,36 @@ def toy_train_config(tmp_path, **changes):
   return set_fields(c, **changes)
 
 
+def _module_fixtures(item) -> set:
+  """(file, name) of the module-scoped fixtures `item` uses: tests sharing one should run on one worker,
+  or each worker builds it again (the trainer's `runs` takes ~20 s)."""
+  defs = item._fixtureinfo.name2fixturedefs  # pylint: disable=protected-access
+  return {(str(item.path), name) for name, fixture in defs.items() if fixture and fixture[-1].scope == "module"}
+
+
 def pytest_collection_modifyitems(config, items):
-  """Longest first, spread over the workers: pytest-xdist's worksteal gives each worker a contiguous share of
-  this order at the start, so each share begins with its part of the `slow` tests; a worker that finishes
-  early steals short tests from the other's end instead of waiting on a long test started last."""
+  """Longest first, spread over the workers, and tests sharing a module-scoped fixture on one worker.
+
+  pytest-xdist's worksteal gives each worker an equal, contiguous share of this order at the start; a worker
+  that finishes early steals the last half of another's queue instead of waiting on a long test started last.
+  So each share begins with its part of the `slow` tests, then the tests that share a module fixture with
+  them (front of the queue: never stolen), then the rest, whose share boundary never splits the users of
+  one module fixture."""
   del config
   workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
   slow = [item for item in items if item.get_closest_marker("slow")]
   rest = [item for item in items if not item.get_closest_marker("slow")]
-  share = -(-len(rest) // workers)
-  items[:] = [item for w in range(workers) for item in slow[w::workers] + rest[w * share:(w + 1) * share]]
+  queues = [slow[w::workers] for w in range(workers)]
+  for queue in queues:
+    shared = set().union(*(_module_fixtures(item) for item in queue))
+    queue += [item for item in rest if _module_fixtures(item) & shared]
+    rest = [item for item in rest if not _module_fixtures(item) & shared]
+  size = -(-len(items) // workers)
+  for queue in queues[:-1]:
+    take = max(0, size - len(queue))
+    while 0 < take < len(rest) and _module_fixtures(rest[take]) & _module_fixtures(rest[take - 1]):
+      take += 1  # keep one module fixture's users together
+    queue += rest[:take]
+    rest = rest[take:]
+  queues[-1] += rest
+  items[:] = [item for queue in queues for item in queue]

@@ -1,7 +1,7 @@
 """Multi-process training on JAX's runtime: two CPU processes (2 devices each, coordinator on 127.0.0.1,
-gloo collectives) train like one process with 4 devices, write outputs from process 0 only, read only
-their own blocks of the model, stop together at one step when only one of them is preempted (SIGTERM),
-and leave checkpoints a one-process run resumes."""
+gloo collectives) train like one process, write outputs from process 0 only, read only their own blocks
+of the model, stop together at one step when only one of them is preempted (SIGTERM), and leave
+checkpoints a one-process run (on another number of devices) resumes."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import pytest
 
 import phds_jax as pj
@@ -88,11 +89,29 @@ def _close(a: dict, b: dict):
     assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
 
 
+def _in_this_process(config, workdir) -> dict:
+  """The run on this process's one device, as `_WORKER` reports it (bytes read from safetensors counted)."""
+  from phds_jax import main
+  from phds_jax.io.hf import safetensors_io
+  read, original = [], safetensors_io.SafetensorsFile.get
+
+  def counting(self, name, index=None):
+    out = original(self, name, index)
+    read.append(out.nbytes)
+    return out
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(safetensors_io.SafetensorsFile, "get", counting)
+    summary = main.run(config, str(workdir))
+  return {"processes": jax.process_count(), "devices": jax.device_count(), "bytes_read": sum(read),
+          "train_loss": {str(k): v for k, v in summary["train_loss"].items()}, "history": summary["history"],
+          "stopped_by": summary["stopped_by"]}
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
   """The same 4-step job on 2 processes x 2 devices (process 1 gets SIGTERM after step 1: a preemption) and
-  on 1 process x 4 devices, then the 2-process workdir resumed to step 4 by 1 process x 4 devices. Starts
-  from an HF directory."""
+  in this process (one device: sharding changes nothing, tests/train_test.py checks it on 8), then the
+  2-process workdir resumed to step 4 here. Starts from an HF directory."""
   tmp = tmp_path_factory.mktemp("distributed")
   config = toy_train_config(tmp, **{"train.steps": 4, "log_every": 1, "eval.every": 2, "mesh.data": 1,
                                     "mesh.fsdp": -1, "checkpoint.every": 2, "model.expert_backend": "reference"})
@@ -104,17 +123,16 @@ def two_process_runs(tmp_path_factory):
   (tmp / "full.json").write_text(config.to_json())
   port = _free_port()
   procs = [_start(tmp / "full.json", tmp / "two", i, 2, port, 2, sigterm_after=1) for i in range(2)]
-  one = _start(tmp / "full.json", tmp / "one", 0, 1, 0, 4)
+  one = _in_this_process(ml_collections.ConfigDict(json.loads(config.to_json())), tmp / "one")
   two = [_result(p) for p in procs]
-  one = _result(one)
-  resumed = _result(_start(tmp / "full.json", tmp / "two", 0, 1, 0, 4))
+  resumed = _in_this_process(ml_collections.ConfigDict(json.loads(config.to_json())), tmp / "two")
   return {"two": two, "one": one, "resumed": resumed, "model_bytes": model_bytes, "dirs": tmp}
 
 
 def _two_processes_train_like_one_with_the_same_devices(two_process_runs):
   two, one = two_process_runs["two"], two_process_runs["one"]
   assert [(r["processes"], r["devices"], r["local_devices"]) for r in two] == [(2, 4, 2)] * 2
-  assert (one["processes"], one["devices"]) == (1, 4)
+  assert (one["processes"], one["devices"]) == (1, 1)
   # both processes stop at the same step, before the end, though only process 1 was signalled
   assert [r["stopped_by"] for r in two] == ["preemption"] * 2
   assert list(two[0]["train_loss"]) == list(two[1]["train_loss"]) == [str(s) for s in range(1, _stop_step(two) + 1)]

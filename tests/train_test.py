@@ -389,9 +389,8 @@ def test_kill_9_at_random_moments_loses_no_checkpoint_and_ends_bit_identical(run
       killed.append(how)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
-  final = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-  assert final.returncode == 0, final.stderr[-3000:]
   assert len(killed) == 2, killed  # every planned kill landed before its run could finish
+  main.run(config, str(workdir))  # the last restart runs to the end (in this process: nothing to kill)
   with ocp.StandardCheckpointer() as checkpointer:
     ours = checkpointer.restore(workdir / "checkpoints" / "30" / "state")
     uninterrupted = checkpointer.restore(runs["a"] / "checkpoints" / "30" / "state")
