@@ -49,9 +49,14 @@ def setup(tmp_path_factory):
   return {"model": str(model_dir), "items": items, "tasks": str(task_dir)}
 
 
-def test_simple_evaluate_matches_our_multiple_choice(setup):
+def test_simple_evaluate_matches_our_multiple_choice(setup, monkeypatch):
   import lm_eval
+  from lm_eval import evaluator
   from lm_eval.tasks import TaskManager
+
+  # the environment report lm-eval adds to its results (torch's collect_env: pip and nvidia-smi in
+  # subprocesses, ~1 s per call) is not ours to test
+  monkeypatch.setattr(evaluator, "add_env_info", lambda results: None)
 
   import phds_jax.eval.lm_eval_adapter  # noqa: F401  (registers "phds_jax")
 

@@ -2,6 +2,7 @@
 asked through the `openai` client, httpx and a headless browser; SIGTERM draining in a subprocess."""
 
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -64,14 +65,22 @@ def served(tmp_path_factory):
   state.scheduler.drain(0)
 
 
+@functools.cache
+def _http():
+  """One httpx client for this file's plain HTTP calls: httpx.get/post build a client, and with it a TLS context
+  (the CA bundle parsed), per call: ~18 s of CPU over this file. Nothing kept alive: each request opens its
+  own connection, as those calls did."""
+  import httpx
+  return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def _client(url):
   import openai
   return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 def _metric(url, name, **labels) -> float:
-  import httpx
-  text = httpx.get(url + "/metrics").text
+  text = _http().get(url + "/metrics").text
   want = ",".join(f'{k}="{v}"' for k, v in labels.items())
   pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
   match = re.search(pattern, text, re.MULTILINE)
@@ -120,7 +129,6 @@ def test_greedy_output_equals_generate_and_transformers_with_mixed_k_sharing_the
 
 def test_programs_stay_flat_over_fifty_requests_with_mixed_settings(served):
   """k, per-layer k, temperature, top_p, seeds and ensembles never compile a new program."""
-  import httpx
   url, state, _, _ = served
   before = _metric(url, "phds_serve_compiled_programs")
   rng = np.random.RandomState(0)
@@ -135,7 +143,7 @@ def test_programs_stay_flat_over_fifty_requests_with_mixed_settings(served):
 
   bodies = [body(i) for i in range(50)]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    replies = list(pool.map(lambda b: httpx.post(url + "/v1/completions", json=b, timeout=60), bodies))
+    replies = list(pool.map(lambda b: _http().post(url + "/v1/completions", json=b, timeout=60), bodies))
   assert [r.status_code for r in replies] == [200] * 50
   assert all(r.json()["usage"]["completion_tokens"] <= 3 for r in replies)
   assert _metric(url, "phds_serve_compiled_programs") == before > 0
@@ -145,12 +153,11 @@ def test_programs_stay_flat_over_fifty_requests_with_mixed_settings(served):
 def test_overload_at_concurrency_32_completes_or_refuses_each_request_explicitly(served):
   """4 slots, a queue of 16, 32 clients at once with mixed k: each request either gets the tokens it asked for
   (finish_reason length, or stop at the end-of-sequence token) or a 429 with Retry-After; nothing hangs."""
-  import httpx
   url, state, _, _ = served
   bodies = [{"prompt": f"say first of : w{i} w{i + 1}", "max_tokens": 6, "temperature": 0, "k": 1 + i % 8}
             for i in range(32)]
   with concurrent.futures.ThreadPoolExecutor(32) as pool:
-    replies = list(pool.map(lambda b: httpx.post(url + "/v1/completions", json=b, timeout=60), bodies))
+    replies = list(pool.map(lambda b: _http().post(url + "/v1/completions", json=b, timeout=60), bodies))
   codes = [r.status_code for r in replies]
   assert set(codes) <= {200, 429} and codes.count(200) >= 16, codes  # at least a full queue's worth is served
   for reply in replies:
@@ -211,9 +218,8 @@ def test_chat_uses_the_template_or_the_plain_fallback(served):
 
 
 def test_bad_requests_get_400_naming_the_field(served):
-  import httpx
   url, _, _, _ = served
-  post = lambda body, **kw: httpx.post(url + "/v1/completions", timeout=30, **({"json": body} | kw))
+  post = lambda body, **kw: _http().post(url + "/v1/completions", timeout=30, **({"json": body} | kw))
   cases = {
       "body": post(None, content=b"{not json"),
       "k": post({"prompt": "w1", "k": 9}),
@@ -250,13 +256,13 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(served):
   bound = state.scheduler.max_waiting
   state.scheduler.max_waiting = 0
   try:
-    reply = httpx.post(url + "/v1/completions", json={"prompt": "w1"})
+    reply = _http().post(url + "/v1/completions", json={"prompt": "w1"})
   finally:
     state.scheduler.max_waiting = bound
   assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
   assert _metric(url, "phds_serve_rejected_total") >= 1
   cancelled = _metric(url, "phds_serve_requests_total", finish_reason="cancelled")
-  with httpx.stream("POST", url + "/v1/completions", json={"prompt": "w1", "max_tokens": 40, "stream": True,
+  with _http().stream("POST", url + "/v1/completions", json={"prompt": "w1", "max_tokens": 40, "stream": True,
                                                            "temperature": 0, "k": 1, "stop": ["never"]}) as r:
     next(r.iter_lines())  # the first chunk, then the client goes away
   deadline = time.monotonic() + 20
@@ -270,7 +276,7 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(served):
   engine.generate = lambda decode_state: (time.sleep(0.05), step(decode_state))[1]  # 40 tokens: 2 s
   try:
     with pytest.raises(httpx.TimeoutException):
-      httpx.post(url + "/v1/completions", timeout=0.3,
+      _http().post(url + "/v1/completions", timeout=0.3,
                  json={"prompt": "w1", "max_tokens": 40, "temperature": 0, "k": 1, "stop": ["never"]})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _metric(url, "phds_serve_requests_total",
@@ -283,15 +289,14 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(served):
 
 
 def test_an_api_key_guards_every_route_but_health(served):
-  import httpx
   url, state, _, _ = served
   state.api_key = "s3cret"
   try:
-    assert httpx.get(url + "/health").status_code == 200
+    assert _http().get(url + "/health").status_code == 200
     for path in ("/v1/models", "/metrics", "/"):
-      assert httpx.get(url + path).status_code == 401
-    assert httpx.post(url + "/v1/completions", json={"prompt": "w1"}).status_code == 401
-    assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+      assert _http().get(url + path).status_code == 401
+    assert _http().post(url + "/v1/completions", json={"prompt": "w1"}).status_code == 401
+    assert _http().get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
   finally:
     state.api_key = ""
 
@@ -320,24 +325,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(served, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
       try:
-        if httpx.get(url + "/health").status_code == 200:
+        if _http().get(url + "/health").status_code == 200:
           break
       except httpx.TransportError:
         pass
       time.sleep(0.1)
     ask = {"prompt": "say first of : w3 w4", "max_tokens": 8, "temperature": 0, "k": 1}
-    assert (httpx.post(url + "/v1/completions", json=ask).json()["choices"][0]["text"] ==
-            httpx.post(served[0] + "/v1/completions", json=ask).json()["choices"][0]["text"])
+    assert (_http().post(url + "/v1/completions", json=ask).json()["choices"][0]["text"] ==
+            _http().post(served[0] + "/v1/completions", json=ask).json()["choices"][0]["text"])
     lines, reasons = [], []
-    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={  # ~1000 decode steps: the drain waits
+    with _http().stream("POST", url + "/v1/completions", timeout=120, json={  # ~1000 decode steps: the drain waits
         "prompt": "w1", "max_tokens": 1000, "stream": True, "temperature": 0, "stop": ["never"]}) as r:
       for line in r.iter_lines():
         if not lines:
           proc.send_signal(signal.SIGTERM)
-          while httpx.get(url + "/health").status_code != 503:
+          while _http().get(url + "/health").status_code != 503:
             time.sleep(0.005)
-          assert httpx.get(url + "/health").json() == {"status": "draining"}
-          assert httpx.post(url + "/v1/completions", json={"prompt": "w1"}).status_code == 503
+          assert _http().get(url + "/health").json() == {"status": "draining"}
+          assert _http().post(url + "/v1/completions", json={"prompt": "w1"}).status_code == 503
         lines.append(line)
         if line.startswith("data: {"):
           reasons.append(json.loads(line[6:])["choices"][0]["finish_reason"])
