@@ -274,13 +274,15 @@ def pytest_collection_modifyitems(config, items):
   share boundary never splits the users of one module fixture."""
   del config
   workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+  fixtures = {item.nodeid: _module_fixtures(item) for item in items}
+  shares = lambda a, b: bool(fixtures[a.nodeid] & fixtures[b.nodeid])
   slow = [item for item in items if item.get_closest_marker("slow")]
   rest = [item for item in items if not item.get_closest_marker("slow")]
   queues = []
   for w in range(workers):
     groups = []
     for item in slow[w::workers]:  # each slow test with the tests sharing its module fixtures
-      followers = [other for other in rest if _module_fixtures(other) & _module_fixtures(item)]
+      followers = [other for other in rest if shares(other, item)]
       rest = [other for other in rest if other not in followers]
       groups.append([item, *followers])
     groups.sort(key=len, reverse=True)  # shared fixtures first: their users run before anything is stolen
@@ -288,7 +290,7 @@ def pytest_collection_modifyitems(config, items):
   size = -(-len(items) // workers)
   for queue in queues[:-1]:
     take = max(0, size - len(queue))
-    while 0 < take < len(rest) and _module_fixtures(rest[take]) & _module_fixtures(rest[take - 1]):
+    while 0 < take < len(rest) and shares(rest[take], rest[take - 1]):
       take += 1  # keep one module fixture's users together
     queue += rest[:take]
     rest = rest[take:]

@@ -25,10 +25,9 @@ _WORKER = textwrap.dedent("""
     with open(sys.argv[1]) as f:
       config = ml_collections.ConfigDict(json.load(f))
     process_id, processes = int(sys.argv[3]), int(sys.argv[4])
-    if processes > 1:
-      config.distributed.enabled = True
-      config.distributed.coordinator_address = f"127.0.0.1:{sys.argv[5]}"
-      config.distributed.num_processes, config.distributed.process_id = processes, process_id
+    config.distributed.enabled = True
+    config.distributed.coordinator_address = f"127.0.0.1:{sys.argv[5]}"
+    config.distributed.num_processes, config.distributed.process_id = processes, process_id
     from phds_jax.io.hf import safetensors_io
     read = []
     original = safetensors_io.SafetensorsFile.get
@@ -89,8 +88,9 @@ def _close(a: dict, b: dict):
     assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
 
 
-def _in_this_process(config, workdir) -> dict:
-  """The run on this process's one device, as `_WORKER` reports it (bytes read from safetensors counted)."""
+def _in_this_process(config_path, workdir) -> dict:
+  """The run of the config JSON on this process's one device, as `_WORKER` reports it (bytes read from
+  safetensors counted)."""
   from phds_jax import main
   from phds_jax.io.hf import safetensors_io
   read, original = [], safetensors_io.SafetensorsFile.get
@@ -101,7 +101,7 @@ def _in_this_process(config, workdir) -> dict:
     return out
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(safetensors_io.SafetensorsFile, "get", counting)
-    summary = main.run(config, str(workdir))
+    summary = main.run(ml_collections.ConfigDict(json.loads(config_path.read_text())), str(workdir))
   return {"processes": jax.process_count(), "devices": jax.device_count(), "bytes_read": sum(read),
           "train_loss": {str(k): v for k, v in summary["train_loss"].items()}, "history": summary["history"],
           "stopped_by": summary["stopped_by"]}
@@ -123,9 +123,9 @@ def two_process_runs(tmp_path_factory):
   (tmp / "full.json").write_text(config.to_json())
   port = _free_port()
   procs = [_start(tmp / "full.json", tmp / "two", i, 2, port, 2, sigterm_after=1) for i in range(2)]
-  one = _in_this_process(ml_collections.ConfigDict(json.loads(config.to_json())), tmp / "one")
+  one = _in_this_process(tmp / "full.json", tmp / "one")
   two = [_result(p) for p in procs]
-  resumed = _in_this_process(ml_collections.ConfigDict(json.loads(config.to_json())), tmp / "two")
+  resumed = _in_this_process(tmp / "full.json", tmp / "two")
   return {"two": two, "one": one, "resumed": resumed, "model_bytes": model_bytes, "dirs": tmp}
 
 
