@@ -137,6 +137,18 @@ def test_user_errors_are_one_message_before_any_work(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_reading_a_config_does_not_import_jax():
+  """`import phds_jax` imports its public names on first use, and a config file is plain data: the command
+  line's mistakes in flags and files are reported without importing JAX (1.4 s), orbax or grain."""
+  code = ("import sys; import phds_jax; from phds_jax.main import _flag_error; "
+          "from phds_jax.cli import config_docs; sys.path.insert(0, 'configs'); import tiny, olmoe, serve; "
+          "tiny.get_config(); olmoe.get_config('steps=7'); serve.get_config(); "
+          "print(sorted(m for m in ('jax', 'orbax', 'grain', 'torch', 'transformers') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]"
+
+
 def test_config_problems_are_all_listed(hf_dirs, tmp_path):
   src, _ = hf_dirs["olmoe_gqa_clip_norm"]  # 8 experts
   config = load_config("olmoe", "steps=7", **{

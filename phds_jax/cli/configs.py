@@ -196,7 +196,7 @@ def model_override_fields() -> ml_collections.ConfigDict:
 
 
 def _default_rules() -> dict[str, str]:
-  from phds_jax.model.sharding import DEFAULT_RULES  # pylint: disable=g-import-not-at-top  (imports jax)
+  from phds_jax.model.axes import DEFAULT_RULES  # pylint: disable=g-import-not-at-top
 
   return {name: ",".join(axes) for name, axes in DEFAULT_RULES.items()}
 

@@ -3,7 +3,7 @@
 Activations and parameters name logical axes ("batch", "embed", "exp", ...; parameters in
 model/layout.py); rules map each to mesh axes. The mesh has a per-slice part ("data", "fsdp", "expert",
 "tensor": devices joined by ICI) and a "slice" axis across slices (DCN; size 1 on one slice) used for data
-parallelism only. `DEFAULT_RULES` is the project's table; a config's `axis_rules` replaces it for a run
+parallelism only. `DEFAULT_RULES` (model/axes.py) is the project's table; a config's `axis_rules` replaces it for a run
 (`with axis_rules(...)`). Rules are read when a function is traced. A dimension that its mesh axes do not
 divide evenly stays replicated, so any mesh shape is valid for any model; a logical axis the rules do not
 name is an error, never silently replicated.
@@ -19,25 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-SLICE_AXIS = "slice"
-ICI_AXES = ("data", "fsdp", "expert", "tensor")
-MESH_AXES = (SLICE_AXIS, *ICI_AXES)
-
-# logical axis -> mesh axes (in order)
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": (SLICE_AXIS, "data", "fsdp", "expert"),
-    "length": (),
-    # dense weights shard over the expert axis too; expert weights (exp first) take "expert" for their
-    # experts, so their embed dim gets "fsdp" only (an axis already used by a dim is skipped)
-    "embed": ("fsdp", "expert"),
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "mlp": ("tensor",),
-    "exp": ("expert",),
-    "norm": (),
-    "router": (),
-    "layers": (),  # the stacked decoder layers (scanned): replicated (no pipelining)
-}
+from phds_jax.model.axes import DEFAULT_RULES, ICI_AXES, MESH_AXES, SLICE_AXIS  # noqa: F401  (re-exported)
 
 _RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar("phds_axis_rules",
                                                                                       default=DEFAULT_RULES)
