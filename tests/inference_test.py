@@ -60,3 +60,17 @@ def test_power():
   assert inference.power(0.5, n, 0.02) == pytest.approx(0.80, abs=0.005)
   assert inference.power(0.5, 10, 0.0) == pytest.approx(inference.ALPHA, abs=1e-6)
   assert inference.power(0.5, 10 * n, 0.02) > 0.999
+
+
+def test_expert_specialisation_summary():
+  """Two families on disjoint halves of 4 experts: the family tells 1 bit of the expert's 2 (0.5 of log E);
+  the same use for both: nothing."""
+  import numpy as np
+
+  from experiments import specialisation
+
+  split = specialisation.summary({"a": np.array([[5.0, 5.0, 0.0, 0.0]]), "b": np.array([[0.0, 0.0, 7.0, 7.0]])})
+  assert split["mutual_information"] == [0.5] and split["entropy"] == {"a": [0.5], "b": [0.5]}
+  assert split["entropy_pooled"] == [1.0] and sorted(split["top_experts"]["b"][0][:2]) == [2, 3]
+  alike = specialisation.summary({"a": np.array([[1.0, 2.0, 3.0, 4.0]]), "b": np.array([[2.0, 4.0, 6.0, 8.0]])})
+  assert alike["mutual_information"] == [0.0]

@@ -102,6 +102,14 @@ def items(family: str, n: int, seed: int, exclude_groups: frozenset[str] | set[s
   return out
 
 
+def sample(family: str, n: int, seed: int) -> list[Item]:
+  """`n` items of `family` drawn independently with `seed` (groups may repeat): pre-training data."""
+  if family not in FAMILIES:
+    raise ValueError(f"unknown task family {family!r}; the families are {list(FAMILIES)}")
+  rng = random.Random(f"sample/{family}/{seed}")
+  return [FAMILIES[family](rng) for _ in range(n)]
+
+
 def split(family: str, n_eval: int, n_train: int, seed: int) -> tuple[list[Item], list[Item]]:
   """(evaluation, fine-tuning) items of `family` for `seed`, no group in both. For the families with few
   facts (arith, after) the evaluation takes at most half of them."""
