@@ -64,6 +64,16 @@ class Settings:
       copycolors=("copycolors:xl_10way", 30, 70), arithmetic=("basic_skills_arithmetic:rc_5shot", 60, 500),
       pattern=("basic_skills_pattern:rc_5shot", 80, 500), logic=("basic_skills_logical_reasoning:rc_5shot", 80, 500))
   latency: dict[str, int] = _dict(batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
+  # the synthetic base (experiments/synthetic_base.py): tiny-olmoe's shape with expert_size-wide experts in
+  # the 51-token vocabulary, trained at k_pre on `items` draws of the families, weighted by `mixture` (the two
+  # families that store facts twice: they are what needs the experts); 800 steps take ~9 min on 2 cores
+  synthetic_base: dict[str, Any] = _dict(
+      num_experts=16, k_pre=4, hidden_size=128, expert_size=256, layers=4, steps=800, batch_size=16,
+      seq_len=128, lr=3e-3, warmup_steps=20, items=60000,
+      mixture={"lookup": 1, "arith": 2, "after": 2, "pattern": 1, "count": 1})
+  # family -> (evaluation items per seed, fine-tuning items per seed); "after" is never fine-tuned on
+  synthetic_tasks: dict[str, tuple[int, int]] = _dict(
+      lookup=(300, 2000), arith=(150, 150), after=(130, 0), pattern=(300, 2000), count=(300, 2000))
   base_root: str = ""
   version: int = 1  # bump when the data or the base recipe changes: cached files are keyed by it
 

@@ -298,3 +298,33 @@ def _config_from_flags(flags):
   workdir = options.pop("workdir")
   configs.apply_arg(config, ";".join(f"{key[len('config.'):]}={value}" for key, value in options.items()))
   return config, workdir
+
+
+def test_synthetic_base_builds_once_and_reports_accuracy_per_family_and_k(tmp_path, capsys):
+  """A shrunken synthetic base (1 layer, 4 experts, k_pre 2, 3 steps): built, measured on two seeds' items,
+  written as markdown and JSON whose accuracies are the scoring's; a second call finds it cached."""
+  from experiments import synthetic_base
+  from phds_jax.data import synthetic
+
+  settings = dataclasses.replace(
+      DEFAULT, base_root=str(tmp_path / "base"),
+      synthetic_base={**DEFAULT.synthetic_base, "num_experts": 4, "k_pre": 2, "hidden_size": 32,
+                      "expert_size": 16, "layers": 1, "steps": 3, "batch_size": 4, "seq_len": 64, "items": 140},
+      synthetic_tasks={family: (6, 0) for family in synthetic.FAMILIES})
+  report_file = str(tmp_path / "BASE.md")
+  report = synthetic_base.main(["--seeds=0,1", f"--report={report_file}"], settings)
+  assert sorted(report["accuracy"]) == ["0", "1"] and report["ks"] == [1, 2] and report["items_per_seed"] == 30
+  for rows in report["accuracy"].values():
+    for row in rows.values():
+      assert set(row) == {*synthetic.FAMILIES, "mean"} and all(v * 6 == round(v * 6) for v in row.values()
+                                                                if v is not row["mean"])
+      assert row["mean"] == pytest.approx(np.mean([row[f] for f in synthetic.FAMILIES]))
+  gaps = report["gap_k_pre_minus_k1"]
+  assert gaps["0"] == pytest.approx(report["accuracy"]["0"]["2"]["mean"] - report["accuracy"]["0"]["1"]["mean"])
+  assert len(report["specialisation"]["mutual_information"]) == 1  # one MoE layer
+  assert json.load(open(tmp_path / "BASE.json"))["accuracy"] == report["accuracy"]
+  text = open(report_file).read()
+  assert "| 2 (k_pre) |" in text and "mutual information" in text
+  capsys.readouterr()
+  synthetic_base.main(["--seeds=0", f"--report={report_file}"], settings)
+  assert "synthetic base: cached in" in capsys.readouterr().out

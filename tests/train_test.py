@@ -300,6 +300,19 @@ def test_load_balance_coefficient_defaults_to_the_models_own(tmp_path):
   assert train.Trainer(cfg, config, mesh, 1).lb_coef == 0.05
 
 
+def test_without_phds_the_k_set_is_not_read(tmp_path):
+  """phds.enabled=False trains at k_pre: a k set the model could not run (k=9 of 8 experts) is neither
+  refused by the config check nor used for the traced k's bound."""
+  from phds_jax.cli import config_check
+
+  config = toy_train_config(tmp_path, **{"phds.enabled": False, "phds.k_values": "9"})
+  cfg = load_lib.run_model_config(config)
+  assert train.Trainer(cfg, config, sharding.make_mesh(dict(config.mesh)), 1).k_max == cfg.k_pre
+  assert not [p for p in config_check.train_problems(config) if "phds.k_values" in p]
+  config.phds.enabled = True
+  assert any(p.startswith("phds.k_values='9'") for p in config_check.train_problems(config))
+
+
 def test_an_oracle_is_selected_and_exported_at_its_own_k(tmp_path):
   """A fixed-k run (phds.k_values=1, hard mask, no anchoring) selects by the validation loss at k=1, not at
   k_pre=2, and exports with num_experts_per_tok=1."""

@@ -214,7 +214,8 @@ def _training_problems(config, num_experts: Optional[int]) -> list[str]:
   out += _choice(config, "train.remat", ("none", "dots", "full"))
   out += _choice(config, "phds.anchor_shape", sparsity.SHAPES)
   out += _choice(config, "optim.decay", ("cosine", "linear", "constant"))
-  out += settings.k_grid_problems("phds.k_values", config.phds.k_values, num_experts)
+  if config.phds.enabled:  # else every step runs at k_pre and phds.k_values is not read
+    out += settings.k_grid_problems("phds.k_values", config.phds.k_values, num_experts)
   out += settings.k_grid_problems("eval.k_values", config.eval.k_values, num_experts)
   out += _selection_problems(config, num_experts)
   out += _trainable_problems(config.train.trainable)

@@ -118,7 +118,8 @@ class Trainer:
     self.schedule = make_schedule(config.optim, total_steps)
     self.soft_eps = config.phds.soft_mask_eps if config.phds.mask == "soft" else None
     self.traced = config.phds.k_mode == "traced"
-    self.k_max = max(settings.parse_numbers(config.phds.k_values)) if self.traced else None
+    train_ks = settings.parse_numbers(config.phds.k_values) if config.phds.enabled else [cfg.k_pre]
+    self.k_max = max(train_ks) if self.traced else None  # without PHDS every step runs at k_pre
     self.n_moe = len(cfg.moe_layer_indices)
     self.expert_backend = resolve_expert_backend(config.model.expert_backend, mesh.devices.flat[0].platform)
     self.objective = losses.OBJECTIVES[config.train.objective]
