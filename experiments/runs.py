@@ -18,7 +18,6 @@ class Run:
   group: str
   fields: dict[str, Any]  # dotted config fields set on top of the scale's fine-tuning config
   claim: str
-  eval_k: tuple[int, ...] = ()  # the declared k it is evaluated at; () = the scale's whole grid
 
 
 def runs(scale: Scale) -> list[Run]:
@@ -27,9 +26,9 @@ def runs(scale: Scale) -> list[Run]:
   phds = {"phds.k_values": scale.wide_k, "phds.mask": "soft", "phds.soft_mask_eps": 1e-6, "phds.anchor": True,
           "train.trainable": "all"}
   out = [Run("base", "baseline", {}, "a")]
-  for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at and evaluated at their own k only
+  for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at their own k; evaluated at every k
     fields = {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False, "phds.k_mode": "static"}
-    out.append(Run(f"oracle_k{k}", "oracles", fields, "b,c", eval_k=(k,)))
+    out.append(Run(f"oracle_k{k}", "oracles", fields, "b,c"))  # oracle_k{k_pre}: plain SFT at k_pre
   out.append(Run("phds", "phds", phds, "b,c,d"))
   out.append(Run("phds_no_anchor", "phds", {**phds, "phds.anchor": False}, "d"))
   for subset in ("attention", "experts", "router"):
@@ -37,6 +36,9 @@ def runs(scale: Scale) -> list[Run]:
   for eps, name in ((1e-3, "1e-3"), (1e-9, "1e-9")):
     out.append(Run(f"phds_eps_{name}", "mask", {**phds, "phds.soft_mask_eps": eps}, "ablation"))
   out.append(Run("phds_hard_mask", "mask", {**phds, "phds.mask": "hard"}, "ablation"))
+  for name, fields in (("phds_bf16", {}), ("phds_eps_1e-3_bf16", {"phds.soft_mask_eps": 1e-3}),
+                       ("phds_hard_mask_bf16", {"phds.mask": "hard"})):  # where pod runs compute
+    out.append(Run(name, "mask", {**phds, **fields, "train.compute_dtype": "bfloat16"}, "ablation"))
   out.append(Run("phds_narrow_k", "kset", {**phds, "phds.k_values": scale.narrow_k}, "ablation"))
   return out
 
@@ -60,33 +62,23 @@ def load_config_file(relative: str, arg: Optional[str] = None):
   return module.get_config(arg)
 
 
-def tiny_base_config(settings: Settings):
-  """configs/tiny.py with the study base's expert count, k_pre, corpus and pre-training recipe."""
-  config = load_config_file("configs/tiny.py")
-  base = settings.base
-  config.model.overrides.num_experts = base["num_experts"]
-  config.model.overrides.num_experts_per_tok = base["k_pre"]
-  config.model.overrides.update(settings.model_overrides)
-  config.builtin.text_docs = base["text_docs"]
-  config.pretrain.steps, config.pretrain.batch_size = base["steps"], base["batch_size"]
-  config.pretrain.seq_len, config.pretrain.lr = base["seq_len"], base["lr"]
-  config.pretrain.warmup_steps = base["warmup_steps"]
-  return config
-
-
 def finetune_config(settings: Settings, run: Run, base_path: str, tokenizer: str, data_dir: str, seed: int,
                     scale: Scale):
-  """The fine-tuning config of `run` at tiny scale (phds_jax.train.loop.train_and_evaluate)."""
+  """The fine-tuning config of `run` at tiny scale (phds_jax.train.loop.train_and_evaluate) from the
+  synthetic base at `base_path`."""
+  from experiments import synthetic_base  # pylint: disable=g-import-not-at-top
   from phds_jax.cli import configs  # pylint: disable=g-import-not-at-top
 
-  config = tiny_base_config(settings)
+  config = configs.base_config()
   f = settings.finetune
+  config.model.preset, config.model.overrides = "tiny-olmoe", synthetic_base.model_overrides(settings)
   config.mode, config.model_path, config.tokenizer_path, config.seed = "train", base_path, tokenizer, seed
   config.data.format, config.data.val_files = "sft", ""
   config.data.train_files = os.path.join(data_dir, "train.jsonl")
   config.data.seq_len, config.data.max_loss_tokens = f["seq_len"], f["max_loss_tokens"]
   config.data.val_fraction, config.data.seed, config.phds.seed = f["val_fraction"], seed, seed
   config.train.steps, config.train.batch_size = scale.steps, f["batch_size"]
+  config.train.compute_dtype = "float32"
   config.optim.lr, config.optim.warmup_steps = f["lr"], f["warmup_steps"]
   config.eval.k_values, config.eval.every, config.checkpoint.every = str(scale.k_pre), f["every"], f["every"]
   config.checkpoint.keep, config.export_hf, config.log_every = 1, False, 30

