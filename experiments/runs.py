@@ -24,7 +24,7 @@ def runs(scale: Scale) -> list[Run]:
   """Every run of the study at `scale`. "phds" (wide k set, soft mask eps 1e-6, anchoring, all parameters
   trained) is the reference the ablations change one thing of; it appears once, in the group "phds"."""
   phds = {"phds.k_values": scale.wide_k, "phds.mask": "soft", "phds.soft_mask_eps": 1e-6, "phds.anchor": True,
-          "train.trainable": "all"}
+          "phds.anchor_start_frac": scale.anchor_start_frac, "train.trainable": "all"}
   out = [Run("base", "baseline", {}, "a")]
   for k in scale.k_grid:  # oracles: fixed k, hard top-k, selected at their own k; evaluated at every k
     fields = {"phds.k_values": str(k), "phds.mask": "hard", "phds.anchor": False, "phds.k_mode": "static"}

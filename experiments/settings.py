@@ -22,6 +22,7 @@ class Scale:
   wide_k: str  # PHDS k_train set (every k of the grid)
   narrow_k: str  # the paper's kind of set: k_pre / 2 .. k_pre
   steps: int  # fine-tuning steps per run
+  anchor_start_frac: float = 0.8  # PHDS anchors on the lowest k from this fraction of the steps on
   topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
   eval_flags: tuple[str, ...] = ()  # pod scale: main.py flags of the evaluation jobs (configs/eval.py)
 
@@ -32,7 +33,7 @@ _POD_EVAL = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.pa
              "--config.model.expert_backend=chunked")
 SCALES = {
     "tiny": Scale("tiny", "configs/tiny.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4", narrow_k="2,3,4",
-                  steps=60),
+                  steps=60, anchor_start_frac=0.6),
     "olmoe": Scale("olmoe", "configs/olmoe.py", k_pre=8, k_grid=(1, 2, 4, 6, 8), wide_k="1,2,3,4,5,6,7,8",
                    narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16",
                    eval_flags=_POD_EVAL + ("--config.eval.batch_size=16",)),
@@ -56,7 +57,7 @@ class Settings:
   scales: dict[str, Scale] = dataclasses.field(default_factory=lambda: dict(SCALES))
   model_overrides: dict[str, Any] = _dict()
   finetune: dict[str, Any] = _dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10,
-                                   every=30, val_fraction=0.1)
+                                   every=12, val_fraction=0.1)  # validate (and keep) every 12 steps: 5 candidates
   latency: dict[str, int] = _dict(batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
   # the synthetic base (experiments/synthetic_base.py): tiny-olmoe's shape with expert_size-wide experts in
   # the 51-token vocabulary, trained at k_pre on `items` draws of the families, weighted by `mixture` (the two

@@ -68,6 +68,19 @@ def method_values(runs, ks, fn_at, k_pre: int) -> dict[str, dict[int, dict[int, 
   return out
 
 
+def selection_table(runs) -> list[str]:
+  """Which checkpoint each fine-tune selected, per seed: its step and the schedule's phase then (an
+  anchoring phase that selection discards did not shape the model that was evaluated)."""
+  rows = [(name, seed, r) for name in sorted(runs) for seed, r in sorted(runs[name].items()) if "best_step" in r]
+  if not rows:
+    return []
+  by_run = {}
+  for name, seed, r in rows:
+    by_run.setdefault(name, []).append(f"seed {seed}: step {r['best_step']} ({r['selected_phase']})")
+  lines = ["## Selected checkpoints", "", "| run | selected (per seed) |", "|---|---|"]
+  return lines + [f"| {name} | {'; '.join(cells)} |" for name, cells in by_run.items()] + [""]
+
+
 def per_task_table(runs, name: str, ks) -> str:
   tasks = sorted(next(iter(runs[name].values()))["evaluation"][str(ks[0])]["tasks"])
   lines = [f"| {name}: task (items) | " + " | ".join(f"k={k}" for k in ks) + " |",
@@ -223,6 +236,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
+  lines += selection_table(runs)
   roe = summarize_roe.section(out, runs, ks, k_pre, directory)
   if roe:
     lines += roe[0]
