@@ -13,16 +13,31 @@ from experiments.runs import Run
 from experiments.settings import Scale
 
 
-def from_eval_results(eval_results: dict[str, Any], label: str) -> dict[str, Any]:
+def from_eval_results(eval_results: dict[str, Any], label: str,
+                      answers: dict[str, list[int]]) -> dict[str, Any]:
   """The eval job's rows of checkpoint `label` as study_eval.json's "evaluation" (task eval_<name>.jsonl
-  becomes <name>; the NLL of eval.sft_files is the held-out loss)."""
+  becomes <name>, with each item's correctness from `answers` (name -> answer per item) and its answer NLL;
+  the NLL of eval.sft_files is the held-out loss)."""
   out = {}
   for k, row in eval_results["results"][label].items():
     tasks = {}
     for file_name, task in row["tasks"].items():
       name = re.sub(r"^eval_(.+)\.jsonl$", r"\1", os.path.basename(file_name))
       tasks[name] = {key: task[key] for key in ("acc", "acc_se", "n", "predictions")}
+      tasks[name]["correct"] = [int(p == a) for p, a in zip(task["predictions"], answers[name])]
+      tasks[name]["answer_nll"] = [round(-v, 5) for v in task["answer_logprobs"]]
     out[str(k)] = {"tasks": tasks, "heldout_nll": row["nll"]}
+  return out
+
+
+def _answers(data_dir: str) -> dict[str, list[int]]:
+  """name -> the answer of each item of data_dir's eval_<name>.jsonl files."""
+  out = {}
+  for file_name in sorted(os.listdir(data_dir)):
+    match = re.match(r"^eval_(.+)\.jsonl$", file_name)
+    if match:
+      with open(os.path.join(data_dir, file_name), encoding="utf-8") as f:
+        out[match.group(1)] = [json.loads(line)["answer"] for line in f if line.strip()]
   return out
 
 
@@ -40,6 +55,7 @@ def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str)
   missing = []
   for seed in seeds:
     split = _read(os.path.join(out, "data", f"seed{seed}", "split.json"))
+    answers = _answers(os.path.join(out, "data", f"seed{seed}"))
     for run in chosen:
       run_dir = os.path.join(out, f"seed{seed}", run.name)
       path = os.path.join(run_dir, "eval", "eval_results.json")
@@ -49,7 +65,7 @@ def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str)
       eval_results = _read(path)
       result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
                 "split": split, "k_pre": scale.k_pre, "scale": scale.name,
-                "evaluation": from_eval_results(eval_results, run.name)}
+                "evaluation": from_eval_results(eval_results, run.name, answers)}
       summary_file = os.path.join(run_dir, "summary.json")
       if os.path.isfile(summary_file):
         summary = _read(summary_file)

@@ -261,8 +261,10 @@ def test_collect_takes_the_summary_and_the_base_latency(tmp_path):
   out = tmp_path / "study"
   (out / "data" / "seed0").mkdir(parents=True)
   (out / "data" / "seed0" / "split.json").write_text(json.dumps({"seed": 0, "tasks": {}}))
+  (out / "data" / "seed0" / "eval_logic.jsonl").write_text(
+      "".join(json.dumps({"context": "q", "choices": ["a", "b"], "answer": a}) + "\n" for a in (1, 1)))
   task = {"acc": 0.5, "acc_se": 0.5, "acc_norm": 0.5, "acc_norm_se": 0.5, "n": 2, "predictions": [1, 0],
-          "agreement": 1.0, "agreement_se": 0.0}
+          "answer_logprobs": [-0.25, -2.0], "agreement": 1.0, "agreement_se": 0.0}
   for name, latency in (("base", {"decode_ms_per_token": 3.0}), ("phds", None)):
     rows = {str(k): {"tasks": {"/x/eval_logic.jsonl": task}, "nll": 2.0 + k} for k in scale.k_grid}
     for row in rows.values():
@@ -276,7 +278,7 @@ def test_collect_takes_the_summary_and_the_base_latency(tmp_path):
   phds = json.load(open(out / "seed0" / "phds" / "study_eval.json"))
   assert (phds["group"], phds["claim"], phds["best_step"]) == ("phds", "b,c,d", 7)
   assert phds["selected_phase"] == "anchoring"
-  logic = {"acc": 0.5, "acc_se": 0.5, "n": 2, "predictions": [1, 0]}
+  logic = {"acc": 0.5, "acc_se": 0.5, "n": 2, "predictions": [1, 0], "correct": [1, 0], "answer_nll": [0.25, 2.0]}
   assert phds["evaluation"]["8"] == {"tasks": {"logic": logic}, "heldout_nll": 10.0}
   assert json.load(open(out / "latency.json")) == {str(k): {"decode_ms_per_token": 3.0} for k in scale.k_grid}
 

@@ -98,7 +98,7 @@ def evaluate_checkpoint(cfg, params, tokenizer, tasks, text_batches, ks, referen
     row: dict[str, Any] = {"tasks": {}}
     for name, r in multiple_choice(k).items():
       same = np.array(r["predictions"]) == np.array(reference[name])
-      keys = ("acc", "acc_se", "acc_norm", "acc_norm_se", "n", "predictions")
+      keys = ("acc", "acc_se", "acc_norm", "acc_norm_se", "n", "predictions", "answer_logprobs")
       row["tasks"][name] = {key: r[key] for key in keys}
       row["tasks"][name].update(agreement=float(np.mean(same)), agreement_se=evaluate.standard_error(same))
     if tasks:

@@ -115,27 +115,30 @@ def projected_positions(batches: Sequence[dict[str, np.ndarray]]) -> int:
 def multiple_choice(cfg: ModelConfig, params, tokenizer, items: Sequence[dict[str, Any]], *, k: int,
                     batch_size: int = 32, truncate: bool = True, expert_backend: str = "auto",
                     roe: Optional[RoE] = None) -> dict[str, Any]:
-  """acc, acc_norm (each with its standard error over items, *_se), the item count n and the predicted
-  choices (raw and length-normalised) per item at top-k (with `roe`, by a routing ensemble)."""
+  """acc, acc_norm (each with its standard error over items, *_se), the item count n, the predicted choices
+  (raw and length-normalised) and the answer's log-probability (summed over its tokens) per item at top-k
+  (with `roe`, by a routing ensemble)."""
   pairs = []
   for item in items:
     context = tokenizer.encode(item["context"], add_special_tokens=False)
     pairs += [(context, tokenizer.encode(choice, add_special_tokens=False)) for choice in item["choices"]]
   scores = continuation_logprobs(cfg, params, pairs, k=k, batch_size=batch_size, truncate=truncate,
                                  expert_backend=expert_backend, roe=roe)
-  predicted, predicted_norm = [], []
+  predicted, predicted_norm, answer_logprobs = [], [], []
   at = 0
   for item in items:
     s = scores[at:at + len(item["choices"])]
     lengths = np.array([max(1, len(c)) for c in item["choices"]], np.float64)
     predicted.append(int(np.argmax(s)))
     predicted_norm.append(int(np.argmax(s / lengths)))
+    answer_logprobs.append(float(s[item["answer"]]))
     at += len(item["choices"])
   answers = np.array([item["answer"] for item in items])
   correct, correct_norm = np.array(predicted) == answers, np.array(predicted_norm) == answers
   return {"acc": float(np.mean(correct)), "acc_se": standard_error(correct),
           "acc_norm": float(np.mean(correct_norm)), "acc_norm_se": standard_error(correct_norm),
-          "predictions": predicted, "predictions_norm": predicted_norm, "n": len(items)}
+          "predictions": predicted, "predictions_norm": predicted_norm, "answer_logprobs": answer_logprobs,
+          "n": len(items)}
 
 
 def standard_error(values) -> float:
