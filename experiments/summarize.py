@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 from experiments.settings import ROOT
 from experiments import summarize_roe
-from experiments.stats import (per_seed, spread, paired, fmt, verdict, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, claim_words, claim_lines, as_json)
+from experiments import inference
+from experiments import verdicts
+from experiments.stats import (per_seed, spread, fmt, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, as_json)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -68,6 +70,26 @@ def method_values(runs, ks, fn_at, k_pre: int) -> dict[str, dict[int, dict[int, 
   return out
 
 
+def kappa_lines(runs, ks, k_pre: int) -> list[str]:
+  """Agreement with k_pre corrected for chance (Cohen's kappa, items of all seeds pooled): within PHDS,
+  within plain SFT at k_pre, and across the oracle family."""
+  low = [k for k in ks if k < k_pre]
+  rows = [("PHDS (k vs k_pre, one checkpoint)", lambda k: verdicts.kappa(runs, "phds", k, "phds", k_pre)),
+          ("plain SFT at k_pre (k vs k_pre, one checkpoint)",
+           lambda k: verdicts.kappa(runs, f"oracle_k{k_pre}", k, f"oracle_k{k_pre}", k_pre)),
+          ("oracle family (oracle_k at k vs oracle_k_pre)",
+           lambda k: verdicts.kappa(runs, f"oracle_k{k}", k, f"oracle_k{k_pre}", k_pre))]
+  cells = [(label, [fn(k) for k in low]) for label, fn in rows]
+  cells = [(label, values) for label, values in cells if any(v is not None for v in values)]
+  if not cells:
+    return []
+  lines = ["**Agreement with k_pre, chance-corrected** (Cohen's kappa; 1 = the same predictions, 0 = as by "
+           "chance)", "", "| | " + " | ".join(f"k={k}" for k in low) + " |", "|---" * (len(low) + 1) + "|"]
+  lines += [f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |"
+            for label, values in cells]
+  return lines + [""]
+
+
 def selection_table(runs) -> list[str]:
   """Which checkpoint each fine-tune selected, per seed: its step and the schedule's phase then (an
   anchoring phase that selection discards did not shape the model that was evaluated)."""
@@ -91,39 +113,6 @@ def per_task_table(runs, name: str, ks) -> str:
              for k in ks]
     lines.append(f"| {task} ({n}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def claims(runs, ks, k_pre: int) -> list[tuple[str, list[tuple[str, dict[int, float]]]]]:
-  """Each claim with the paired differences that test it."""
-  low = [k for k in ks if k < k_pre]
-
-  def acc(name, k):
-    return per_seed(runs, name, acc_at(k))
-
-  def nll(name, k):
-    return per_seed(runs, name, nll_at(k))
-
-  out = [("(a) the base tolerates moderate k shifts: base accuracy and held-out loss at k minus at k_pre",
-          [(f"acc k={k} - k_pre", paired(acc("base", k), acc("base", k_pre))) for k in low] +
-          [(f"held-out NLL k={k} - k_pre", paired(nll("base", k), nll("base", k_pre))) for k in low]),
-         ("(b) PHDS matches or beats the oracle at each k: acc(phds, k) - acc(oracle_k, k)",
-          [(f"k={k}", paired(acc("phds", k), acc(f"oracle_k{k}", k))) for k in ks]),
-         ("(c) PHDS raises cross-sparsity agreement: agreement within phds (k vs k_pre) - within the oracle "
-          "family (oracle_k at k vs oracle_k_pre at k_pre)",
-          [(f"k={k}", paired(per_seed(runs, "phds", self_agreement_at(k, k_pre)),
-                             oracle_family_agreement(runs, k, k_pre))) for k in low]),
-         ("(d) anchoring helps the lowest k: acc(phds) - acc(phds_no_anchor)",
-          [(f"k={k}", paired(acc("phds", k), acc("phds_no_anchor", k))) for k in ks])]
-  gap = {k: paired(acc("phds_train_attention", k), acc("phds_train_experts", k)) for k in ks}
-  out.append(("(e) attention matters more as k drops: acc(attention only) - acc(experts only), and how much "
-              "larger that difference is at k than at k_pre",
-              [(f"k={k}", gap[k]) for k in ks] +
-              [(f"k={k} minus k_pre", paired(gap[k], gap[k_pre])) for k in low]))
-  for name, what in (("phds_eps_1e-3", "soft-mask eps 1e-3"), ("phds_eps_1e-9", "soft-mask eps 1e-9"),
-                     ("phds_hard_mask", "the hard mask"), ("phds_narrow_k", "the narrow k set")):
-    out.append((f"ablation: {what} instead of the reference PHDS: acc({name}) - acc(phds)",
-                [(f"k={k}", paired(acc(name, k), acc("phds", k))) for k in ks]))
-  return out
 
 
 def plots(values_acc, values_agree, latency, ks, directory: str) -> list[str]:
@@ -186,7 +175,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   latency_file = os.path.join(out, "latency.json")
   latency = json.load(open(latency_file, encoding="utf-8")) if os.path.isfile(latency_file) else {}
   seeds = sorted({s for r in runs.values() for s in r})
-  tests = claims(runs, ks, k_pre)
+  tests = verdicts.tests(runs, ks, k_pre)
   acc = method_values(runs, ks, acc_at, k_pre)
   nll = method_values(runs, ks, nll_at, k_pre)
   agree = {m: {k: per_seed(runs, m, self_agreement_at(k, k_pre)) for k in ks} for m in METHOD_ORDER if m in runs}
@@ -229,10 +218,15 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
     lines += [f"| {k} | {latency[str(k)]['decode_ms_per_token']:.2f} | {latency[str(k)]['prefill_tokens_per_s']:.0f} |"
               for k in ks if str(k) in latency]
     lines.append("")
-  lines += ["## Claim by claim (differences paired by seed)", "",
-            "Verdict: positive / negative when every seed has that sign and the mean is more than two standard "
-            "errors (std / sqrt(seeds)) from 0; otherwise no clear difference.", "",
-            claim_words(tests), "", claim_lines(tests)]
+  lines += ["## Claim by claim (paired per item, seeds pooled)", "",
+            f"Each comparison pairs the same evaluation items of the same seeds (pooled: {len(seeds)} seeds). "
+            "Difference: first minus second, oriented so that > 0 means the first is better (accuracy; answer NLL "
+            "as second minus first; agreement with k_pre). 95% CI: bootstrap over items within each seed "
+            f"({inference.BOOTSTRAP} resamples). Holm p: the bootstrap p corrected over all {len(tests)} "
+            "comparisons of this report. Verdict: \"holds\" / \"contradicted\" where Holm p < 0.05 and the sign "
+            "agrees / disagrees with the claim; \"differs\" (significant, no direction claimed); otherwise "
+            "\"inconclusive\".", "", verdicts.power_line(runs, ks), "", *kappa_lines(runs, ks, k_pre),
+            *verdicts.markdown(tests)]
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
@@ -246,9 +240,10 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   data = {"command": command, "commit": _commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
           "accuracy": as_json(acc), "heldout_nll": as_json(nll), "agreement": as_json(agree),
           "decode_ms_per_token": {k: v["decode_ms_per_token"] for k, v in latency.items()},
-          "claims": [{"claim": title, "differences": [dict(zip(("name", "mean", "std", "seeds"), (name, *spread(d))),
-                                                           verdict=verdict(d)) for name, d in diffs if d]}
-                     for title, diffs in tests]}
+          "claims": [{"claim": t.claim, "name": t.name, "endpoint": t.endpoint, "expected_sign": t.expected,
+                      "mean": t.comparison.mean, "low": t.comparison.low, "high": t.comparison.high,
+                      "p": t.comparison.p, "p_holm": t.comparison.p_holm, "items": t.comparison.n,
+                      "verdict": t.comparison.verdict(t.expected)} for t in tests]}
   if roe:
     data["roe"] = roe[1]
   return text, data

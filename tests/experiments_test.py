@@ -19,6 +19,7 @@ from experiments import runs as runs_lib
 from experiments import stats
 from experiments import study
 from experiments import summarize
+from experiments import verdicts
 from experiments.settings import DEFAULT
 from phds_jax import main
 from phds_jax.cli import configs
@@ -122,7 +123,9 @@ def _result(run, seed, predictions, answers, k_pre=2, nll=1.0):
   for k, pred in predictions.items():
     correct = np.array(pred) == np.array(answers)
     evaluation[str(k)] = {"tasks": {"t": {"acc": float(correct.mean()), "acc_se": 0.0, "n": len(pred),
-                                          "predictions": list(pred)}}, "heldout_nll": nll + (k_pre - k)}
+                                          "predictions": list(pred), "correct": correct.astype(int).tolist(),
+                                          "answer_nll": (1.0 - correct).tolist()}},
+                          "heldout_nll": nll + (k_pre - k)}
   return {"run": run, "group": "g", "seed": seed, "k_pre": k_pre, "evaluation": evaluation,
           "split": {"tasks": {"t": {"eval_items": len(answers), "train_items": 0}}}}
 
@@ -143,17 +146,28 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   # oracle family at k=1: oracle_k1@1 vs oracle_k2@2 = [1,1,0,shift] vs [0,0,0,0]
   assert stats.oracle_family_agreement(runs, 1, 2) == {0: 0.5, 1: 0.25, 2: 0.5}
   assert stats.per_seed(runs, "phds", stats.self_agreement_at(1, 2)) == {0: 0.75, 1: 0.75, 2: 0.75}
-  tests = dict(summarize.claims(runs, [1, 2], 2))
-  c = dict(tests[[t for t in tests if t.startswith("(c)")][0]])["k=1"]
-  assert c == {0: 0.25, 1: 0.5, 2: 0.25} and stats.verdict(c) == "positive"
-  b = dict(tests[[t for t in tests if t.startswith("(b)")][0]])["k=1"]  # phds 0.75 vs oracle 0.5 / 0.25 / 0.5
-  assert b == {0: 0.25, 1: 0.5, 2: 0.25}
-  assert stats.verdict({0: 0.1, 1: -0.1, 2: 0.2}) == "no clear difference"
+  tests = {(t.claim, t.name, t.endpoint): t for t in verdicts.tests(runs, [1, 2], 2)}
+  # (c) per item: phds agrees [1,1,1,0]; the oracle family [0,0,1,1] (seeds 0, 2) or [0,0,1,0] (seed 1)
+  family = "(c) agreement with k_pre: PHDS (within one checkpoint) minus the oracle family"
+  c = tests[(family, "k=1", "agreement")].comparison
+  assert c.mean == pytest.approx((0.25 + 0.5 + 0.25) / 3) and c.n == 12 and c.seeds == 3
+  # controlled: plain SFT at k_pre (oracle_k2) predicts the same at k=1 and k=2: it agrees on every item
+  within = "(c) agreement with k_pre within one checkpoint: PHDS minus plain SFT at k_pre"
+  assert tests[(within, "k=1", "agreement")].comparison.mean == pytest.approx(-0.25)
+  oracle = "(b) PHDS minus the oracle fine-tuned at k"
+  b = tests[(oracle, "k=1", "accuracy")].comparison  # phds 0.75 vs oracle 0.5 / 0.25 / 0.5 per seed
+  assert b.mean == pytest.approx(1 / 3) and b.low <= b.mean <= b.high
+  assert tests[(oracle, "k=1", "answer NLL")].comparison.mean == pytest.approx(1 / 3)  # NLL = 1 - correct here
+  assert all(t.comparison.p_holm >= t.comparison.p for t in tests.values())
+  assert {t.comparison.verdict(t.expected) for t in tests.values()} <= {"holds", "contradicted", "differs",
+                                                                         "inconclusive"}
   text, results = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
   assert "| base | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text  # accuracy of the base at k=1, k=2
   assert results["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
   assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
   json.dumps(results, allow_nan=False)  # strict JSON: no NaN for missing runs
+  assert "Holm p" in text and "Power: with 12 paired items" in text and "Cohen's kappa" in text
+  assert {c["verdict"] for c in results["claims"]} <= {"holds", "contradicted", "differs", "inconclusive"}
   assert "Roster of Experts" not in text
 
   # experiments/roe.py's outputs: M = 2 at k = 1, 2 on base and phds; M = 1 is the study's own evaluation

@@ -1,0 +1,163 @@
+"""Every claim of the study as paired per-item comparisons (inference.py): accuracy and answer NLL, each
+item of each seed compared between two (run, k) evaluations, pooled over seeds with a bootstrap 95%
+interval; Holm's correction over all of a report's comparisons; the verdict words tied to them.
+
+An outcome is read from study_eval.json: per task, "correct" (1/0) and "answer_nll" per item. Both endpoints
+are oriented so that a positive difference means the first evaluation is better (NLL: B minus A).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from experiments import inference
+
+ENDPOINTS = {"accuracy": ("correct", +1), "answer NLL": ("answer_nll", -1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Test:
+  claim: str  # the claim or ablation it belongs to
+  name: str  # what is compared, e.g. "k=1"
+  endpoint: str  # a key of ENDPOINTS
+  expected: int  # +1: the claim says the difference is positive; 0: no direction claimed
+  comparison: inference.Comparison
+
+
+def outcomes(result: Mapping[str, Any], k: int, key: str) -> Optional[np.ndarray]:
+  """One evaluation's per-item outcome `key` ("correct" / "answer_nll"), tasks in sorted order, or None."""
+  row = result["evaluation"].get(str(k))
+  if row is None or any(key not in task for task in row["tasks"].values()):
+    return None
+  return np.concatenate([np.asarray(row["tasks"][name][key], np.float64) for name in sorted(row["tasks"])])
+
+
+def differences(runs, a: tuple[str, int], b: tuple[str, int], endpoint: str) -> dict[int, np.ndarray]:
+  """seed -> per-item (A - B) oriented so that positive = A better, for seeds where both exist."""
+  key, sign = ENDPOINTS[endpoint]
+  out = {}
+  for seed, result_a in runs.get(a[0], {}).items():
+    result_b = runs.get(b[0], {}).get(seed)
+    if result_b is None:
+      continue
+    x, y = outcomes(result_a, a[1], key), outcomes(result_b, b[1], key)
+    if x is not None and y is not None and x.shape == y.shape:
+      out[seed] = sign * (x - y)
+  return out
+
+
+def _agreement(result, k: int, reference: tuple[Any, int]) -> Optional[np.ndarray]:
+  """Per item: 1 if the prediction at k equals the reference evaluation's prediction."""
+  def predictions(r, kk):
+    row = r["evaluation"].get(str(kk))
+    return None if row is None else np.concatenate([row["tasks"][n]["predictions"] for n in sorted(row["tasks"])])
+  x, y = predictions(result, k), predictions(*reference)
+  return None if x is None or y is None else (x == y).astype(np.float64)
+
+
+def agreement_differences(runs, a: str, b: str, k: int, k_pre: int,
+                          b_reference: Optional[str] = None) -> dict[int, np.ndarray]:
+  """seed -> per item: agreement of run a at k with itself at k_pre, minus that of run b at k with
+  `b_reference` (default b itself) at k_pre."""
+  out = {}
+  for seed, result_a in runs.get(a, {}).items():
+    result_b, ref = runs.get(b, {}).get(seed), runs.get(b_reference or b, {}).get(seed)
+    if result_b is None or ref is None:
+      continue
+    x, y = _agreement(result_a, k, (result_a, k_pre)), _agreement(result_b, k, (ref, k_pre))
+    if x is not None and y is not None and x.shape == y.shape:
+      out[seed] = x - y
+  return out
+
+
+def kappa(runs, name: str, k: int, reference: str, k_ref: int) -> Optional[float]:
+  """Cohen's kappa of run `name` at k against run `reference` at k_ref, items of every seed pooled."""
+  xs, ys = [], []
+  for seed, result in runs.get(name, {}).items():
+    ref = runs.get(reference, {}).get(seed)
+    if ref is None or str(k) not in result["evaluation"] or str(k_ref) not in ref["evaluation"]:
+      continue
+    for r, kk, out in ((result, k, xs), (ref, k_ref, ys)):
+      row = r["evaluation"][str(kk)]["tasks"]
+      out.append(np.concatenate([row[n]["predictions"] for n in sorted(row)]))
+  if not xs:
+    return None
+  return inference.cohen_kappa(np.concatenate(xs), np.concatenate(ys))
+
+
+def tests(runs, ks: Sequence[int], k_pre: int) -> list[Test]:
+  """Every comparison of the report, Holm-corrected together."""
+  low = [k for k in ks if k < k_pre]
+  sft = f"oracle_k{k_pre}"  # plain SFT at k_pre
+  plan = []  # (claim, name, expected, {endpoint: per-seed differences})
+
+  def both(a, b):
+    return {endpoint: differences(runs, a, b, endpoint) for endpoint in ENDPOINTS}
+
+  for k in low:
+    plan.append(("(a) the base at k minus at k_pre", f"k={k}", 0, both(("base", k), ("base", k_pre))))
+  for k in ks:
+    plan.append(("(b) PHDS minus the oracle fine-tuned at k", f"k={k}", +1, both(("phds", k), (f"oracle_k{k}", k))))
+  for k in low:
+    plan.append(("(b) PHDS minus plain SFT at k_pre, both dialled to k", f"k={k}", +1,
+                 both(("phds", k), (sft, k))))
+  for k in low:
+    plan.append(("(c) agreement with k_pre: PHDS (within one checkpoint) minus the oracle family", f"k={k}", +1,
+                 {"agreement": agreement_differences(runs, "phds", f"oracle_k{k}", k, k_pre, sft)}))
+    plan.append(("(c) agreement with k_pre within one checkpoint: PHDS minus plain SFT at k_pre", f"k={k}", +1,
+                 {"agreement": agreement_differences(runs, "phds", sft, k, k_pre)}))
+  lowest = min(ks)
+  for k in ks:
+    plan.append(("(d) PHDS with anchoring minus without", f"k={k}", +1 if k == lowest else 0,
+                 both(("phds", k), ("phds_no_anchor", k))))
+  for k in low:
+    gap = {}
+    for endpoint in ENDPOINTS:
+      at_k = differences(runs, ("phds_train_attention", k), ("phds_train_experts", k), endpoint)
+      at_pre = differences(runs, ("phds_train_attention", k_pre), ("phds_train_experts", k_pre), endpoint)
+      gap[endpoint] = {s: at_k[s] - at_pre[s] for s in at_k if s in at_pre}
+    plan.append(("(e) attention-only minus experts-only fine-tuning, at k minus at k_pre", f"k={k}", +1, gap))
+  for name in ("phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_bf16", "phds_eps_1e-3_bf16",
+               "phds_hard_mask_bf16", "phds_narrow_k"):
+    reference = "phds_bf16" if name.endswith("_bf16") and name != "phds_bf16" else "phds"
+    for k in ks:
+      plan.append((f"ablation: {name} minus {reference}", f"k={k}", 0, both((name, k), (reference, k))))
+  raw = {}
+  for i, (claim, name, expected, by_endpoint) in enumerate(plan):
+    for endpoint, diffs in by_endpoint.items():
+      if diffs:
+        raw[(i, endpoint)] = (claim, name, endpoint, expected, inference.paired(diffs, seed=i))
+  corrected = inference.holm({key: value[-1] for key, value in raw.items()})
+  return [Test(claim, name, endpoint, expected, corrected[key])
+          for key, (claim, name, endpoint, expected, _) in raw.items()]
+
+
+def markdown(found: Sequence[Test]) -> list[str]:
+  """One table per claim: the difference with its 95% interval, Holm's p and the verdict."""
+  lines = []
+  for claim in dict.fromkeys(t.claim for t in found):
+    mine = [t for t in found if t.claim == claim]
+    lines += [f"**{claim}**", "", "| compared | endpoint | difference [95% CI] | items | Holm p | verdict |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {t.name} | {t.endpoint} | {t.comparison.fmt()} | {t.comparison.n} | {t.comparison.p_holm:.3g} "
+              f"| {t.comparison.verdict(t.expected)} |" for t in mine]
+    lines.append("")
+  return lines
+
+
+def power_line(runs, ks: Sequence[int]) -> str:
+  """The power to detect an accuracy difference of 0.02 with this many items, from the spread of the
+  per-item differences of PHDS and the oracles (before the correction)."""
+  by_k = [differences(runs, ("phds", k), (f"oracle_k{k}", k), "accuracy") for k in ks]
+  pooled = [d for diffs in by_k for d in diffs.values()]
+  if not pooled:
+    return ""
+  values = np.concatenate(pooled)
+  n = max(sum(len(d) for d in diffs.values()) for diffs in by_k)
+  sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+  return (f"Power: with {n} paired items per comparison (seeds pooled) and a per-item standard deviation of "
+          f"{sd:.3f} (PHDS vs the oracles), a true accuracy difference of 0.02 is found with probability "
+          f"{inference.power(sd, n, 0.02):.2f} at the 5% level, before the correction for multiple tests.")
