@@ -81,5 +81,6 @@ def finetune_config(settings: Settings, run: Run, base_path: str, tokenizer: str
   config.train.compute_dtype = "float32"
   config.optim.lr, config.optim.warmup_steps = f["lr"], f["warmup_steps"]
   config.eval.k_values, config.eval.every, config.checkpoint.every = str(scale.k_pre), f["every"], f["every"]
+  config.eval.at_start = False  # select among the fine-tuned checkpoints (the paper), never the base itself
   config.checkpoint.keep, config.export_hf, config.log_every = 1, False, 30
   return configs.set_fields(config, run.fields)

@@ -56,7 +56,7 @@ class Settings:
 
   scales: dict[str, Scale] = dataclasses.field(default_factory=lambda: dict(SCALES))
   model_overrides: dict[str, Any] = _dict()
-  finetune: dict[str, Any] = _dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=2e-3, warmup_steps=10,
+  finetune: dict[str, Any] = _dict(batch_size=8, seq_len=128, max_loss_tokens=32, lr=5e-4, warmup_steps=10,
                                    every=12, val_fraction=0.1)  # validate (and keep) every 12 steps: 5 candidates
   latency: dict[str, int] = _dict(batch_size=1, prompt_len=32, decode_tokens=16, repeats=5)
   # the synthetic base (experiments/synthetic_base.py): tiny-olmoe's shape with expert_size-wide experts in
@@ -68,7 +68,7 @@ class Settings:
       mixture={"lookup": 1, "arith": 2, "after": 2, "pattern": 1, "count": 1})
   # family -> (evaluation items per seed, fine-tuning items per seed); "after" is never fine-tuned on
   synthetic_tasks: dict[str, tuple[int, int]] = _dict(
-      lookup=(300, 2000), arith=(150, 150), after=(130, 0), pattern=(300, 2000), count=(300, 2000))
+      lookup=(300, 600), arith=(150, 150), after=(130, 0), pattern=(300, 600), count=(300, 600))
   base_root: str = ""
   version: int = 2  # bump when the data or the base recipe changes: cached files are keyed by it
 
