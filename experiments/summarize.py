@@ -29,7 +29,7 @@ from experiments.settings import ROOT
 from experiments import summarize_roe
 from experiments import inference
 from experiments import verdicts
-from experiments.stats import (per_seed, spread, fmt, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, as_json)
+from experiments.stats import (per_seed, fmt, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, as_json)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -115,44 +115,64 @@ def per_task_table(runs, name: str, ks) -> str:
   return "\n".join(lines)
 
 
-def plots(values_acc, values_agree, latency, ks, directory: str) -> list[str]:
+def _per_item(runs, name: str, k: int, fn) -> dict[int, Any]:
+  """seed -> fn(result, k) (a per-item array) for run `name`, where it exists."""
+  out = {}
+  for seed, result in runs.get(name, {}).items():
+    value = fn(result, k)
+    if value is not None:
+      out[seed] = value
+  return out
+
+
+def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
+  """Accuracy vs k, accuracy vs measured decode latency, agreement with k_pre vs k: each point the mean over
+  every evaluation item of every seed, its bar the bootstrap 95% interval (inference.paired), methods
+  side by side (small x offsets), the chance level drawn."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  shown = [m for m in ("base", "oracle (own k)", "phds", "phds_no_anchor", "phds_narrow_k") if m in values_acc]
+  correct = lambda r, k: verdicts.outcomes(r, k, "correct")
+  agrees = lambda r, k: verdicts.agreement_with(r, k, (r, k_pre))
+  sft = f"oracle_k{k_pre}"
+  curves = {"base": lambda k, fn: _per_item(runs, "base", k, fn),
+            "plain SFT at k_pre": lambda k, fn: _per_item(runs, sft, k, fn),
+            "oracle (own k)": lambda k, fn: _per_item(runs, f"oracle_k{k}", k, fn),
+            "phds": lambda k, fn: _per_item(runs, "phds", k, fn),
+            "phds_no_anchor": lambda k, fn: _per_item(runs, "phds_no_anchor", k, fn)}
+  seeds = len({s for r in runs.values() for s in r})
   written = []
-
-  def curve(ax, values, x_of, method):
-    xs, ms, ss = [], [], []
-    for k in ks:
-      m, s, n = spread(values[method].get(k, {}))
-      if n:
-        xs.append(x_of(k))
-        ms.append(m)
-        ss.append(s)
-    ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=method)
-
-  for name, values, x_of, xlabel, ylabel in (
-      ("accuracy_vs_k.png", values_acc, lambda k: k, "declared k (k_ev)", "accuracy (mean over tasks)"),
-      ("accuracy_vs_latency.png", values_acc, lambda k: latency[str(k)]["decode_ms_per_token"],
-       "decode latency (ms / token, measured)", "accuracy (mean over tasks)"),
-      ("agreement_vs_k.png", values_agree, lambda k: k, "declared k (k_ev)", "agreement with k_pre")):
+  for name, fn, x_of, xlabel, ylabel, title in (
+      ("accuracy_vs_k.png", correct, float, "declared k (k_ev)", "accuracy", "Accuracy by declared k"),
+      ("accuracy_vs_latency.png", correct, lambda k: latency[str(k)]["decode_ms_per_token"],
+       "decode latency (ms / token, measured)", "accuracy", "Accuracy by measured decode latency"),
+      ("agreement_vs_k.png", agrees, float, "declared k (k_ev)", "share of items predicted as at k_pre",
+       "Agreement with k_pre (within one checkpoint)")):
     if name == "accuracy_vs_latency.png" and not latency:
       continue
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in shown:
-      if method in values:
-        curve(ax, values, x_of, method)
-    if name != "accuracy_vs_latency.png":
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = [m for m in curves if any(curves[m](k, fn) for k in ks)]
+    if name == "agreement_vs_k.png":
+      drawn = [m for m in drawn if m != "oracle (own k)"]  # an oracle agrees with itself only at its own k
+    for i, method in enumerate(drawn):
+      points = [(k, inference.paired(curves[method](k, fn))) for k in ks if curves[method](k, fn)]
+      offset = (i - (len(drawn) - 1) / 2) * (0.05 if x_of is float else 0.0)
+      xs = [x_of(k) + offset for k, _ in points]
+      means = [c.mean for _, c in points]
+      bars = [[c.mean - c.low for _, c in points], [c.high - c.mean for _, c in points]]
+      ax.errorbar(xs, means, yerr=bars, marker="o", markersize=4, capsize=3, label=method)
+    if fn is correct:
+      ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="chance (0.10)")
+    if x_of is float:
       ax.set_xticks(list(ks))
+    ax.set_title(f"{title}\n(all items of {seeds} seed(s); bars: bootstrap 95% interval)", fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(directory, name)
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(directory, name), dpi=110)
     plt.close(fig)
     written.append(name)
   return written
@@ -181,8 +201,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   agree = {m: {k: per_seed(runs, m, self_agreement_at(k, k_pre)) for k in ks} for m in METHOD_ORDER if m in runs}
   agree["oracle family"] = {k: oracle_family_agreement(runs, k, k_pre) for k in ks}
   directory = os.path.dirname(os.path.abspath(results_path))
-  pngs = plots(acc, {m: v for m, v in agree.items() if m != "phds_narrow_k"} | {"oracle (own k)": agree["oracle family"]},
-               latency, ks, directory)
+  pngs = plots(runs, ks, k_pre, latency, directory)
   split = any_result["split"]["tasks"]
   lines = [
       f"# Results of the study at {any_result.get('scale', 'tiny')} scale",

@@ -49,7 +49,7 @@ def differences(runs, a: tuple[str, int], b: tuple[str, int], endpoint: str) -> 
   return out
 
 
-def _agreement(result, k: int, reference: tuple[Any, int]) -> Optional[np.ndarray]:
+def agreement_with(result, k: int, reference: tuple[Any, int]) -> Optional[np.ndarray]:
   """Per item: 1 if the prediction at k equals the reference evaluation's prediction."""
   def predictions(r, kk):
     row = r["evaluation"].get(str(kk))
@@ -67,7 +67,7 @@ def agreement_differences(runs, a: str, b: str, k: int, k_pre: int,
     result_b, ref = runs.get(b, {}).get(seed), runs.get(b_reference or b, {}).get(seed)
     if result_b is None or ref is None:
       continue
-    x, y = _agreement(result_a, k, (result_a, k_pre)), _agreement(result_b, k, (ref, k_pre))
+    x, y = agreement_with(result_a, k, (result_a, k_pre)), agreement_with(result_b, k, (ref, k_pre))
     if x is not None and y is not None and x.shape == y.shape:
       out[seed] = x - y
   return out
