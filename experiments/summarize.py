@@ -178,6 +178,17 @@ def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
   return written
 
 
+def _timing(out: str, runs) -> str:
+  """How long the runs took (the sum of their own durations in the workers) and when the last one ended."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  seconds = sum(r.get("seconds", 0.0) for by_seed in runs.values() for r in by_seed.values())
+  paths = glob.glob(os.path.join(out, "seed*", "*", "study_eval.json"))
+  last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(os.path.getmtime(p) for p in paths))) if paths else "-"
+  count = sum(len(by_seed) for by_seed in runs.values())
+  return f"{count} runs; their fine-tunes and evaluations took {seconds / 60:.1f} worker-minutes; the last ended {last}."
+
+
 def _commit() -> str:
   try:
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -208,7 +219,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
       "",
       f"Written by `experiments/summarize.py` from `{os.path.relpath(out, ROOT) if out.startswith(ROOT) else out}`. "
       f"Command: `{command}`. Commit `{_commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-      f"{latency.get(str(k_pre), {}).get('device', 'cpu')}. Seeds: {seeds}.",
+      f"{latency.get(str(k_pre), {}).get('device', 'cpu')}. Seeds: {seeds}. {_timing(out, runs)}",
       "",
       "Evaluation items per seed (0-shot, scored on the answer text; never trained on): "
       + ", ".join(f"{t} {c['eval_items']}" for t, c in split.items())
