@@ -144,9 +144,11 @@ def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
   seeds = len({s for r in runs.values() for s in r})
   written = []
   for name, fn, x_of, xlabel, ylabel, title in (
-      ("accuracy_vs_k.png", correct, float, "declared k (k_ev)", "accuracy", "Accuracy by declared k"),
+      ("accuracy_vs_k.png", correct, float, "declared k (k_ev)", "accuracy (share of all items)",
+       "Accuracy by declared k"),
       ("accuracy_vs_latency.png", correct, lambda k: latency[str(k)]["decode_ms_per_token"],
-       "decode latency (ms / token, measured)", "accuracy", "Accuracy by measured decode latency"),
+       "decode latency (ms / token, measured)", "accuracy (share of all items)",
+       "Accuracy by measured decode latency"),
       ("agreement_vs_k.png", agrees, float, "declared k (k_ev)", "share of items predicted as at k_pre",
        "Agreement with k_pre (within one checkpoint)")):
     if name == "accuracy_vs_latency.png" and not latency:
