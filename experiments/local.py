@@ -9,32 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 from experiments import data
 from experiments.runs import Run, finetune_config
+from experiments.progress import say, write_json
 from experiments.settings import ROOT, Settings
 from experiments.stats import mean_acc
 
 Say = Callable[[str], None]
 
 
-def say(message: str, stream: TextIO | None = None):
-  """One progress line, timestamped (a worker process writes them on stderr: its stdout is its log)."""
-  print(f"[study {time.strftime('%H:%M:%S')}] {message}", file=stream or sys.stdout, flush=True)
-
-
 def worker_say(message: str):
   say(message, sys.stderr)
-
-
-def write_json(path: str, value: Any):
-  """Writes `value` whole (a temporary file, then a rename), making the directory if needed."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
 
 
 # ---- the base, evaluation, latency --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import time
 from typing import Any, Sequence
 
 from experiments import specialisation
-from experiments.local import say, write_json
+from experiments.progress import say, write_json
 from experiments.settings import DEFAULT, ROOT, Settings
 
 
