@@ -90,6 +90,21 @@ def kappa_lines(runs, ks, k_pre: int) -> list[str]:
   return lines + [""]
 
 
+def per_seed_results(runs) -> dict[str, Any]:
+  """The small per-seed record kept in the repository (RESULTS_seeds.json): seed -> run -> the selected
+  step and phase, and per k each task's accuracy and the held-out NLL (the per-item outcomes stay in the
+  study's output directory)."""
+  out: dict[str, Any] = {}
+  for name in sorted(runs):
+    for seed, result in sorted(runs[name].items()):
+      out.setdefault(str(seed), {})[name] = {
+          **{key: result[key] for key in ("best_step", "selected_phase", "seconds") if key in result},
+          "evaluation": {k: {"acc": {task: round(t["acc"], 4) for task, t in row["tasks"].items()},
+                             "heldout_nll": round(row["heldout_nll"], 4)}
+                         for k, row in result["evaluation"].items()}}
+  return out
+
+
 def selection_table(runs) -> list[str]:
   """Which checkpoint each fine-tune selected, per seed: its step and the schedule's phase then (an
   anchoring phase that selection discards did not shape the model that was evaluated)."""
@@ -297,8 +312,10 @@ def main(argv: Optional[list[str]] = None):
   json_path = os.path.splitext(args.results)[0] + ".json"
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=1)
+  with open(os.path.splitext(args.results)[0] + "_seeds.json", "w", encoding="utf-8") as f:
+    json.dump(per_seed_results(load_runs(args.out)), f, indent=1)
   print(text)
-  print(f"wrote {args.results} and {json_path}")
+  print(f"wrote {args.results}, {json_path} and the per-seed record next to them")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
   json.dumps(results, allow_nan=False)  # strict JSON: no NaN for missing runs
   assert "Holm p" in text and "Power: with 12 paired items" in text and "Cohen's kappa" in text
+  record = summarize.per_seed_results(runs)  # RESULTS_seeds.json: small, per seed
+  assert sorted(record) == ["0", "1", "2"] and record["1"]["base"]["evaluation"]["2"] == {
+      "acc": {"t": 0.5}, "heldout_nll": 1.0}
   assert {c["verdict"] for c in results["claims"]} <= {"holds", "contradicted", "differs", "inconclusive"}
   assert "Roster of Experts" not in text
 
