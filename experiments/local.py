@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from experiments import data
 from experiments.runs import Run, finetune_config
-from experiments.progress import say, write_json
+from experiments.progress import commit, say, write_json
 from experiments.settings import ROOT, Settings
 from experiments.stats import mean_acc
 
@@ -149,6 +149,7 @@ def run_tiny(settings: Settings, out: str, seeds: Sequence[int], chosen: Sequenc
       model_path = os.path.join(run_dir, "best")
     cfg, params = load(model_path)
     result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
+              "commit": commit(),
               "split": split, "k_pre": cfg.k_pre, "scale": scale.name,
               "evaluation": evaluate_model(settings, cfg, params, tokenizer, data_dir, scale.k_grid)}
     if summary:

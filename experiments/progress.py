@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any, TextIO
@@ -21,3 +22,13 @@ def write_json(path: str, value: Any):
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=1)
   os.replace(tmp, path)
+
+
+def commit() -> str:
+  """The repository's current commit (short), or "unknown" outside a git checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"

@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import platform
-import subprocess
 from typing import Any, Optional
 
 
@@ -29,6 +28,7 @@ from experiments.settings import ROOT
 from experiments import summarize_roe
 from experiments import inference
 from experiments import verdicts
+from experiments.progress import commit
 from experiments.stats import (per_seed, fmt, acc_at, nll_at, self_agreement_at, oracle_family_agreement, oracle_curve, table, as_json)
 
 
@@ -195,6 +195,11 @@ def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
   return written
 
 
+def _run_commits(runs) -> list[str]:
+  """The commits the runs were made at (study_eval.json's "commit"; "unknown" for older files)."""
+  return sorted({r.get("commit", "unknown") for by_seed in runs.values() for r in by_seed.values()})
+
+
 def _timing(out: str, runs) -> str:
   """How long the runs took (the sum of their own durations in the workers) and when the last one ended."""
   import time  # pylint: disable=g-import-not-at-top
@@ -204,14 +209,6 @@ def _timing(out: str, runs) -> str:
   last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(os.path.getmtime(p) for p in paths))) if paths else "-"
   count = sum(len(by_seed) for by_seed in runs.values())
   return f"{count} runs; their fine-tunes and evaluations took {seconds / 60:.1f} worker-minutes; the last ended {last}."
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[str, dict[str, Any]]:
@@ -235,7 +232,8 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
       f"# Results of the study at {any_result.get('scale', 'tiny')} scale",
       "",
       f"Written by `experiments/summarize.py` from `{os.path.relpath(out, ROOT) if out.startswith(ROOT) else out}`. "
-      f"Command: `{command}`. Commit `{_commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+      f"Command: `{command}`. Runs at commit {', '.join(f'`{c}`' for c in _run_commits(runs))}; summary at "
+      f"`{commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
       f"{latency.get(str(k_pre), {}).get('device', 'cpu')}. Seeds: {seeds}. {_timing(out, runs)}",
       "",
       "Evaluation items per seed (0-shot, scored on the answer text; never trained on): "
@@ -284,7 +282,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
     pngs += roe[2]
   lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
   text = "\n".join(lines)
-  data = {"command": command, "commit": _commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
+  data = {"command": command, "commit": commit(), "k_pre": k_pre, "k_grid": ks, "seeds": seeds,
           "accuracy": as_json(acc), "heldout_nll": as_json(nll), "agreement": as_json(agree),
           "decode_ms_per_token": {k: v["decode_ms_per_token"] for k, v in latency.items()},
           "claims": [{"claim": t.claim, "name": t.name, "endpoint": t.endpoint, "expected_sign": t.expected,

@@ -248,6 +248,7 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
   assert "The base's validation loss by k" in text and "| phds |" in text
+  assert f"Runs at commit `{phds['commit']}`; summary at `" in text
   assert f"| phds | seed 1: step {phds['best_step']} ({phds['selected_phase']}) |" in text
 
   # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
