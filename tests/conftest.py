@@ -174,17 +174,9 @@ TOY_WORDS = [f"w{i}" for i in range(40)]
 
 def write_toy_tokenizer(directory):
   """A word-level transformers tokenizer (vocab 49) for the toy tasks; returns its directory."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
+  from phds_jax.data import synthetic
 
-  vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + TOY_WORDS +
-                                      ["say", "first", "last", "of", ":"])}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
-                                 eos_token="<eos>", unk_token="<unk>")
-  fast.save_pretrained(str(directory))
-  return str(directory)
+  return synthetic.write_tokenizer(str(directory), synthetic.SPECIALS + TOY_WORDS + ["say", "first", "last", "of", ":"])
 
 
 def write_toy_sft(path, n=300, seed=0, bad_lines=()):

@@ -84,16 +84,21 @@ FAMILIES: dict[str, Callable[[random.Random], Item]] = {
 GROUPS_PER_FAMILY = {"arith": 300, "after": 260}  # families with few distinct items; the others: ~unbounded
 
 
+def _draw(family: str) -> Callable[[random.Random], Item]:
+  if family not in FAMILIES:
+    raise ValueError(f"unknown task family {family!r}; the families are {list(FAMILIES)}")
+  return FAMILIES[family]
+
+
 def items(family: str, n: int, seed: int, exclude_groups: frozenset[str] | set[str] = frozenset()) -> list[Item]:
   """`n` items of `family` with distinct groups, none in `exclude_groups`, drawn with `seed`; fewer when the
   family has fewer groups left. Deterministic: the same arguments give the same items in the same order."""
-  if family not in FAMILIES:
-    raise ValueError(f"unknown task family {family!r}; the families are {list(FAMILIES)}")
+  draw = _draw(family)
   rng, out, seen = random.Random(f"{family}/{seed}"), [], set(exclude_groups)
   limit = GROUPS_PER_FAMILY.get(family)
   misses = 0
   while len(out) < n and misses < 10_000 and (limit is None or len(seen) < limit):
-    item = FAMILIES[family](rng)
+    item = draw(rng)
     if item["group"] in seen:
       misses += 1
       continue
@@ -104,10 +109,9 @@ def items(family: str, n: int, seed: int, exclude_groups: frozenset[str] | set[s
 
 def sample(family: str, n: int, seed: int) -> list[Item]:
   """`n` items of `family` drawn independently with `seed` (groups may repeat): pre-training data."""
-  if family not in FAMILIES:
-    raise ValueError(f"unknown task family {family!r}; the families are {list(FAMILIES)}")
+  draw = _draw(family)
   rng = random.Random(f"sample/{family}/{seed}")
-  return [FAMILIES[family](rng) for _ in range(n)]
+  return [draw(rng) for _ in range(n)]
 
 
 def split(family: str, n_eval: int, n_train: int, seed: int) -> tuple[list[Item], list[Item]]:
@@ -119,11 +123,6 @@ def split(family: str, n_eval: int, n_train: int, seed: int) -> tuple[list[Item]
   return evaluation, train
 
 
-def as_text(item: Item) -> str:
-  """The item written out with its answer: one pre-training document."""
-  return f"{item['context']} {item['choices'][item['answer']]}"
-
-
 def as_sft(item: Item) -> dict[str, str]:
   return {"prompt": item["context"], "response": item["choices"][item["answer"]]}
 
@@ -132,18 +131,18 @@ def as_multiple_choice(item: Item) -> dict[str, Any]:
   return {key: item[key] for key in ("context", "choices", "answer", "family")}
 
 
-def write_tokenizer(directory: str) -> str:
-  """The word-level tokenizer of VOCAB (a transformers PreTrainedTokenizerFast, ids 0..50) in `directory`;
-  returns the directory."""
+def write_tokenizer(directory: str, vocabulary=VOCAB) -> str:
+  """A word-level tokenizer (a transformers PreTrainedTokenizerFast splitting at whitespace; ids in the
+  order of `vocabulary`, whose first four are <pad>, <bos>, <eos>, <unk>) in `directory`, unless one is
+  there already; returns the directory."""
   from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
 
   if os.path.isfile(os.path.join(directory, "tokenizer.json")):
     return directory
-  tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+  tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocabulary)}, unk_token="<unk>"))
   tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
                                  eos_token="<eos>", unk_token="<unk>")
   fast.save_pretrained(directory)
   return directory
-
