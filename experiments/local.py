@@ -32,7 +32,7 @@ def build_base(settings: Settings, cache: str, progress: Say = say) -> tuple[str
   from experiments import synthetic_base  # pylint: disable=g-import-not-at-top
 
   best = synthetic_base.build(settings, cache, progress)
-  return best, os.path.join(synthetic_base.base_dir(settings, cache), "tokenizer")
+  return best, synthetic_base.tokenizer_dir(best)
 
 
 def base_lm_losses(run_dir: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, Sequence
 
+from experiments import data
 from experiments import specialisation
 from experiments.progress import say, write_json
 from experiments.settings import DEFAULT, ROOT, Settings
@@ -99,11 +100,13 @@ def build(settings: Settings, cache: str, progress=say) -> str:
 
 
 def evaluation_items(settings: Settings, seed: int) -> dict[str, list[dict[str, Any]]]:
-  """family -> the seed's evaluation items (the study's split: synthetic.split with the seed)."""
-  from phds_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  """family -> the seed's evaluation items (the study's split)."""
+  return {family: evaluation for family, (evaluation, _) in data.seed_items(settings, seed).items()}
 
-  return {family: synthetic.split(family, n_eval, 0, seed)[0]
-          for family, (n_eval, _) in settings.synthetic_tasks.items()}
+
+def tokenizer_dir(best: str) -> str:
+  """The tokenizer of the base whose best checkpoint is `best` (base_dir/run/best -> base_dir/tokenizer)."""
+  return os.path.join(os.path.dirname(os.path.dirname(best)), "tokenizer")
 
 
 def measure(settings: Settings, path: str, seeds: Sequence[int], progress=say) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def measure(settings: Settings, path: str, seeds: Sequence[int], progress=say) -
   from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   cfg, params = load(path)
-  tokenizer = pipeline.load_tokenizer(os.path.join(os.path.dirname(os.path.dirname(path)), "tokenizer"))
+  tokenizer = pipeline.load_tokenizer(tokenizer_dir(path))
   ks = list(range(1, cfg.k_pre + 1))
   accuracy = {}
   for seed in seeds:

@@ -28,7 +28,8 @@ class Test:
 
 
 def outcomes(result: Mapping[str, Any], k: int, key: str) -> Optional[np.ndarray]:
-  """One evaluation's per-item outcome `key` ("correct" / "answer_nll"), tasks in sorted order, or None."""
+  """One evaluation's per-item values `key` ("correct", "answer_nll", "predictions"), tasks in sorted order,
+  or None."""
   row = result["evaluation"].get(str(k))
   if row is None or any(key not in task for task in row["tasks"].values()):
     return None
@@ -51,10 +52,7 @@ def differences(runs, a: tuple[str, int], b: tuple[str, int], endpoint: str) -> 
 
 def agreement_with(result, k: int, reference: tuple[Any, int]) -> Optional[np.ndarray]:
   """Per item: 1 if the prediction at k equals the reference evaluation's prediction."""
-  def predictions(r, kk):
-    row = r["evaluation"].get(str(kk))
-    return None if row is None else np.concatenate([row["tasks"][n]["predictions"] for n in sorted(row["tasks"])])
-  x, y = predictions(result, k), predictions(*reference)
+  x, y = outcomes(result, k, "predictions"), outcomes(*reference, "predictions")
   return None if x is None or y is None else (x == y).astype(np.float64)
 
 
@@ -78,11 +76,10 @@ def kappa(runs, name: str, k: int, reference: str, k_ref: int) -> Optional[float
   xs, ys = [], []
   for seed, result in runs.get(name, {}).items():
     ref = runs.get(reference, {}).get(seed)
-    if ref is None or str(k) not in result["evaluation"] or str(k_ref) not in ref["evaluation"]:
-      continue
-    for r, kk, out in ((result, k, xs), (ref, k_ref, ys)):
-      row = r["evaluation"][str(kk)]["tasks"]
-      out.append(np.concatenate([row[n]["predictions"] for n in sorted(row)]))
+    x, y = outcomes(result, k, "predictions"), None if ref is None else outcomes(ref, k_ref, "predictions")
+    if x is not None and y is not None:
+      xs.append(x)
+      ys.append(y)
   if not xs:
     return None
   return inference.cohen_kappa(np.concatenate(xs), np.concatenate(ys))
