@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 from experiments import data
 from experiments.runs import Run, finetune_config
 from experiments.progress import commit, say, write_json
+from experiments.score import score_tasks
 from experiments.settings import ROOT, Settings
 from experiments.stats import mean_acc
 
@@ -42,26 +43,6 @@ def base_lm_losses(run_dir: str) -> dict[str, Any]:
   last = loop.read_history(os.path.join(run_dir, "eval_history.jsonl"))[-1]
   return {"step": last["step"], "val_loss": {key[len("val_loss_k"):]: value for key, value in last.items()
                                              if key.startswith("val_loss_k")}}
-
-
-def score_tasks(cfg, params, tokenizer, tasks: dict[str, list[dict[str, Any]]], k: int, *, roe=None,
-                batch_size: int = 64) -> dict[str, dict[str, Any]]:
-  """Each task's accuracy, its standard error, n, and per item the predicted choice, whether it is right and
-  the answer's NLL (summed over its tokens) at top-k (with `roe`, of that routing ensemble); all tasks'
-  items scored in one call (one compiled shape instead of one per task)."""
-  from phds_jax.eval import scoring  # pylint: disable=g-import-not-at-top
-
-  items = [it for task in tasks.values() for it in task]
-  scored = scoring.multiple_choice(cfg, params, tokenizer, items, k=k, batch_size=batch_size, roe=roe)
-  out, at = {}, 0
-  for name, task in tasks.items():
-    mine = scored["predictions"][at:at + len(task)]
-    correct = [p == it["answer"] for p, it in zip(mine, task)]
-    out[name] = {"acc": float(sum(correct) / len(task)), "n": len(task), "predictions": mine,
-                 "acc_se": scoring.standard_error(correct), "correct": [int(c) for c in correct],
-                 "answer_nll": [round(-v, 5) for v in scored["answer_logprobs"][at:at + len(task)]]}
-    at += len(task)
-  return out
 
 
 def evaluate_model(settings: Settings, cfg, params, tokenizer, data_dir: str, ks: Sequence[int], *,

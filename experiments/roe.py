@@ -33,6 +33,7 @@ from experiments import data
 from experiments import local
 from experiments import stats
 from experiments.local import say, write_json
+from experiments.score import score_tasks
 from experiments.settings import DEFAULT, ROOT, Settings
 
 MODELS = ("base", "phds")
@@ -74,11 +75,11 @@ def evaluate_model(settings: Settings, cfg, params, tokenizer, data_dir: str, va
       continue
     out[str(k)] = {}
     for m in members:
-      val = {tau: mean_accuracy(local.score_tasks(cfg, params, tokenizer, validation, k,
+      val = {tau: mean_accuracy(score_tasks(cfg, params, tokenizer, validation, k,
                                                   roe=pj.RoE(members=m, tau=tau, seed=seed))) for tau in taus}
       tau = max(taus, key=lambda t: (val[t], -t))
       roe = pj.RoE(members=m, tau=tau, seed=seed + 1000)  # other routings than validation's
-      scored = local.score_tasks(cfg, params, tokenizer, tasks, k, roe=roe)
+      scored = score_tasks(cfg, params, tokenizer, tasks, k, roe=roe)
       nll = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=settings.heldout_loss_tokens,
                               roe=roe)["nll"]
       out[str(k)][str(m)] = {"tau": tau, "validation": {str(t): v for t, v in val.items()}, "tasks": scored,

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from experiments import data
 from experiments import specialisation
 from experiments.progress import say, write_json
+from experiments.score import score_tasks
 from experiments.settings import DEFAULT, ROOT, Settings
 
 
@@ -113,31 +114,27 @@ def measure(settings: Settings, path: str, seeds: Sequence[int], progress=say) -
   """Accuracy per seed, family and k (with the mean over families), the k_pre - k=1 gap per seed, and the
   expert use per family at k_pre (specialisation.summary) on seed 0's items."""
   from phds_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
-  from phds_jax.eval import scoring  # pylint: disable=g-import-not-at-top
   from phds_jax.io.load import load  # pylint: disable=g-import-not-at-top
 
   cfg, params = load(path)
   tokenizer = pipeline.load_tokenizer(tokenizer_dir(path))
   ks = list(range(1, cfg.k_pre + 1))
-  accuracy = {}
+  accuracy, items_per_seed = {}, 0
   for seed in seeds:
-    by_family = evaluation_items(settings, seed)
-    items = [synthetic.as_multiple_choice(it) for family in by_family.values() for it in family]
+    by_family = {family: [synthetic.as_multiple_choice(it) for it in items]
+                 for family, items in evaluation_items(settings, seed).items()}
+    items_per_seed = sum(len(items) for items in by_family.values())
     accuracy[str(seed)] = {}
     for k in ks:
-      predictions = scoring.multiple_choice(cfg, params, tokenizer, items, k=k)["predictions"]
-      row = {}
-      for family in by_family:
-        hits = [p == it["answer"] for p, it in zip(predictions, items) if it["family"] == family]
-        row[family] = sum(hits) / len(hits)
+      row = {family: task["acc"] for family, task in score_tasks(cfg, params, tokenizer, by_family, k).items()}
       row["mean"] = sum(row.values()) / len(by_family)
       accuracy[str(seed)][str(k)] = row
     progress(f"seed {seed}: mean accuracy " + " ".join(f"k{k}={accuracy[str(seed)][str(k)]['mean']:.3f}"
-                                                       for k in ks) + f" ({len(items)} items)")
+                                                       for k in ks) + f" ({items_per_seed} items)")
   use = specialisation.expert_use(cfg, params, tokenizer, evaluation_items(settings, seeds[0]), cfg.k_pre)
   gaps = {seed: rows[str(cfg.k_pre)]["mean"] - rows["1"]["mean"] for seed, rows in accuracy.items()}
   return {"k_pre": cfg.k_pre, "ks": ks, "chance": 0.1, "accuracy": accuracy, "gap_k_pre_minus_k1": gaps,
-          "items_per_seed": sum(n for n, _ in settings.synthetic_tasks.values()),
+          "items_per_seed": items_per_seed,
           "specialisation": specialisation.summary(use), "recipe": settings.synthetic_base}
 
 
