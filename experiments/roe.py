@@ -176,10 +176,10 @@ def main(argv, settings: Settings = DEFAULT):
   import jax  # pylint: disable=g-import-not-at-top
 
   from phds_jax import platforms  # pylint: disable=g-import-not-at-top
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import files  # pylint: disable=g-import-not-at-top
 
   platforms.use_cpu_without_accelerator()
-  args.cache = args.cache or builtin_data.cache_dir()
+  args.cache = args.cache or files.cache_dir()
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.cache, "study", "jax_compilation_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if args.worker >= 0:

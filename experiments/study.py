@@ -101,9 +101,9 @@ def main(description: str, default_groups: Sequence[str], argv=None, settings: S
     return
   if args.extra:
     raise SystemExit(f"unexpected arguments {args.extra}: extra main.py flags are for --scale=olmoe/qwen")
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import files  # pylint: disable=g-import-not-at-top
 
-  cache = args.cache or builtin_data.cache_dir()
+  cache = args.cache or files.cache_dir()
   if args.dry_run:
     print(f"study at scale tiny: base {settings.synthetic_base}; {len(chosen)} runs x {len(args.seeds)} seeds into {args.out}")
     for run in chosen:

@@ -73,10 +73,8 @@ def pretrain_config(settings: Settings, directory: str):
 
 def build(settings: Settings, cache: str, progress=say) -> str:
   """The base's best checkpoint, trained once into base_dir (an interrupted build resumes)."""
-  import random  # pylint: disable=g-import-not-at-top
-
-  from phds_jax.data import builtin_data, synthetic  # pylint: disable=g-import-not-at-top
-  from phds_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
+  from phds_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import checkpoint, files  # pylint: disable=g-import-not-at-top
   from phds_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   directory = base_dir(settings, cache)
@@ -89,11 +87,8 @@ def build(settings: Settings, cache: str, progress=say) -> str:
   synthetic.write_tokenizer(os.path.join(directory, "tokenizer"))
   data_file = os.path.join(directory, "pretrain.jsonl")
   if not os.path.isfile(data_file):
-    weights = recipe["mixture"]
-    per_weight = recipe["items"] // sum(weights.values())
-    items = [it for family, w in weights.items() for it in synthetic.sample(family, w * per_weight, seed=-1)]
-    random.Random(0).shuffle(items)
-    builtin_data.write_jsonl(data_file, [synthetic.as_sft(it) for it in items])
+    items = synthetic.sample_mixture(recipe["mixture"], recipe["items"], seed=-1)
+    files.write_jsonl(data_file, [synthetic.as_sft(it) for it in items])
   progress(f"synthetic base: training {recipe['num_experts']} experts at k_pre={recipe['k_pre']} for "
            f"{recipe['steps']} steps on {recipe['items']:,} items into {directory} (once) ...")
   loop.train_and_evaluate(pretrain_config(settings, directory), os.path.join(directory, "run"))
@@ -170,10 +165,10 @@ def main(argv=None, settings: Settings = DEFAULT):
                       help="markdown report (a .json with the numbers is written next to it)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  from phds_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
+  from phds_jax.io import files  # pylint: disable=g-import-not-at-top
 
   start = time.time()
-  path = build(settings, args.cache or builtin_data.cache_dir())
+  path = build(settings, args.cache or files.cache_dir())
   report = measure(settings, path, seeds)
   report["seconds"] = round(time.time() - start, 1)
   write_json(os.path.splitext(args.report)[0] + ".json", report)

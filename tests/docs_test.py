@@ -31,7 +31,7 @@ def test_the_config_reference_is_generated_from_the_code():
     assert f.read() == config_docs.render(), "regenerate: python -m phds_jax.cli.config_docs > docs/configs.md"
   rows = [line for line in config_docs.render().splitlines() if line.startswith("| `")]
   assert len(rows) > 100 and all(not line.endswith("|  |") for line in rows)  # every field has a meaning
-  for field in ("eval.roe", "builtin.train_objects", "pretrain.lr", "model.overrides.<name>"):
+  for field in ("eval.roe", "builtin.mixture", "pretrain.lr", "model.overrides.<name>"):
     assert any(line.startswith(f"| `{field}`") for line in rows), field
 
 

@@ -223,7 +223,7 @@ def test_agreement_driver_prints_both_families(tmp_path, monkeypatch, capsys):
 def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   """The synthetic base (built here: 1 layer, 32 wide, 4 experts, k_pre 2) and one PHDS fine-tune, a few steps
   each, evaluated at k = 1, 2 on three items per family; a re-run skips both."""
-  from phds_jax.data import builtin_data
+  from phds_jax.io import files
 
   scale = dataclasses.replace(DEFAULT.scales["tiny"], k_pre=2, k_grid=(1, 2), wide_k="1,2", narrow_k="2", steps=2)
   settings = dataclasses.replace(
@@ -236,7 +236,7 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   out = str(tmp_path / "study")
   latency = {str(k): {"decode_ms_per_token": float(k), "prefill_tokens_per_s": 1.0, "device": "cpu"} for k in (1, 2)}
   local.write_json(os.path.join(out, "latency.json"), latency)  # measured once per study: kept (test time)
-  local.run_tiny(settings, out, [1], chosen, builtin_data.cache_dir())
+  local.run_tiny(settings, out, [1], chosen, files.cache_dir())
   assert json.load(open(os.path.join(out, "latency.json"))) == latency
   phds = json.load(open(os.path.join(out, "seed1", "phds", "study_eval.json")))
   assert phds["select_k"] == 2 and phds["selected_phase"] in ("start", "multi_k", "anchoring")
@@ -244,7 +244,7 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   for name, task in phds["evaluation"]["2"]["tasks"].items():  # accuracy is the predictions against the answers
     answers = [json.loads(line)["answer"] for line in open(os.path.join(out, "data", "seed1", f"eval_{name}.jsonl"))]
     assert task["n"] == 3 and task["acc"] == pytest.approx(np.mean(np.array(task["predictions"]) == np.array(answers)))
-  local.run_tiny(settings, out, [1], chosen, builtin_data.cache_dir())
+  local.run_tiny(settings, out, [1], chosen, files.cache_dir())
   assert capsys.readouterr().out.count("done before, skipped") == 2
   text, _ = summarize.report(out, str(tmp_path / "RESULTS.md"), "cmd")
   assert "The base's validation loss by k" in text and "| phds |" in text
@@ -254,7 +254,7 @@ def test_tiny_study_end_to_end_shortened(tmp_path, capsys):
   # the pod-scale evaluation (configs/eval.py as --stage=evaluate launches it), collected: the same numbers
   tiny = {name: json.load(open(os.path.join(out, "seed1", name, "study_eval.json")))
           for name in ("base", "phds")}
-  base, tokenizer_dir = local.build_base(settings, builtin_data.cache_dir(), print)
+  base, tokenizer_dir = local.build_base(settings, files.cache_dir(), print)
   extra = [f"--config.model_path={base}", f"--config.tokenizer_path={tokenizer_dir}"]
   commands = pod.eval_commands(settings, scale, chosen, [1], out, "zone", extra)
   assert [c[c.index("--name") + 1] for c in commands] == ["study-tiny-s1-base-eval", "study-tiny-s1-phds-eval"]

@@ -86,7 +86,7 @@ def test_every_numeric_field_has_a_checked_range():
     ("train.steps", -1, r"train.steps=-1 is outside \[1, inf\)"),
     ("optim.lr", -1.0, r"optim.lr=-1.0 is outside \[0.0, inf\)"),
     ("data.val_fraction", 1.0, r"data.val_fraction=1.0 is outside \[0.0, 1.0\)"),
-    ("builtin.train_objects", 100, r"builtin.train_objects=100 is outside \[1, 99\]")])
+    ("builtin.eval_items", 0, r"builtin.eval_items=0 is outside \[1, inf\)")])
 def test_numeric_ranges_name_the_field(field, value, message):
   import re
 

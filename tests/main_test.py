@@ -88,32 +88,41 @@ def test_sweep_job_runs_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_builtin_default_runs_end_to_end_shortened(tmp_path, capsys):
-  """configs/tiny.py as the README runs it, on the real data (fetched once into the cache), shortened."""
+  """configs/tiny.py as the README runs it, shortened: data, base, PHDS and the SFT control, the table."""
   tiniest = {f"model.overrides.{k}": v for k, v in dict(hidden_size=32, moe_intermediate_size=32,
                                                           intermediate_size=32, num_hidden_layers=1).items()}
   short = {"pretrain.steps": 3, "pretrain.batch_size": 4, "pretrain.seq_len": 64, "train.steps": 4, "eval.every": 4,
-           "checkpoint.every": 4, "log_every": 2, "builtin.text_docs": 50, "builtin.train_objects": 96,
-           "eval.k_values": "1,2", **tiniest}
+           "checkpoint.every": 4, "log_every": 2, "builtin.pretrain_items": 200, "builtin.finetune_items": 300, "train.batch_size": 4,
+           "builtin.eval_items": 10, "builtin.cache": str(tmp_path / "cache"), "eval.k_values": "1,2", **tiniest}
   result = main.run(load_config("tiny", **short), str(tmp_path))
   assert json.load(open(tmp_path / "results.json")) == result
   assert [r["k"] for r in result["rows"]] == [1, 2]
-  assert result["heldout_items"] == 40 and result["chance"] == 0.1  # 4 held-out objects x 10 items
-  assert "held-out acc PHDS" in capsys.readouterr().out and os.path.isdir(tmp_path / "phds" / "hf_export")
+  assert result["items_per_family"] == {"arith": 10, "after": 10, "pattern": 10} and result["chance"] == 0.1
+  for row in result["rows"]:
+    for model in ("base", "sft", "phds"):
+      by_family = row[f"acc_{model}_by_family"]
+      assert abs(sum(by_family[f] * n for f, n in result["items_per_family"].items()) / 30 - row[f"acc_{model}"]) < 1e-9
+  out = capsys.readouterr().out
+  assert "acc PHDS" in out and "the control: plain SFT at k_pre" in out
+  assert os.path.isdir(tmp_path / "phds" / "hf_export") and not os.path.isdir(tmp_path / "sft" / "hf_export")
   assert main.run(load_config("tiny", **short), str(tmp_path)) == result  # a re-run: nothing trained or scored
   again = capsys.readouterr().out
-  assert "nothing left to do" in again and "(scored before:" in again and "held-out acc PHDS" in again
+  assert "nothing left to do" in again and "(scored before:" in again and "acc PHDS" in again
   # a second run reuses the base model: the same checkpoint, not trained again
   config = load_config("tiny", **short)
   before = os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE)
   assert builtin.base_model(config, builtin.prepare_data(config), str(tmp_path)) == str(tmp_path / "base" / "best")
   assert "using the cached base model" in capsys.readouterr().out
   assert os.path.getmtime(tmp_path / "base" / "best" / checkpoint.CONFIG_FILE) == before
-  # derived data are cached per setting: this shortened corpus is never what the default run reads
+  # data are cached per setting: this shortened set is never what the default run reads
   paths = builtin.prepare_data(config)
-  assert paths["text"].endswith("text_50_docs.jsonl") and "copycolors_96_objects" in paths["heldout"]
-  assert builtin.data_paths(config) == paths
-  default = builtin.data_paths(load_config("tiny"))
-  assert default["text"].endswith("text_2000_docs.jsonl") and "copycolors_80_objects" in default["heldout"]
+  assert "arith2-after2-pattern1_pre200_ft300_eval10" in paths["eval"] and builtin.data_paths(config) == paths
+  default = builtin.data_paths(load_config("tiny", **{"builtin.cache": str(tmp_path / "cache")}))
+  assert "_pre20000_ft4000_eval300" in default["eval"]
+  # evaluated pattern contexts were never trained on
+  trained = {json.loads(line)["prompt"] for name in ("pretrain", "sft") for line in open(paths[name])}
+  evaluated = [json.loads(line) for line in open(paths["eval"])]
+  assert not {it["context"] for it in evaluated if it["family"] == "pattern"} & trained
 
 
 def test_user_errors_are_one_message_before_any_work(tmp_path):

@@ -55,3 +55,25 @@ def test_splits_share_no_group_and_small_families_keep_half_for_training():
   assert (len(evaluation), len(train)) == (400, 1000)
   with pytest.raises(ValueError, match="unknown task family 'lokup'"):
     synthetic.items("lokup", 1, 0)
+
+
+def test_mixtures_parse_with_named_mistakes_and_draw_in_proportion():
+  assert synthetic.parse_mixture("arith:2, after:2,pattern") == {"arith": 2, "after": 2, "pattern": 1}
+  for text, message in (("arith:0", "whole number >= 1"), ("arith:x", "whole number"), ("ari:2", "unknown task family"),
+                        (" , ", "no task family")):
+    with pytest.raises(ValueError, match=message):
+      synthetic.parse_mixture(text)
+  drawn = synthetic.sample_mixture({"arith": 2, "pattern": 1}, 300, seed=5)
+  assert [it["family"] for it in drawn].count("arith") == 200 and len(drawn) == 300
+  assert drawn == synthetic.sample_mixture({"arith": 2, "pattern": 1}, 300, seed=5)
+
+
+def test_the_builtin_base_sees_every_fact_it_is_evaluated_on():
+  """configs/tiny.py evaluates arith and after on their facts: its pre-training draws hold all of them."""
+  from conftest import load_config
+
+  builtin = load_config("tiny").builtin
+  mixture = synthetic.parse_mixture(builtin.mixture)
+  drawn = synthetic.sample_mixture(mixture, builtin.pretrain_items, seed=-1)
+  for family, facts in synthetic.GROUPS_PER_FAMILY.items():
+    assert family in mixture and len({it["group"] for it in drawn if it["family"] == family}) == facts

