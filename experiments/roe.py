@@ -5,11 +5,14 @@ ensemble at every declared k, on the base and on the PHDS checkpoint (issue 14's
   python -m experiments.roe --members=4 --taus=1.0 --seeds=0
 
 For each seed, model (the base; OUT/seed<s>/phds/best) and k_ev in the study's grid, and each number of
-members M (--members), tau is chosen among --taus by mean accuracy over tasks on validation items only
-(ties: the smaller tau), then the ensemble is scored on the study's evaluation items: accuracy per task with
-its predictions, and the held-out NLL of the answers. The deterministic model (M = 1) is the study's own
-evaluation (study_eval.json). Decode ms/token per (k, M) is measured once on the base (every checkpoint has
-its shapes). summarize.py adds the results to RESULTS.md (section "Roster of Experts").
+members M (--members), tau is chosen among --taus (one temperature for every MoE layer, or one per layer:
+"0:0:1:1") by mean accuracy over tasks on validation items only (ties: the first listed), then the ensemble
+is scored on the study's evaluation items: accuracy, prediction and answer NLL per item, and the held-out
+NLL. Scores use the algorithm generation and its latency use (pj.forward(roe=...)): each member's token
+attends to the deterministic member's context (the clean cache) and its own position. The deterministic
+model (M = 1) is the study's own evaluation (study_eval.json). Decode ms/token and FLOPs per token per
+(k, M) are measured / counted once on the base (every checkpoint has its shapes). summarize.py adds the
+results to RESULTS.md (section "Roster of Experts").
 
 Validation items (our choice): per family and seed, up to --val_items items outside the evaluation groups,
 first new ones no run fine-tuned on, then fine-tuning items (arith and after have no new ones left).
@@ -76,15 +79,16 @@ def evaluate_model(settings: Settings, cfg, params, tokenizer, data_dir: str, va
     out[str(k)] = {}
     for m in members:
       val = {tau: mean_accuracy(score_tasks(cfg, params, tokenizer, validation, k,
-                                                  roe=pj.RoE(members=m, tau=tau, seed=seed))) for tau in taus}
-      tau = max(taus, key=lambda t: (val[t], -t))
+                                            roe=pj.RoE(members=m, tau=tau, seed=seed))) for tau in taus}
+      tau = max(taus, key=lambda t: (val[t], -taus.index(t)))
       roe = pj.RoE(members=m, tau=tau, seed=seed + 1000)  # other routings than validation's
       scored = score_tasks(cfg, params, tokenizer, tasks, k, roe=roe)
       nll = evaluate.mean_nll(cfg, params, batches, k=k, max_loss_tokens=settings.heldout_loss_tokens,
                               roe=roe)["nll"]
-      out[str(k)][str(m)] = {"tau": tau, "validation": {str(t): v for t, v in val.items()}, "tasks": scored,
-                             "heldout_nll": nll}
-      progress(f"  k={k} M={m}: tau={tau} (validation " + ", ".join(f"{t}: {v:.3f}" for t, v in val.items())
+      out[str(k)][str(m)] = {"tau": tau_name(tau), "validation": {tau_name(t): v for t, v in val.items()},
+                             "tasks": scored, "heldout_nll": nll}
+      progress(f"  k={k} M={m}: tau={tau_name(tau)} (validation "
+               + ", ".join(f"{tau_name(t)}: {v:.3f}" for t, v in val.items())
           + f"), accuracy {mean_accuracy(scored):.3f}, held-out NLL {nll:.4f}")
     if save:
       save(out)
@@ -92,13 +96,33 @@ def evaluate_model(settings: Settings, cfg, params, tokenizer, data_dir: str, va
 
 
 def measure_latency(settings: Settings, cfg, params, ks, members) -> dict[str, dict[str, Any]]:
-  """{k: {M: latency.measure}}, M = 1 included; tau = 1 (tau changes which experts, not the cost)."""
+  """{k: {M: latency.measure + "flops_per_token"}}, M = 1 included; tau = 1 (tau changes which experts, not
+  the cost). FLOPs per decoded token: M times one token's forward at top-k over the mean context of the
+  timed decode (plan/cost.py's model: every matmul, k experts, attention)."""
   from phds_jax.eval import latency  # pylint: disable=g-import-not-at-top
+  from phds_jax.plan.cost import forward_flops_per_token  # pylint: disable=g-import-not-at-top
   import phds_jax as pj  # pylint: disable=g-import-not-at-top
 
-  return {str(k): {str(m): latency.measure(cfg, params, k, **settings.latency,
-                                           roe=pj.RoE(members=m, tau=1.0) if m > 1 else None)
+  timing = settings.latency
+  context = timing["prompt_len"] + timing["decode_tokens"] / 2
+  return {str(k): {str(m): {**latency.measure(cfg, params, k, **timing,
+                                              roe=pj.RoE(members=m, tau=1.0) if m > 1 else None),
+                            "flops_per_token": m * forward_flops_per_token(cfg, k, context)}
                    for m in (1, *members)} for k in ks}
+
+
+def tau_name(tau) -> str:
+  """0.5 -> "0.5"; a temperature per MoE layer (0.0, 0.0, 1.0, 1.0) -> "0:0:1:1"."""
+  return ":".join(f"{t:g}" for t in tau) if isinstance(tau, tuple) else f"{tau:g}"
+
+
+def parse_taus(text: str) -> list:
+  """"0.25,0.5,0:0:1:1" -> [0.25, 0.5, (0.0, 0.0, 1.0, 1.0)]: a float, or a tuple with one per MoE layer."""
+  out = []
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    values = tuple(float(v) for v in part.split(":"))
+    out.append(values if len(values) > 1 else values[0])
+  return out
 
 
 def jobs(out: str, seeds: Sequence[int]) -> list[tuple[int, str, str]]:
@@ -122,10 +146,12 @@ def run_jobs(settings: Settings, args, worker: int, workers: int, progress=say):
       progress(f"[{number}/{len(todo)}] seed {seed} {model}: done before, skipped")
       continue
     t0 = time.time()
-    progress(f"[{number}/{len(todo)}] seed {seed} {model}: members {args.members}, taus {args.taus}, k={list(ks)}")
+    progress(f"[{number}/{len(todo)}] seed {seed} {model}: members {args.members}, taus "
+             f"{[tau_name(t) for t in args.taus]}, k={list(ks)}")
     path = base_path if model == "base" else os.path.join(args.out, f"seed{seed}", model, "best")
     cfg, params = load(path)
-    header = {"model": model, "seed": seed, "members": args.members, "taus": args.taus, "val_items": args.val_items}
+    header = {"model": model, "seed": seed, "members": args.members, "taus": [tau_name(t) for t in args.taus],
+              "val_items": args.val_items}
     partial_file = result_file + ".partial_ks"  # finished ks of an interrupted job (same settings only)
     done = {}
     if os.path.isfile(partial_file):
@@ -147,7 +173,9 @@ def parse_args(argv):
                       help="the study's output directory")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--members", default="2,4", help="numbers of routing members (each >= 2)")
-  parser.add_argument("--taus", default="0.25,0.5,1.0", help="Gumbel temperatures tau is chosen among (each > 0)")
+  parser.add_argument("--taus", default="0.25,0.5,1.0,0:0:1:1,1:1:0:0",
+                      help="Gumbel temperatures tau is chosen among: one for every MoE layer (> 0), or one per "
+                           "MoE layer joined by ':' (>= 0, one > 0)")
   parser.add_argument("--val_items", type=int, default=20, help="validation items per task")
   parser.add_argument("--cache", default="", help="the study's cache ('' = $PHDS_CACHE or ~/.cache/phds_jax)")
   parser.add_argument("--workers", type=int, default=2, help="processes side by side, one XLA thread each")
@@ -156,13 +184,14 @@ def parse_args(argv):
   try:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.members = [int(m) for m in args.members.split(",") if m.strip()]
-    args.taus = [float(t) for t in args.taus.split(",") if t.strip()]
+    args.taus = parse_taus(args.taus)
   except ValueError as e:
     parser.error(f"--seeds / --members / --taus take numbers separated by commas ({e})")
   if not args.seeds or not args.members or any(m < 2 for m in args.members):
     parser.error(f"--members={args.members}: give numbers >= 2 (M = 1 is the study's own evaluation)")
-  if not args.taus or any(not t > 0 for t in args.taus):
-    parser.error(f"--taus={args.taus}: give temperatures > 0")
+  if not args.taus or any(not max(t if isinstance(t, tuple) else (t,)) > 0 or min(t if isinstance(t, tuple) else (t,)) < 0
+                          for t in args.taus):
+    parser.error(f"--taus={args.taus}: give temperatures > 0 (per layer: >= 0, one of them > 0)")
   missing = [os.path.join(args.out, f"seed{s}", "phds", "best") for s in args.seeds
              if not os.path.isdir(os.path.join(args.out, f"seed{s}", "phds", "best"))]
   if missing:

@@ -149,3 +149,49 @@ def test_ensembled_generation_decodes_members_against_one_clean_cache(hf_dirs):
     pj.generate(cfg, params, prompts, roe=4)
   with pytest.raises(ValueError, match=f"RoE tau has {n + 1} entries"):
     pj.generate(cfg, params, prompts, roe=pj.RoE(members=2, tau=(0.5,) * (n + 1)))
+
+
+def test_members_over_a_whole_sequence_see_the_clean_keys_before_them_and_their_own_at_their_position():
+  from phds_jax.model import layers
+
+  rng = np.random.default_rng(1)
+  m, b, kv, g, length, d = 3, 2, 2, 2, 5, 4
+  q = jnp.asarray(rng.normal(size=(m, b, kv, g, length, d)), jnp.float32)
+  own_k, own_v = (jnp.asarray(rng.normal(size=(m, b, kv, length, d)), jnp.float32) for _ in range(2))
+  mask = layers.attention_mask(jnp.asarray([[1] * length, [1, 1, 1, 2, 2]]))  # row 1 holds two segments
+  before = jnp.tril(jnp.ones((length, length), jnp.bool_), -1)
+  got = layers.attend_members(q, own_k, own_v, own_k[0], own_v[0], mask & before, d ** -0.5, own="diagonal")
+  for member in range(m):
+    for t in range(length):  # the reference: member 0's keys with this member's own at position t
+      keys, values = own_k[0].at[:, :, t].set(own_k[member][:, :, t]), own_v[0].at[:, :, t].set(own_v[member][:, :, t])
+      want = layers.attend(q[member][:, :, :, t:t + 1], keys, values, mask[:, :, :, t:t + 1], d ** -0.5)
+      np.testing.assert_allclose(got[member][:, :, :, t:t + 1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_scores_each_position_as_decoding_against_the_clean_cache_does(hf_dirs, tokens):
+  """pj.forward's ensemble at position t == prefill 0..t-1 deterministically into a cache, then one step of
+  the M members at t (generate's algorithm), under the same noise (one key per row: a row draws the same
+  Gumbel noise at every position)."""
+  from phds_jax.model import transformer
+
+  cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
+  members, (batch, length) = 3, tokens.shape
+  roe = pj.RoE(members=members, tau=2.0)
+  plan = transformer.plan_k(cfg, 2, None, None, batch)
+  taus = roe.row_taus(len(cfg.moe_layer_indices), batch)
+  keys = jax.random.split(jax.random.key(7), members * batch)
+  decoder = transformer.Decoder(cfg)
+  positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), (batch, 1))
+  run = lambda tok, pos, **kw: decoder.apply({"params": params}, tok, pos, jnp.ones_like(tok), layer_k=plan.static,
+                                             layer_width=plan.widths, **kw)
+  whole, _ = run(roe.tile(jnp.asarray(tokens)), roe.tile(positions), roe_taus=taus, roe_key=keys,
+                 roe_members=members)  # [M * B, L, V]
+  assert np.abs(np.asarray(whole[batch:] - jnp.tile(whole[:batch], (members - 1, 1, 1)))).max() > 1e-3  # noise acts
+  kv_valid = jnp.ones((batch, length), jnp.bool_)
+  for t in range(length):
+    cache = transformer.init_cache(cfg, batch, length, jnp.float32)
+    if t:
+      _, _, cache = run(jnp.asarray(tokens[:, :t]), positions[:, :t], cache=cache, cache_index=0, kv_valid=kv_valid)
+    step, _, _ = run(roe.tile(jnp.asarray(tokens[:, t:t + 1])), roe.tile(positions[:, t:t + 1]), cache=cache,
+                     cache_index=t, kv_valid=kv_valid, roe_taus=taus, roe_key=keys)
+    np.testing.assert_allclose(step[:, 0], whole[:, t], rtol=2e-5, atol=2e-5)

@@ -101,7 +101,7 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, layer=0):
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, layer=0, members: int = 1):
     """x [B, L, H], cos/sin [B, L, D], mask bool [B, 1, 1, L, S] -> ([B, L, H], new cache or None).
 
     Without a cache S = L. With the decoder's KV cache {"k", "v": [B, NL, S, KV, D]} the new keys/values
@@ -110,6 +110,8 @@ class Attention(nn.Module):
     With M * B rows against a B-row cache (Roster-of-Experts members, member-major) the cache is clean:
     only member 0's keys/values are written, and each member attends to the cached slots before
     cache_index plus its own new keys/values (`attend_members`).
+    Without a cache, `members` > 1 (rows M * B, member-major) computes every position as that decoding
+    does: member m's query at position t sees member 0's (clean) keys/values before t and its own at t.
     """
     cfg = self.cfg
     d, n, kv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -147,6 +149,14 @@ class Attention(nn.Module):
         out = attend_members(q, own_k, own_v, past_k, past_v, past_mask, d ** -0.5)  # [M, B, KV, G, L, D]
         return o_proj(out.transpose(0, 1, 4, 2, 3, 5).reshape(b, length, n * d)), new_cache
       k, v = this_layer["k"], this_layer["v"]
+    elif members > 1:
+      rows = b // members
+      split = lambda t: t.reshape((members, rows) + t.shape[1:])  # member-major rows -> [M, B, ...]
+      q = split(q).reshape(members, rows, length, kv, n // kv, d).transpose(0, 1, 3, 4, 2, 5)
+      own_k, own_v = (split(t).transpose(0, 1, 3, 2, 4) for t in (k, v))  # [M, B, KV, L, D]
+      before = jnp.tril(jnp.ones((length, length), jnp.bool_), -1)  # key position < query position
+      out = attend_members(q, own_k, own_v, own_k[0], own_v[0], mask[:rows] & before, d ** -0.5, own="diagonal")
+      return o_proj(out.transpose(0, 1, 4, 2, 3, 5).reshape(b, length, n * d)), None
     q = q.reshape(b, length, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, L, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     causal_chunk = ATTENTION_QUERY_CHUNK if cache is None else None
@@ -178,24 +188,30 @@ def attend(q, k, v, mask, scale: float, causal_chunk: Optional[int] = None):
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
-def attend_members(q, own_k, own_v, past_k, past_v, past_mask, scale: float):
-  """Decoding M routing-ensemble members of B sequences against one shared ("clean") KV cache.
+def attend_members(q, own_k, own_v, past_k, past_v, past_mask, scale: float, own: str = "causal"):
+  """M routing-ensemble members of B sequences attending to one shared ("clean") context.
 
-  q [M, B, KV, G, L, D]; own_k/own_v [M, B, KV, L, D], each member's keys/values of the L new tokens;
-  past_k/past_v [B, KV, S, D], the cache; past_mask bool [B, 1, 1, L, S], the cached slots a query may see
-  (before the new tokens) -> [M, B, KV, G, L, D]. Each member attends to the past and, causally, to its own
-  new tokens, in one softmax (float32 scores, as `attend`).
+  q [M, B, KV, G, L, D]; own_k/own_v [M, B, KV, L, D], each member's keys/values of its L tokens;
+  past_k/past_v [B, KV, S, D], the shared ones; past_mask bool [B, 1, 1, L, S], the shared slots a query may
+  see -> [M, B, KV, G, L, D]. own="causal" (decoding L new tokens after a cache): each query also sees its
+  member's own keys up to its position; own="diagonal" (every position of a sequence at once, the shared
+  keys being member 0's): only its own key at its position. One softmax (float32 scores, as `attend`).
   """
   floor = jnp.finfo(jnp.float32).min
   past = jnp.einsum("mbkgld,bksd->mbkgls", q, past_k) * scale
-  own = jnp.einsum("mbkgld,mbkjd->mbkglj", q, own_k) * scale
-  causal = jnp.tril(jnp.ones((q.shape[4], q.shape[4]), jnp.bool_))
+  if own == "diagonal":
+    mine = jnp.einsum("mbkgld,mbkld->mbkgl", q, own_k)[..., None] * scale  # [M, B, KV, G, L, 1]
+  else:
+    causal = jnp.tril(jnp.ones((q.shape[4], q.shape[4]), jnp.bool_))
+    mine = jnp.where(causal, (jnp.einsum("mbkgld,mbkjd->mbkglj", q, own_k) * scale).astype(jnp.float32), floor)
   scores = jnp.concatenate([jnp.where(past_mask[None], past.astype(jnp.float32), floor),
-                            jnp.where(causal, own.astype(jnp.float32), floor)], axis=-1)
+                            mine.astype(jnp.float32)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(own_v.dtype)
   slots = past_k.shape[2]
-  return (jnp.einsum("mbkgls,bksd->mbkgld", probs[..., :slots], past_v)
-          + jnp.einsum("mbkglj,mbkjd->mbkgld", probs[..., slots:], own_v))
+  shared = jnp.einsum("mbkgls,bksd->mbkgld", probs[..., :slots], past_v)
+  if own == "diagonal":
+    return shared + probs[..., slots:] * own_v[:, :, :, None]  # [M, B, KV, G, L, 1] x [M, B, KV, 1, L, D]
+  return shared + jnp.einsum("mbkglj,mbkjd->mbkgld", probs[..., slots:], own_v)
 
 
 class MLP(nn.Module):

@@ -52,10 +52,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, token_mask, k=None, width=None, soft_mask_eps=None, cache=None,
-               cache_index=None, layer=0, roe_tau=None, roe_key=None):
+               cache_index=None, layer=0, roe_tau=None, roe_key=None, members: int = 1):
     cfg, dt = self.cfg, self.param_dtype
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-    attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index, layer)
+    attn, cache = layers.Attention(cfg, dt, name="self_attn")(h, cos, sin, mask, cache, cache_index, layer,
+                                                              members)
     x = x + attn
     h = layers.RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
     if self.is_moe:
@@ -121,10 +122,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, segment_ids, *, layer_k, layer_width, soft_mask_eps=None,
-               cache=None, cache_index=None, kv_valid=None, roe_taus=None, roe_key=None):
+               cache=None, cache_index=None, kv_valid=None, roe_taus=None, roe_key=None, roe_members: int = 0):
     """layer_k / layer_width: one entry per MoE layer (k: int or int32 [B]; width: int). roe_taus: float32
     [num_moe_layers, B], each row's Gumbel temperature per MoE layer, with roe_key (Roster of Experts;
     one key, or one per row [B]). cache_index: one int, or int32 [B] (each row writes its own slot).
+    roe_members > 1 without a cache: the B rows are that many members (member-major) over one clean
+    context, each position computed as decoding against a clean cache computes it (layers.Attention).
 
     Without `cache`: returns (logits or hidden, stats), attention within segments. With `cache`
     ({"k", "v": [B, NL, S, KV, D]}, every layer's: `init_cache`) the tokens take slots cache_index..,
@@ -139,7 +142,7 @@ class Decoder(nn.Module):
       mask = layers.attention_mask(segment_ids)
     else:
       mask = layers.cache_attention_mask(kv_valid, cache_index, tokens.shape[1])
-    context = (cos, sin, mask, segment_ids != 0, cache_index)
+    context = (cos, sin, mask, segment_ids != 0, cache_index, max(roe_members, 1) if cache is None else 1)
     traced_k = None if isinstance(layer_k[0], int) else jnp.stack(layer_k)  # [n_moe, B]
     all_stats = []
     for run in cfg.layer_runs:
@@ -171,7 +174,7 @@ class Decoder(nn.Module):
   def _layers(self, params, seg: _Segment, is_moe: bool, x, cache, context, moe_slots, k, taus, roe_key, eps):
     """Layers seg.start .. seg.stop - 1 on x [B, L, H], params stacked [n, ...]; k / taus [n, B] or None.
     Returns (x, stats stacked [n, ...] or None, cache)."""
-    cos, sin, mask, token_mask, cache_index = context
+    cos, sin, mask, token_mask, cache_index, members = context
     layer = DecoderLayer(self.cfg, is_moe, self.param_dtype, self.expert_backend)
     n = seg.stop - seg.start
     scan = self.scan_layers and n >= MIN_SCAN_LAYERS
@@ -182,7 +185,7 @@ class Decoder(nn.Module):
       layer_params, index, slot, k_layer, tau = xs
       x, stats, cache = layer.apply(
           {"params": layer_params}, x, cos, sin, mask, token_mask, seg.k if k_layer is None else k_layer,
-          seg.width, eps, cache, cache_index, index, tau, _fold_in(roe_key, slot) if noisy else None)
+          seg.width, eps, cache, cache_index, index, tau, _fold_in(roe_key, slot) if noisy else None, members)
       return (constrain(x, ("batch", "length", "embed")), cache), stats
 
     if self.remat != "none" and cache is None:
@@ -340,7 +343,7 @@ def _forward_jit(params, tokens, positions, segment_ids, k_traced, roe_taus, roe
   logits, stats = Decoder(cfg, skip_head=return_hidden, expert_backend=expert_backend, remat=remat,
                           scan_layers=scan_layers).apply(
       {"params": params}, tokens, positions, segment_ids, layer_k=layer_k, layer_width=layer_width,
-      soft_mask_eps=soft_mask_eps, roe_taus=roe_taus, roe_key=roe_key)
+      soft_mask_eps=soft_mask_eps, roe_taus=roe_taus, roe_key=roe_key, roe_members=roe_members)
   if roe_members and not return_hidden:
     return roe_lib.ensemble_log_probs(logits, roe_members)
   if not return_aux:
@@ -373,8 +376,10 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, k=None, k_max: Optional
   time do not grow with depth) or unrolled (False); the same function, parameters stacked either way.
   roe: a Roster-of-Experts ensemble (pj.RoE(members, tau, seed)): the members run as extra batch rows of
   one program and the result is the ensemble's float32 next-token log-probabilities [B, L, V], the log of
-  the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). With
-  return_hidden the members' hidden states come instead, [members * B, L, H] member-major (project the
+  the members' mean probabilities (members=1, tau=0: exactly log_softmax of the logits). Every position is
+  computed as `generate` decodes it against its clean cache: a member's query at position t attends to the
+  deterministic member's keys/values before t and to its own at t, so scores and generation are one
+  algorithm (and one cost). With return_hidden the members' hidden states come instead, [members * B, L, H] member-major (project the
   positions needed, then pj.model.roe.ensemble_log_probs). Inference only: not with return_aux.
   """
   expert_backend = resolve_expert_backend(expert_backend)
