@@ -1,6 +1,6 @@
-"""The study's statistics and their tables: per-seed values of a run, their spread, differences paired by
-seed, the verdict rule every claim uses, and the markdown they print as (summarize.py and summarize_roe.py
-both build on them)."""
+"""The study's descriptive statistics and their tables: per-seed values of a run, their spread, differences
+paired by seed, and the markdown tables of means (summarize.py and summarize_roe.py). The claims' tests are
+per item: inference.py and verdicts.py."""
 
 from __future__ import annotations
 
@@ -55,18 +55,6 @@ def fmt_diff(values: dict[int, float], digits: int = 3) -> str:
   return f"{m:+.{digits}f} ± {s:.{digits}f} ({wins}/{n} > 0)"
 
 
-def verdict(values: dict[int, float]) -> str:
-  """"positive" / "negative" when every seed has that sign and the mean is over two standard errors (std /
-  sqrt(seeds)) from 0; "no clear difference" otherwise."""
-  m, s, n = spread(values)
-  if n < 2:
-    return "too few seeds"
-  clear = abs(m) > 2 * s / np.sqrt(n)
-  if clear and all(v > 0 for v in values.values()):
-    return "positive"
-  if clear and all(v < 0 for v in values.values()):
-    return "negative"
-  return "no clear difference"
 
 
 def acc_at(k: int):
@@ -104,32 +92,8 @@ def table(title: str, values: dict[str, dict[int, dict[int, float]]], ks, k_pre:
   return "\n".join(lines)
 
 
-def claim_words(tests) -> str:
-  """One plain line per claim or ablation: where its differences are clearly positive, clearly negative, or
-  not clearly different from 0 (the verdict rule), straight from the table above it."""
-  lines = []
-  for title, diffs in tests:
-    by = {}
-    for name, d in diffs:
-      if d:
-        by.setdefault(verdict(d), []).append(name)
-    if not by:
-      continue
-    parts = [f"{label} at {', '.join(by[key])}" for key, label in
-             (("positive", "clearly > 0"), ("negative", "clearly < 0"), ("no clear difference", "not clearly "
-                                                                         "different from 0"),
-              ("too few seeds", "too few seeds")) if key in by]
-    lines.append(f"- {title.rsplit(':', 1)[0]}: " + "; ".join(parts) + ".")
-  return "\n".join(lines)
 
 
-def claim_lines(tests) -> str:
-  lines = []
-  for title, diffs in tests:
-    lines += [f"**{title}**", "", "| difference | mean ± std over seeds (seeds > 0) | verdict |", "|---|---|---|"]
-    lines += [f"| {name} | {fmt_diff(d)} | {verdict(d)} |" for name, d in diffs]
-    lines.append("")
-  return "\n".join(lines)
 
 
 def as_json(values: dict[str, dict[int, dict[int, float]]]) -> dict[str, Any]:

@@ -220,7 +220,8 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
   latency_file = os.path.join(out, "latency.json")
   latency = json.load(open(latency_file, encoding="utf-8")) if os.path.isfile(latency_file) else {}
   seeds = sorted({s for r in runs.values() for s in r})
-  tests = verdicts.tests(runs, ks, k_pre)
+  all_tests = verdicts.tests(runs, ks, k_pre, extra=summarize_roe.plan(out, runs, ks))
+  tests = [t for t in all_tests if not t.claim.startswith("RoE")]
   acc = method_values(runs, ks, acc_at, k_pre)
   nll = method_values(runs, ks, nll_at, k_pre)
   agree = {m: {k: per_seed(runs, m, self_agreement_at(k, k_pre)) for k in ks} for m in METHOD_ORDER if m in runs}
@@ -267,8 +268,8 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
             f"Each comparison pairs the same evaluation items of the same seeds (pooled: {len(seeds)} seeds). "
             "Difference: first minus second, oriented so that > 0 means the first is better (accuracy; answer NLL "
             "as second minus first; agreement with k_pre). 95% CI: bootstrap over items within each seed "
-            f"({inference.BOOTSTRAP} resamples). Holm p: the bootstrap p corrected over all {len(tests)} "
-            "comparisons of this report. Verdict: \"holds\" / \"contradicted\" where Holm p < 0.05 and the sign "
+            f"({inference.BOOTSTRAP} resamples). Holm p: the bootstrap p corrected over all {len(all_tests)} "
+            "comparisons of this report (RoE's included). Verdict: \"holds\" / \"contradicted\" where Holm p < 0.05 and the sign "
             "agrees / disagrees with the claim; \"differs\" (significant, no direction claimed); otherwise "
             "\"inconclusive\".", "", verdicts.power_line(runs, ks), "", *kappa_lines(runs, ks, k_pre),
             *verdicts.markdown(tests)]
@@ -276,7 +277,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
   lines += selection_table(runs)
-  roe = summarize_roe.section(out, runs, ks, k_pre, directory)
+  roe = summarize_roe.section(out, runs, ks, k_pre, directory, [t for t in all_tests if t.claim.startswith("RoE")])
   if roe:
     lines += roe[0]
     pngs += roe[2]
@@ -288,7 +289,7 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
           "claims": [{"claim": t.claim, "name": t.name, "endpoint": t.endpoint, "expected_sign": t.expected,
                       "mean": t.comparison.mean, "low": t.comparison.low, "high": t.comparison.high,
                       "p": t.comparison.p, "p_holm": t.comparison.p_holm, "items": t.comparison.n,
-                      "verdict": t.comparison.verdict(t.expected)} for t in tests]}
+                      "verdict": t.comparison.verdict(t.expected)} for t in all_tests]}
   if roe:
     data["roe"] = roe[1]
   return text, data

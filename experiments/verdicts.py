@@ -85,30 +85,43 @@ def kappa(runs, name: str, k: int, reference: str, k_ref: int) -> Optional[float
   return inference.cohen_kappa(np.concatenate(xs), np.concatenate(ys))
 
 
-def tests(runs, ks: Sequence[int], k_pre: int) -> list[Test]:
-  """Every comparison of the report, Holm-corrected together."""
+# A planned comparison: (claim, name, expected sign, {endpoint: seed -> per-item differences})
+Planned = tuple[str, str, int, dict[str, dict[int, np.ndarray]]]
+
+
+def both_endpoints(runs, a: tuple[str, int], b: tuple[str, int]) -> dict[str, dict[int, np.ndarray]]:
+  """{endpoint: seed -> per-item (A - B)} for accuracy and answer NLL."""
+  return {endpoint: differences(runs, a, b, endpoint) for endpoint in ENDPOINTS}
+
+
+def tests(runs, ks: Sequence[int], k_pre: int, extra: Sequence[Planned] = ()) -> list[Test]:
+  """Every comparison of the report (the study's claims and ablations, then `extra`: RoE's), Holm-corrected
+  together."""
+  return corrected([*plan(runs, ks, k_pre), *extra])
+
+
+def plan(runs, ks: Sequence[int], k_pre: int) -> list[Planned]:
+  """The study's claims (a)-(e) and ablations as planned comparisons."""
   low = [k for k in ks if k < k_pre]
   sft = f"oracle_k{k_pre}"  # plain SFT at k_pre
-  plan = []  # (claim, name, expected, {endpoint: per-seed differences})
-
-  def both(a, b):
-    return {endpoint: differences(runs, a, b, endpoint) for endpoint in ENDPOINTS}
+  planned = []
+  both = lambda a, b: both_endpoints(runs, a, b)
 
   for k in low:
-    plan.append(("(a) the base at k minus at k_pre", f"k={k}", 0, both(("base", k), ("base", k_pre))))
+    planned.append(("(a) the base at k minus at k_pre", f"k={k}", 0, both(("base", k), ("base", k_pre))))
   for k in ks:
-    plan.append(("(b) PHDS minus the oracle fine-tuned at k", f"k={k}", +1, both(("phds", k), (f"oracle_k{k}", k))))
+    planned.append(("(b) PHDS minus the oracle fine-tuned at k", f"k={k}", +1, both(("phds", k), (f"oracle_k{k}", k))))
   for k in low:
-    plan.append(("(b) PHDS minus plain SFT at k_pre, both dialled to k", f"k={k}", +1,
+    planned.append(("(b) PHDS minus plain SFT at k_pre, both dialled to k", f"k={k}", +1,
                  both(("phds", k), (sft, k))))
   for k in low:
-    plan.append(("(c) agreement with k_pre: PHDS (within one checkpoint) minus the oracle family", f"k={k}", +1,
+    planned.append(("(c) agreement with k_pre: PHDS (within one checkpoint) minus the oracle family", f"k={k}", +1,
                  {"agreement": agreement_differences(runs, "phds", f"oracle_k{k}", k, k_pre, sft)}))
-    plan.append(("(c) agreement with k_pre within one checkpoint: PHDS minus plain SFT at k_pre", f"k={k}", +1,
+    planned.append(("(c) agreement with k_pre within one checkpoint: PHDS minus plain SFT at k_pre", f"k={k}", +1,
                  {"agreement": agreement_differences(runs, "phds", sft, k, k_pre)}))
   lowest = min(ks)
   for k in ks:
-    plan.append(("(d) PHDS with anchoring minus without", f"k={k}", +1 if k == lowest else 0,
+    planned.append(("(d) PHDS with anchoring minus without", f"k={k}", +1 if k == lowest else 0,
                  both(("phds", k), ("phds_no_anchor", k))))
   for k in low:
     gap = {}
@@ -116,14 +129,19 @@ def tests(runs, ks: Sequence[int], k_pre: int) -> list[Test]:
       at_k = differences(runs, ("phds_train_attention", k), ("phds_train_experts", k), endpoint)
       at_pre = differences(runs, ("phds_train_attention", k_pre), ("phds_train_experts", k_pre), endpoint)
       gap[endpoint] = {s: at_k[s] - at_pre[s] for s in at_k if s in at_pre}
-    plan.append(("(e) attention-only minus experts-only fine-tuning, at k minus at k_pre", f"k={k}", +1, gap))
+    planned.append(("(e) attention-only minus experts-only fine-tuning, at k minus at k_pre", f"k={k}", +1, gap))
   for name in ("phds_eps_1e-3", "phds_eps_1e-9", "phds_hard_mask", "phds_bf16", "phds_eps_1e-3_bf16",
                "phds_hard_mask_bf16", "phds_narrow_k"):
     reference = "phds_bf16" if name.endswith("_bf16") and name != "phds_bf16" else "phds"
     for k in ks:
-      plan.append((f"ablation: {name} minus {reference}", f"k={k}", 0, both((name, k), (reference, k))))
+      planned.append((f"ablation: {name} minus {reference}", f"k={k}", 0, both((name, k), (reference, k))))
+  return planned
+
+
+def corrected(planned: Sequence[Planned]) -> list[Test]:
+  """Each planned comparison's bootstrap interval and p, Holm-corrected over all of them."""
   raw = {}
-  for i, (claim, name, expected, by_endpoint) in enumerate(plan):
+  for i, (claim, name, expected, by_endpoint) in enumerate(planned):
     for endpoint, diffs in by_endpoint.items():
       if diffs:
         raw[(i, endpoint)] = (claim, name, endpoint, expected, inference.paired(diffs, seed=i))

@@ -174,34 +174,41 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   assert "Roster of Experts" not in text
 
   # experiments/roe.py's outputs: M = 2 at k = 1, 2 on base and phds; M = 1 is the study's own evaluation
-  def roe_row(predictions, nll, tau=0.5):
-    correct = np.array(predictions) == np.array(answers)
-    return {"2": {"tau": tau, "validation": {"0.5": 0.5}, "heldout_nll": nll,
-                  "tasks": {"t": {"acc": float(correct.mean()), "acc_se": 0.0, "n": 4, "predictions": predictions}}}}
+  def roe_row(predictions, tau="0.5"):
+    correct = (np.array(predictions) == np.array(answers)).astype(int)
+    return {"2": {"tau": tau, "validation": {"0.5": 0.5, "0:1": 0.25}, "heldout_nll": 1.0,
+                  "tasks": {"t": {"acc": float(correct.mean()), "acc_se": 0.0, "n": 4, "predictions": predictions,
+                                  "correct": correct.tolist(), "answer_nll": (1.0 - correct).tolist()}}}}
   for seed in (0, 1, 2):
-    for model, rows in (("base", {"1": roe_row([0, 1, 1, 1], 2.5), "2": roe_row([0, 0, 1, 1], 0.5)}),
-                        ("phds", {"1": roe_row([0, 0, 0, 0], 1.5, tau=1.0), "2": roe_row([0, 0, 0, 0], 1.0)})):
+    for model, rows in (("base", {"1": roe_row([0, 1, 1, 1]), "2": roe_row([0, 0, 1, 1])}),
+                        ("phds", {"1": roe_row([0, 0, 0, 0], tau="0:1"), "2": roe_row([0, 0, 0, 0])})):
       os.makedirs(tmp_path / "roe" / f"seed{seed}", exist_ok=True)
       (tmp_path / "roe" / f"seed{seed}" / f"{model}.json").write_text(json.dumps(
-          {"model": model, "seed": seed, "members": [2], "taus": [0.5, 1.0], "val_items": 5, "evaluation": rows}))
-  latency = {"1": {"1": {"decode_ms_per_token": 1.0}, "2": {"decode_ms_per_token": 1.5}},
-             "2": {"1": {"decode_ms_per_token": 2.0}, "2": {"decode_ms_per_token": 3.0}}}
+          {"model": model, "seed": seed, "members": [2], "taus": ["0.5", "0:1"], "val_items": 5, "evaluation": rows}))
+  cost = lambda ms, flops: {"decode_ms_per_token": ms, "flops_per_token": flops}
+  latency = {"1": {"1": cost(1.0, 10.0), "2": cost(1.5, 24.0)}, "2": {"1": cost(2.0, 14.0), "2": cost(3.0, 28.0)}}
   (tmp_path / "roe" / "latency.json").write_text(json.dumps(latency))
   text, results = summarize.report(str(tmp_path), str(tmp_path / "RESULTS.md"), "cmd")
-  assert "## Roster of Experts (RoE) at every k" in text and "| phds, M=2 | 1, 1, 1 | 0.5, 0.5, 0.5 |" in text
-  claims = {c["claim"][:4]: {d["name"]: d for d in c["differences"]} for c in results["roe"]["claims"]}
+  assert "## Roster of Experts (RoE) at every k" in text and "| phds, M=2 | 0:1, 0:1, 0:1 | 0.5, 0.5, 0.5 |" in text
+  roe = [c for c in results["claims"] if c["claim"].startswith("RoE")]
+  assert len(results["claims"]) == len(tests) + len(roe)  # one Holm family: the study's and RoE's comparisons
+
+  def find(claim, name, endpoint="accuracy"):
+    found = [c for c in roe if c["claim"].startswith(f"RoE {claim}") and c["name"] == name and c["endpoint"] == endpoint]
+    assert len(found) == 1, (claim, name)
+    return found[0]["mean"]
   # (i): base at k=1 is 0.0 alone (study) and 0.25 with M=2; phds at k=1 is 0.75 alone, 1.0 with M=2
-  assert claims["(i) "]["base M=2 k=1"]["mean"] == pytest.approx(0.25)
-  assert claims["(i) "]["phds M=2 k=1"]["mean"] == pytest.approx(0.25)
-  assert claims["(i) "]["base M=2 k=1"]["verdict"] == "positive"
-  assert claims["(i')"]["base M=2 k=2"]["mean"] == pytest.approx(0.5 - 1.0)  # the study's NLL at k=2 is 1.0
-  # (ii): only k=1 with 2 members (1.5 ms) is as cheap as k=2 alone (2.0 ms): phds 1.0 vs 1.0 at k=2
-  assert list(claims["(ii)"]) == ["base k=1 M=2 vs k=2", "phds k=1 M=2 vs k=2"]
-  assert claims["(ii)"]["phds k=1 M=2 vs k=2"]["mean"] == pytest.approx(0.0)
+  assert find("(i)", "base M=2 k=1") == pytest.approx(0.25) and find("(i)", "phds M=2 k=1") == pytest.approx(0.25)
+  assert find("(i)", "base M=2 k=1", "answer NLL") == pytest.approx(0.25)  # NLL = 1 - correct here
+  # (ii): by measured time k=1 with 2 members (1.5 ms) is as cheap as k=2 alone (2.0 ms); by FLOPs (24 > 14) not
+  assert sorted({c["name"] for c in roe if c["claim"].startswith("RoE (ii)")}) == [
+      "base k=1 M=2 vs k=2", "phds k=1 M=2 vs k=2"]
+  assert find("(ii)", "phds k=1 M=2 vs k=2") == pytest.approx(0.0)
+  assert "(ii) by FLOPs per token: no (k_low, M > 1) setting" in text
   # (iii): phds - base under RoE at k=1: 1.0 - 0.25; interaction (1.0 - 0.75) - (0.25 - 0.0)
-  assert claims["(iii"]["phds - base, M=2 k=1"]["mean"] == pytest.approx(0.75)
-  assert claims["(iii"]["interaction M=2 k=1"]["mean"] == pytest.approx(0.0)
-  assert os.path.isfile(tmp_path / "roe_accuracy_vs_latency.png")
+  assert find("(iii) PHDS", "M=2 k=1") == pytest.approx(0.75)
+  assert find("(iii) interaction", "M=2 k=1") == pytest.approx(0.0)
+  assert os.path.isfile(tmp_path / "roe_accuracy_vs_cost.png")
   json.dumps(results, allow_nan=False)
 
 
