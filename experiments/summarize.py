@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 
 from experiments.settings import ROOT
+from experiments import reading
 from experiments import summarize_roe
 from experiments import inference
 from experiments import verdicts
@@ -211,8 +212,10 @@ def _timing(out: str, runs) -> str:
   return f"{count} runs; their fine-tunes and evaluations took {seconds / 60:.1f} worker-minutes; the last ended {last}."
 
 
-def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[str, dict[str, Any]]:
-  """(RESULTS.md's text, the same numbers as JSON); writes the PNGs next to results_path."""
+def report(out: str, results_path: str, command: str, reading_path: str = "") -> tuple[str, dict[str, Any]]:
+  """(RESULTS.md's text, the same numbers as JSON); writes the PNGs next to results_path. With reading_path
+  (the hand-written reading beside it), its quoted numbers are checked against this report: the header says
+  whether they match, and the reading gets a banner when they do not (reading.py)."""
   runs = load_runs(out)
   any_result = next(iter(next(iter(runs.values())).values()))
   k_pre = any_result["k_pre"]
@@ -243,8 +246,6 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
       "Chance: 0.10 for every family (10 one-token choices).",
       "",
   ]
-  if notes:
-    lines += [notes, ""]
   base_lm_file = os.path.join(out, "base_lm.json")
   if os.path.isfile(base_lm_file):
     base_lm = json.load(open(base_lm_file, encoding="utf-8"))
@@ -292,6 +293,13 @@ def report(out: str, results_path: str, command: str, notes: str = "") -> tuple[
                       "verdict": t.comparison.verdict(t.expected)} for t in all_tests]}
   if roe:
     data["roe"] = roe[1]
+  if reading_path:
+    import time  # pylint: disable=g-import-not-at-top
+
+    status = reading.flag(reading_path, json.loads(json.dumps(data)), time.strftime("%Y-%m-%d", time.gmtime()))
+    if status:
+      title, header, rest = text.split("\n\n", 2)
+      text = "\n\n".join([title, header, status, rest])  # under the header paragraph
   return text, data
 
 
@@ -302,10 +310,11 @@ def main(argv: Optional[list[str]] = None):
                       help="markdown file to write (the PNGs go next to it)")
   parser.add_argument("--command", default="python -m experiments.run_all --scale=tiny",
                       help="the command that produced the outputs (quoted in the report)")
-  parser.add_argument("--notes", default="", help="a markdown file whose text goes under the header")
+  parser.add_argument("--reading", default="", help="the hand-written reading to check against the new numbers "
+                      "('' = <results>_reading.md beside the results, when there is one)")
   args = parser.parse_args(argv)
-  notes = open(args.notes, encoding="utf-8").read().strip() if args.notes else ""
-  text, data = report(args.out, args.results, args.command, notes)
+  reading_path = args.reading or os.path.splitext(args.results)[0] + "_reading.md"
+  text, data = report(args.out, args.results, args.command, reading_path)
   with open(args.results, "w", encoding="utf-8") as f:
     f.write(text)
   json_path = os.path.splitext(args.results)[0] + ".json"

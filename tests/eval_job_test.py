@@ -198,6 +198,9 @@ def test_olmo_suite_tasks_load_from_the_wheel():
   arc = olmo_tasks.load_task("arc_easy:rc_0shot")
   assert len(arc) > 500 and all(0 <= it["answer"] < len(it["choices"]) for it in arc)
   assert arc[0]["context"].endswith("Answer:") and arc[0]["choices"][0].startswith(" ")
+  # OLMES's unconditioned requests (doc_id + 1,000,000, context "Answer:") are not items of their own
+  piqa = olmo_tasks.load_task("piqa:val_rc_5shot")
+  assert len(piqa) == 1838 and not any(it["context"].strip() == "Answer:" for it in piqa)  # PIQA's validation set
   boolq = olmo_tasks.load_task("boolq:mc_5shot", limit=4)
   assert len(boolq) == 4 and boolq[0]["choices"] == [" A", " B"]
   mmlu = olmo_tasks.load_task("mmlu:rc_validation")

@@ -346,3 +346,32 @@ def test_synthetic_base_builds_once_and_reports_accuracy_per_family_and_k(tmp_pa
   capsys.readouterr()
   synthetic_base.main(["--seeds=0", f"--report={report_file}"], settings)
   assert "synthetic base: cached in" in capsys.readouterr().out
+
+
+def test_the_reading_is_flagged_when_its_quoted_numbers_no_longer_match(tmp_path):
+  from experiments import reading
+
+  claim = "(b) PHDS minus the oracle fine-tuned at k"
+  data = {"claims": [{"claim": claim, "name": "k=1", "endpoint": "accuracy", "mean": -0.0262, "verdict": "contradicted"}],
+          "accuracy": {"phds": {"1": {"mean": 0.5571}}}, "roe": {"accuracy": {"phds M=2": {"1": {"mean": 0.561}}}}}
+  text = ("Reading: PHDS loses at k = 1 (-0.026).\n\n" + reading.HEADING + " (checked by summarize.py)\n\n"
+          f"- claim | {claim} | k=1 | accuracy | mean: -0.026\n- claim | {claim} | k=1 | accuracy | verdict: contradicted\n"
+          "- table | accuracy | phds | 1: 0.557\n- table | roe.accuracy | phds M=2 | 1: 0.56\n\n## Later\n- table | x | y | 1: 5\n")
+  path = tmp_path / "RESULTS_reading.md"
+  path.write_text(text)
+  assert reading.check(text, data) == (4, [])
+  assert "its 4 quoted numbers match" in reading.flag(str(path), data, "today") and path.read_text() == text
+  data["claims"][0].update(mean=-0.031, verdict="inconclusive")
+  count, stale = reading.check(text, data)
+  assert count == 4 and stale == [f"claim | {claim} | k=1 | accuracy | mean: quoted -0.026, now -0.031",
+                                  f"claim | {claim} | k=1 | accuracy | verdict: quoted contradicted, now inconclusive"]
+  assert "**out of date**: 2 of its 4" in reading.flag(str(path), data, "today")
+  flagged = path.read_text()
+  assert flagged.startswith(reading.BANNER + " (today): 2 of the 4") and flagged.endswith(text)
+  reading.flag(str(path), data, "later")  # flagged again: one banner, the new one
+  assert path.read_text().count(reading.BANNER) == 1 and "(later)" in path.read_text()
+  data["claims"][0].update(mean=-0.026, verdict="contradicted")
+  reading.flag(str(path), data, "fixed")
+  assert path.read_text() == text  # the numbers match again: the banner goes
+  del data["roe"]
+  assert reading.check(text, data)[1] == ["table | roe.accuracy | phds M=2 | 1: quoted 0.56, not in this report"]

