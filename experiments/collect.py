@@ -41,6 +41,19 @@ def _answers(data_dir: str) -> dict[str, list[int]]:
   return out
 
 
+class _Answers(dict):
+  """name -> the answer of each item: the seed's eval_<name>.jsonl files, and an OLMo suite benchmark
+  ("task:variant", the pod scales') read from the wheel when first asked for."""
+
+  def __missing__(self, name: str) -> list[int]:
+    if ":" not in name:
+      raise KeyError(name)
+    from phds_jax.data import olmo_tasks  # pylint: disable=g-import-not-at-top
+
+    self[name] = [it["answer"] for it in olmo_tasks.load_task(name)]
+    return self[name]
+
+
 def _read(path: str) -> Any:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
@@ -54,8 +67,10 @@ def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str)
                      f"(gsutil -m cp -r {out} LOCAL_DIR) and pass --out=LOCAL_DIR")
   missing = []
   for seed in seeds:
-    split = _read(os.path.join(out, "data", f"seed{seed}", "split.json"))
-    answers = _answers(os.path.join(out, "data", f"seed{seed}"))
+    data_dir = os.path.join(out, "data", f"seed{seed}")
+    answers = _Answers(_answers(data_dir) if os.path.isdir(data_dir) else {})
+    split_file = os.path.join(data_dir, "split.json")
+    split = _read(split_file) if os.path.isfile(split_file) else None  # pod data: the benchmarks' counts
     for run in chosen:
       run_dir = os.path.join(out, f"seed{seed}", run.name)
       path = os.path.join(run_dir, "eval", "eval_results.json")
@@ -63,9 +78,12 @@ def collect(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str)
         missing.append(f"seed {seed} {run.name}")
         continue
       eval_results = _read(path)
+      evaluation = from_eval_results(eval_results, run.name, answers)
+      if split is None:
+        tasks = next(iter(evaluation.values()))["tasks"]
+        split = {"seed": seed, "tasks": {name: {"eval_items": t["n"], "train_items": 0} for name, t in tasks.items()}}
       result = {"run": run.name, "group": run.group, "seed": seed, "fields": run.fields, "claim": run.claim,
-                "split": split, "k_pre": scale.k_pre, "scale": scale.name,
-                "evaluation": from_eval_results(eval_results, run.name, answers)}
+                "split": split, "k_pre": scale.k_pre, "scale": scale.name, "evaluation": evaluation}
       summary_file = os.path.join(run_dir, "summary.json")
       if os.path.isfile(summary_file):
         summary = _read(summary_file)

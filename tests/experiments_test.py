@@ -100,16 +100,24 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   assert len(commands) == 2 * len(fine_tunes)  # per seed: every oracle, phds and phds_no_anchor
   assert all("--zone us-west4-a --accelerator v5e-16" in c and c.endswith("--config.model_path=/m") for c in commands)
   assert "--workdir=gs://b/s/seed1/oracle_k8" in out and "100 min per run" in out  # 2000 steps x 3 s
+  # real SFT data, the same for every seed (the seed orders it and draws k), and how to put it there
+  assert all("--config.data.train_files=gs://b/s/sft/train-*.jsonl" in c for c in commands)
+  assert "allenai/tulu-3-sft-mixture" in out and "gsutil cp train-00000.jsonl heldout.jsonl gs://b/s/sft/" in out
   with pytest.raises(SystemExit):
     study.parse_args("study", ["phds"], ["--scale=qwen"])  # no --zone
   study.main("study", ["baseline", "oracles"], ["--scale=olmoe", "--seeds=0", "--dry-run", "--zone=z",
                                                 "--stage=evaluate", "--out=gs://b/s", "--config.model_path=/m"])
-  commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phds-launch")]
+  out = capsys.readouterr().out
+  commands = [line for line in out.splitlines() if line.startswith("phds-launch")]
   assert len(commands) == 1 + len(DEFAULT.scales["olmoe"].k_grid)  # the base and one oracle per k
   assert "--config.model_path=/m --config.tokenizer_path=/m" in commands[0]
   assert "--config.eval.latency.enabled=True" in commands[0] and "latency.enabled=False" in commands[1]
   assert "--config.model_path=gs://b/s/seed0/oracle_k1/best" in commands[1]
   assert all("--config.eval.k_values=1,2,4,6,8 " in c for c in commands)  # oracles too: at every k
+  # standard benchmarks, every item (thousands per task), and the SFT data's held-out answers
+  assert all("--config.eval.tasks=arc_easy:test_rc_5shot,arc_challenge:test_rc_5shot,hellaswag:val_rc_5shot," in c
+             and "mmlu:rc_test" in c and "--config.eval.sft_files=gs://b/s/sft/heldout.jsonl" in c for c in commands)
+  assert "37,682 items per k and checkpoint" in out and "phds-lm-eval --model phds_jax" in out
   assert "--config.mesh.fsdp=-1" in commands[1] and "--workdir=gs://b/s/seed0/oracle_k1/eval" in commands[1]
   with pytest.raises(SystemExit, match="give --config.model_path"):
     study.main("study", ["phds"], ["--scale=olmoe", "--dry-run", "--zone=z", "--stage=evaluate"])
@@ -375,3 +383,21 @@ def test_the_reading_is_flagged_when_its_quoted_numbers_no_longer_match(tmp_path
   assert path.read_text() == text  # the numbers match again: the banner goes
   del data["roe"]
   assert reading.check(text, data)[1] == ["table | roe.accuracy | phds M=2 | 1: quoted 0.56, not in this report"]
+
+
+def test_collect_scores_pod_benchmarks_against_the_wheels_answers(tmp_path):
+  """Pod-scale evaluations of OLMo suite benchmarks (no synthetic data dir): each item's correctness from
+  the benchmark's own answers, the split's counts from the evaluation."""
+  from phds_jax.data import olmo_tasks
+
+  scale, spec = DEFAULT.scales["olmoe"], "boolq:val_rc_5shot"
+  answers = [it["answer"] for it in olmo_tasks.load_task(spec)]
+  task = {"acc": 0.0, "acc_se": 0.0, "n": len(answers), "predictions": [0] * len(answers),
+          "answer_logprobs": [-1.0] * len(answers)}
+  (tmp_path / "seed0" / "base" / "eval").mkdir(parents=True)
+  (tmp_path / "seed0" / "base" / "eval" / "eval_results.json").write_text(json.dumps(
+      {"results": {"base": {"8": {"tasks": {spec: task}, "nll": 1.5}}}}))
+  assert collect.collect(scale, runs_lib.select(scale, ["baseline"]), [0], str(tmp_path)) == []
+  base = json.load(open(tmp_path / "seed0" / "base" / "study_eval.json"))
+  assert base["evaluation"]["8"]["tasks"][spec]["correct"] == [int(a == 0) for a in answers]
+  assert base["split"]["tasks"] == {spec: {"eval_items": 3270, "train_items": 0}}
