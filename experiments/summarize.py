@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 
 from experiments.settings import ROOT
+from experiments import figures
 from experiments import reading
 from experiments import summarize_roe
 from experiments import inference
@@ -231,6 +232,9 @@ def report(out: str, results_path: str, command: str, reading_path: str = "") ->
   agree["oracle family"] = {k: oracle_family_agreement(runs, k, k_pre) for k in ks}
   directory = os.path.dirname(os.path.abspath(results_path))
   pngs = plots(runs, ks, k_pre, latency, directory)
+  claim_pngs = dict(zip(dict.fromkeys(figures.claim_key(t.claim) for t in all_tests),
+                        figures.claim_figures(all_tests, directory)))
+  figure_of = {t.claim: claim_pngs[figures.claim_key(t.claim)] for t in all_tests}
   split = any_result["split"]["tasks"]
   lines = [
       f"# Results of the study at {any_result.get('scale', 'tiny')} scale",
@@ -273,12 +277,13 @@ def report(out: str, results_path: str, command: str, reading_path: str = "") ->
             "comparisons of this report (RoE's included). Verdict: \"holds\" / \"contradicted\" where Holm p < 0.05 and the sign "
             "agrees / disagrees with the claim; \"differs\" (significant, no direction claimed); otherwise "
             "\"inconclusive\".", "", verdicts.power_line(runs, ks), "", *kappa_lines(runs, ks, k_pre),
-            *verdicts.markdown(tests)]
+            *verdicts.markdown(tests, figure_of)]
   for name in ("base", "phds"):
     if name in runs:
       lines += [f"## Per task ({name})", "", per_task_table(runs, name, ks), ""]
   lines += selection_table(runs)
-  roe = summarize_roe.section(out, runs, ks, k_pre, directory, [t for t in all_tests if t.claim.startswith("RoE")])
+  roe = summarize_roe.section(out, runs, ks, k_pre, directory, [t for t in all_tests if t.claim.startswith("RoE")],
+                              figure_of)
   if roe:
     lines += roe[0]
     pngs += roe[2]

@@ -132,7 +132,8 @@ def _plot(runs_by_curve, curves, latency, ks, path: str):
 
 
 def section(out: str, runs, ks, k_pre: int, directory: str,
-            tests: Sequence[verdicts.Test]) -> Optional[tuple[list[str], dict[str, Any], list[str]]]:
+            tests: Sequence[verdicts.Test],
+            figure_of: Optional[dict[str, str]] = None) -> Optional[tuple[list[str], dict[str, Any], list[str]]]:
   """(markdown lines, JSON, PNG names) of the RoE section, or None when experiments/roe.py has not run;
   `tests`: RoE's comparisons (plan()), corrected with the rest of the report's."""
   results, latency = load(out)
@@ -187,7 +188,7 @@ def section(out: str, runs, ks, k_pre: int, directory: str,
   for cost, key in COSTS:
     if not equal_cost_pairs(latency, ks, members, key):
       lines += [f"(ii) by {cost}: no (k_low, M > 1) setting costs no more than a higher k with one member.", ""]
-  lines += verdicts.markdown(tests)
+  lines += verdicts.markdown(tests, figure_of)
   data = {"members": members, "taus": taus, "seeds": seeds, "accuracy": stats.as_json(acc),
           "heldout_nll": stats.as_json(nll),
           "decode_ms_per_token": {k: {m: v["decode_ms_per_token"] for m, v in row.items()} for k, row in latency.items()},

@@ -150,16 +150,21 @@ def corrected(planned: Sequence[Planned]) -> list[Test]:
           for key, (claim, name, endpoint, expected, _) in raw.items()]
 
 
-def markdown(found: Sequence[Test]) -> list[str]:
-  """One table per claim: the difference with its 95% interval, Holm's p and the verdict."""
+def markdown(found: Sequence[Test], figures: Optional[Mapping[str, str]] = None) -> list[str]:
+  """One table per claim: the difference with its 95% interval, Holm's p and the verdict; `figures` (claim
+  -> PNG name) puts each figure after the last table it shows."""
   lines = []
-  for claim in dict.fromkeys(t.claim for t in found):
+  claims = list(dict.fromkeys(t.claim for t in found))
+  for i, claim in enumerate(claims):
     mine = [t for t in found if t.claim == claim]
     lines += [f"**{claim}**", "", "| compared | endpoint | difference [95% CI] | items | Holm p | verdict |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {t.name} | {t.endpoint} | {t.comparison.fmt()} | {t.comparison.n} | {t.comparison.p_holm:.3g} "
               f"| {t.comparison.verdict(t.expected)} |" for t in mine]
     lines.append("")
+    png = (figures or {}).get(claim)
+    if png and all((figures or {}).get(later) != png for later in claims[i + 1:]):
+      lines += [f"![{png}]({png})", ""]
   return lines
 
 

@@ -12,6 +12,7 @@ from conftest import load_config
 from experiments import agreement
 from experiments import collect
 from experiments import data
+from experiments import figures
 from experiments import local
 from experiments import pod
 from experiments import roe
@@ -173,6 +174,11 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   assert "| base | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text  # accuracy of the base at k=1, k=2
   assert results["agreement"]["oracle family"]["1"]["mean"] == pytest.approx(5 / 12)
   assert os.path.isfile(tmp_path / "accuracy_vs_k.png") and os.path.isfile(tmp_path / "agreement_vs_k.png")
+  # one figure per claim, right after the claim's last table: (b) against the oracles and against plain SFT share one
+  assert text.count("![claim_b.png](claim_b.png)") == 1 and os.path.isfile(tmp_path / "claim_b.png")
+  assert text.index("![claim_b.png]") > text.index("**(b) PHDS minus plain SFT at k_pre, both dialled to k**")
+  assert [figures.claim_key(c) for c in ("(c) agreement ...", "RoE (ii) k_low ...", "ablation: x minus y")] == [
+      "c", "roe_ii", "ablations"]
   json.dumps(results, allow_nan=False)  # strict JSON: no NaN for missing runs
   assert "Holm p" in text and "Power: with 12 paired items" in text and "Cohen's kappa" in text
   record = summarize.per_seed_results(runs)  # RESULTS_seeds.json: small, per seed
@@ -216,7 +222,7 @@ def test_summary_pairs_seeds_and_computes_agreement_the_papers_way(tmp_path):
   # (iii): phds - base under RoE at k=1: 1.0 - 0.25; interaction (1.0 - 0.75) - (0.25 - 0.0)
   assert find("(iii) PHDS", "M=2 k=1") == pytest.approx(0.75)
   assert find("(iii) interaction", "M=2 k=1") == pytest.approx(0.0)
-  assert os.path.isfile(tmp_path / "roe_accuracy_vs_cost.png")
+  assert os.path.isfile(tmp_path / "roe_accuracy_vs_cost.png") and "![claim_roe_iii.png](claim_roe_iii.png)" in text
   json.dumps(results, allow_nan=False)
 
 
