@@ -244,10 +244,11 @@ def report(out: str, results_path: str, command: str, reading_path: str = "") ->
       f"`{commit()}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
       f"{latency.get(str(k_pre), {}).get('device', 'cpu')}. Seeds: {seeds}. {_timing(out, runs)}",
       "",
-      "Evaluation items per seed (0-shot, scored on the answer text; never trained on): "
+      "Evaluation items per seed (scored on the answer text; never trained on): "
       + ", ".join(f"{t} {c['eval_items']}" for t, c in split.items())
       + "; fine-tuning items: " + ", ".join(f"{t} {c['train_items']}" for t, c in split.items()) + ".",
-      "Chance: 0.10 for every family (10 one-token choices).",
+      "Chance: 0.10 for every family (10 one-token choices)." if any_result.get("scale", "tiny") == "tiny" else
+      "Chance: per benchmark, one over its number of choices.",
       "",
   ]
   base_lm_file = os.path.join(out, "base_lm.json")
