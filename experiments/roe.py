@@ -192,6 +192,7 @@ def parse_args(argv):
   if not args.taus or any(not max(t if isinstance(t, tuple) else (t,)) > 0 or min(t if isinstance(t, tuple) else (t,)) < 0
                           for t in args.taus):
     parser.error(f"--taus={args.taus}: give temperatures > 0 (per layer: >= 0, one of them > 0)")
+  args.out = os.path.abspath(args.out)  # checkpoints (orbax) load from absolute paths
   missing = [os.path.join(args.out, f"seed{s}", "phds", "best") for s in args.seeds
              if not os.path.isdir(os.path.join(args.out, f"seed{s}", "phds", "best"))]
   if missing:

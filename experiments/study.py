@@ -83,6 +83,8 @@ def parse_args(description: str, default_groups: Sequence[str], argv=None, setti
   if args.scale != "tiny" and not args.zone and not args.prepare_data and args.stage != "collect":
     parser.error(f"--scale={args.scale} launches Cloud TPU slices: give --zone (e.g. --zone=us-west4-a)")
   args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+  if "://" not in args.out:  # checkpoints (orbax) need absolute paths; a relative --out is from here
+    args.out = os.path.abspath(args.out)
   return args
 
 

@@ -407,3 +407,10 @@ def test_collect_scores_pod_benchmarks_against_the_wheels_answers(tmp_path):
   base = json.load(open(tmp_path / "seed0" / "base" / "study_eval.json"))
   assert base["evaluation"]["8"]["tasks"][spec]["correct"] == [int(a == 0) for a in answers]
   assert base["split"]["tasks"] == {spec: {"eval_items": 3270, "train_items": 0}}
+
+
+def test_a_relative_out_is_made_absolute_for_the_checkpoints(tmp_path, monkeypatch):
+  """orbax refuses relative checkpoint paths: the study's --out is resolved from the working directory."""
+  monkeypatch.chdir(tmp_path)
+  assert study.parse_args("study", ["phds"], ["--out=workdir/s"]).out == str(tmp_path / "workdir" / "s")
+  assert study.parse_args("study", ["phds"], ["--scale=olmoe", "--zone=z", "--out=gs://b/s"]).out == "gs://b/s"
