@@ -176,8 +176,8 @@ def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
       drawn = [m for m in drawn if m != "oracle (own k)"]  # an oracle agrees with itself only at its own k
     for i, method in enumerate(drawn):
       points = [(k, inference.paired(curves[method](k, fn))) for k in ks if curves[method](k, fn)]
-      offset = (i - (len(drawn) - 1) / 2) * (0.05 if x_of is float else 0.0)
-      xs = [x_of(k) + offset for k, _ in points]
+      offset = (i - (len(drawn) - 1) / 2)  # methods side by side: 0.05 in k, or 1% of the latency
+      xs = [x_of(k) + 0.05 * offset if x_of is float else x_of(k) * (1 + 0.01 * offset) for k, _ in points]
       means = [c.mean for _, c in points]
       bars = [[c.mean - c.low for _, c in points], [c.high - c.mean for _, c in points]]
       ax.errorbar(xs, means, yerr=bars, marker="o", markersize=4, capsize=3, label=method)
@@ -185,7 +185,8 @@ def plots(runs, ks, k_pre: int, latency, directory: str) -> list[str]:
       ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="chance (0.10)")
     if x_of is float:
       ax.set_xticks(list(ks))
-    ax.set_title(f"{title}\n(all items of {seeds} seed(s); bars: bootstrap 95% interval)", fontsize=10)
+    ax.set_title(f"{title}\n(all items of {seeds} seed(s); bars: bootstrap 95% interval; methods set apart in x)",
+                 fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
