@@ -144,3 +144,32 @@ def test_eval_batches_pad_with_empty_rows():
   rows = [{key: np.ones(4, np.float32 if key == "weights" else np.int32) for key in data.ROW_KEYS}] * 5
   batches = data.eval_batches(rows, 4)
   assert len(batches) == 2 and batches[1]["weights"].sum() == 4
+
+
+def test_sft_reads_parquet_and_saved_datasets_like_jsonl(tmp_path):
+  """The same records as JSONL, parquet and a `datasets.save_to_disk` directory give the same examples; a
+  malformed record is named by file and row."""
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from conftest import write_toy_tokenizer
+  from phds_jax.data import pipeline
+
+  tokenizer = pipeline.load_tokenizer(write_toy_tokenizer(tmp_path / "tok"))
+  records = [{"prompt": "say w1", "response": "w2 w3"}, {"messages": [{"role": "user", "content": "w4"},
+                                                                       {"role": "assistant", "content": "w5"}]}]
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  flat = [{"prompt": "say w1", "response": "w2 w3"}, {"prompt": "w6", "response": "w7"}]
+  (tmp_path / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+  datasets.Dataset.from_list(flat).save_to_disk(str(tmp_path / "saved"))
+  # one table holding both kinds: each row's other columns are null, and read as absent
+  pq.write_table(pa.table({"prompt": [records[0]["prompt"], None], "response": [records[0]["response"], None],
+                           "messages": [None, records[1]["messages"]]}), tmp_path / "mixed.parquet")
+  assert pipeline.read_sft(str(tmp_path / "mixed.parquet"), tokenizer) == pipeline.read_sft(
+      str(tmp_path / "a.jsonl"), tokenizer)
+  assert pipeline.read_sft(str(tmp_path / "saved"), tokenizer) == pipeline.read_sft(
+      str(tmp_path / "flat.jsonl"), tokenizer)
+  pq.write_table(pa.Table.from_pylist([{"prompt": "w1", "response": None}]), tmp_path / "bad.parquet")
+  with pytest.raises(pipeline.DataError, match=r"bad.parquet:row 1: expected string fields"):
+    pipeline.read_sft(str(tmp_path / "bad.parquet"), tokenizer, on_error="raise")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import grain
@@ -84,6 +85,32 @@ def read_jsonl(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str
       yield where, record
 
 
+def read_records(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str, dict]]:
+  """Yields (where, record) from one source: a JSONL file ("file:line"), a parquet file ("file:row N",
+  through pyarrow, one record batch at a time) or a Hugging Face `datasets` directory written by
+  `save_to_disk` ("dir:row N"; read locally, nothing is downloaded)."""
+  if files_lib.isfile(os.path.join(path, "dataset_info.json")) or files_lib.isfile(os.path.join(path, "state.json")):
+    import datasets  # pylint: disable=g-import-not-at-top
+
+    for number, record in enumerate(datasets.load_from_disk(files_lib.stage(path, files_lib.cache_dir())), 1):
+      yield f"{path}:row {number}", _present(record)
+  elif path.endswith(".parquet"):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    number = 0
+    for batch in pq.ParquetFile(files_lib.stage(path, files_lib.cache_dir())).iter_batches():
+      for record in batch.to_pylist():
+        number += 1
+        yield f"{path}:row {number}", _present(record)
+  else:
+    yield from read_jsonl(path, stats, on_error)
+
+
+def _present(record: dict) -> dict:
+  """A table row without its null columns (a column another row filled), as the JSONL line would be."""
+  return {key: value for key, value in record.items() if value is not None}
+
+
 def _bad(where: str, reason: str, stats: ReadStats, on_error: str):
   if on_error == "raise":
     raise DataError(f"{where}: {reason}")
@@ -147,11 +174,12 @@ def _render_chat(messages: list[dict], tokenizer) -> list[int]:
 
 
 def read_sft(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[ReadStats] = None) -> list[Example]:
-  """Tokenized SFT examples from JSONL files (loss on responses only)."""
+  """Tokenized SFT examples from JSONL files, parquet files or saved `datasets` directories (read_records;
+  loss on responses only)."""
   stats = stats or ReadStats()
   examples = []
   for path in _files(patterns):
-    for where, record in read_jsonl(path, stats, on_error):
+    for where, record in read_records(path, stats, on_error):
       try:
         examples.append(_sft_example(record, tokenizer))
         stats.records += 1
@@ -167,9 +195,9 @@ def read_text(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Re
   stats = stats or ReadStats()
   examples = []
   for path in _files(patterns):
-    if path.endswith((".jsonl", ".json")):
+    if path.endswith((".jsonl", ".json", ".parquet")) or files_lib.isdir(path):
       docs = []
-      for where, record in read_jsonl(path, stats, on_error):
+      for where, record in read_records(path, stats, on_error):
         if isinstance(record.get("text"), str) and record["text"].strip():
           docs.append(record["text"])
         else:
