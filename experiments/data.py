@@ -28,7 +28,7 @@ def prepare_seed_data(settings: Settings, out_dir: str, seed: int) -> dict[str, 
 
   train.jsonl: prompt/response of every family's fine-tuning items, shuffled together; heldout.jsonl: the
   evaluation items as prompt/response (the held-out answer NLL); eval_<family>.jsonl: multiple-choice items."""
-  from phds_jax.data import synthetic  #
+  from phds_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from phds_jax.io import files  # pylint: disable=g-import-not-at-top
 
   split_file = os.path.join(out_dir, "split.json")
@@ -39,7 +39,7 @@ def prepare_seed_data(settings: Settings, out_dir: str, seed: int) -> dict[str, 
   train, heldout, counts = [], [], {}
   for family, (evaluation, fine_tune) in seed_items(settings, seed).items():
     files.write_jsonl(os.path.join(out_dir, f"eval_{family}.jsonl"),
-                             [synthetic.as_multiple_choice(it) for it in evaluation])
+                      [synthetic.as_multiple_choice(it) for it in evaluation])
     train += [synthetic.as_sft(it) for it in fine_tune]
     heldout += [synthetic.as_sft(it) for it in evaluation]
     counts[family] = {"eval_items": len(evaluation), "train_items": len(fine_tune)}

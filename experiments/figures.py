@@ -24,9 +24,9 @@ def claim_key(claim: str) -> str:
   return ("roe_" if match.group(1) else "") + match.group(2)
 
 
-def claim_figures(tests: Sequence[verdicts.Test], directory: str) -> list[str]:
+def claim_figures(tests: Sequence[verdicts.Test], directory: str) -> dict[str, str]:
   """Writes claim_<key>.png per claim (several claims with one key share it, e.g. (b) against the oracles
-  and against plain SFT); returns the file names in the order of the tests."""
+  and against plain SFT); returns claim -> its figure's file name."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -34,7 +34,7 @@ def claim_figures(tests: Sequence[verdicts.Test], directory: str) -> list[str]:
   by_key: dict[str, list[verdicts.Test]] = {}
   for t in tests:
     by_key.setdefault(claim_key(t.claim), []).append(t)
-  written = []
+  written = {}
   for key, mine in by_key.items():
     endpoints = list(dict.fromkeys(t.endpoint for t in mine))
     rows = list(dict.fromkeys((t.claim, t.name) for t in mine))
@@ -68,5 +68,5 @@ def claim_figures(tests: Sequence[verdicts.Test], directory: str) -> list[str]:
     name = f"claim_{key}.png"
     fig.savefig(os.path.join(directory, name), dpi=100)
     plt.close(fig)
-    written.append(name)
+    written.update((t.claim, name) for t in mine)
   return written

@@ -167,6 +167,12 @@ def run_jobs(settings: Settings, args, worker: int, workers: int, progress=say):
     progress(f"[{number}/{len(todo)}] seed {seed} {model}: done in {time.time() - t0:.0f} s")
 
 
+def _noisy(tau) -> bool:
+  """A usable tau: a float > 0, or one per MoE layer, each >= 0 and one > 0."""
+  values = tau if isinstance(tau, tuple) else (tau,)
+  return min(values) >= 0 and max(values) > 0
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=os.path.join(ROOT, "workdir", "study"),
@@ -189,8 +195,7 @@ def parse_args(argv):
     parser.error(f"--seeds / --members / --taus take numbers separated by commas ({e})")
   if not args.seeds or not args.members or any(m < 2 for m in args.members):
     parser.error(f"--members={args.members}: give numbers >= 2 (M = 1 is the study's own evaluation)")
-  if not args.taus or any(not max(t if isinstance(t, tuple) else (t,)) > 0 or min(t if isinstance(t, tuple) else (t,)) < 0
-                          for t in args.taus):
+  if not args.taus or not all(_noisy(t) for t in args.taus):
     parser.error(f"--taus={args.taus}: give temperatures > 0 (per layer: >= 0, one of them > 0)")
   args.out = os.path.abspath(args.out)  # checkpoints (orbax) load from absolute paths
   missing = [os.path.join(args.out, f"seed{s}", "phds", "best") for s in args.seeds

@@ -233,9 +233,7 @@ def report(out: str, results_path: str, command: str, reading_path: str = "") ->
   agree["oracle family"] = {k: oracle_family_agreement(runs, k, k_pre) for k in ks}
   directory = os.path.dirname(os.path.abspath(results_path))
   pngs = plots(runs, ks, k_pre, latency, directory)
-  claim_pngs = dict(zip(dict.fromkeys(figures.claim_key(t.claim) for t in all_tests),
-                        figures.claim_figures(all_tests, directory)))
-  figure_of = {t.claim: claim_pngs[figures.claim_key(t.claim)] for t in all_tests}
+  figure_of = figures.claim_figures(all_tests, directory)
   split = any_result["split"]["tasks"]
   lines = [
       f"# Results of the study at {any_result.get('scale', 'tiny')} scale",

@@ -104,17 +104,20 @@ def _plot(runs_by_curve, curves, latency, ks, path: str):
   panels = [(key, label) for key, label in (("decode_ms_per_token", "decode latency (ms / token, measured)"),
                                             ("flops_per_token", "decode FLOPs per token (model)"))
             if all(key in latency[str(k)][str(m)] for k in ks for _, m in curves.values())]
+  accuracy = {}  # curve -> [(k, bootstrap interval of the share correct)], shared by the panels
+  for name, (model, m) in curves.items():
+    accuracy[name] = []
+    for k in ks:
+      per_seed = {seed: verdicts.outcomes(result, k, "correct")
+                  for seed, result in runs_by_curve.get(f"{model} M={m}", {}).items()}
+      per_seed = {seed: v for seed, v in per_seed.items() if v is not None}
+      if per_seed:
+        accuracy[name].append((k, inference.paired(per_seed)))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
   for ax, (key, label) in zip(axes[0], panels):
     for i, (name, (model, m)) in enumerate(curves.items()):
       shift = 1 + 0.012 * (i - (len(curves) - 1) / 2)  # the models share each cost: set apart, not overlapping
-      points = []
-      for k in ks:
-        per_seed = {seed: verdicts.outcomes(result, k, "correct")
-                    for seed, result in runs_by_curve.get(f"{model} M={m}", {}).items()}
-        per_seed = {seed: v for seed, v in per_seed.items() if v is not None}
-        if per_seed:
-          points.append((latency[str(k)][str(m)][key] * shift, inference.paired(per_seed), k))
+      points = [(latency[str(k)][str(m)][key] * shift, c, k) for k, c in accuracy[name]]
       ax.errorbar([x for x, _, _ in points], [c.mean for _, c, _ in points],
                   yerr=[[c.mean - c.low for _, c, _ in points], [c.high - c.mean for _, c, _ in points]],
                   marker="o", markersize=4, capsize=3, label=name, linestyle="-" if model == "phds" else "--")

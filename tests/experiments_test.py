@@ -59,6 +59,14 @@ def test_roe_validation_items_are_never_evaluated_and_new_ones_come_first():
   assert roe.validation_items(DEFAULT, seed=3, per_task=25) == validation
 
 
+def test_roe_taus_are_one_per_model_or_one_per_layer():
+  assert roe.parse_taus("0.5, 0:0:1:1") == [0.5, (0.0, 0.0, 1.0, 1.0)]
+  assert [roe.tau_name(t) for t in roe.parse_taus("0.25,1:1:0:0")] == ["0.25", "1:1:0:0"]
+  for bad in ("0", "0:0:0:0", "-1:1"):
+    with pytest.raises(SystemExit):
+      roe.parse_args([f"--taus={bad}"])
+
+
 def test_runs_change_one_thing_of_the_reference():
   scale = DEFAULT.scales["tiny"]
   runs = {r.name: r for r in runs_lib.runs(scale)}

@@ -49,7 +49,6 @@ def write_jsonl(path: str, records: list[dict[str, Any]]):
   os.replace(tmp, path)
 
 
-
 def is_bucket(path: str) -> bool:
   return "://" in path
 
