@@ -169,9 +169,10 @@ def test_members_over_a_whole_sequence_see_the_clean_keys_before_them_and_their_
 
 
 def test_forward_scores_each_position_as_decoding_against_the_clean_cache_does(hf_dirs, tokens):
-  """pj.forward's ensemble at position t == prefill 0..t-1 deterministically into a cache, then one step of
-  the M members at t (generate's algorithm), under the same noise (one key per row: a row draws the same
-  Gumbel noise at every position)."""
+  """pj.forward's ensemble at position t == one step of the M members at t against the deterministic cache
+  (generate's algorithm: the step sees the cached slots before t), under the same noise (one key per row: a
+  row draws the same Gumbel noise at every position). The cache holds the whole sequence, prefilled once;
+  a step at t never sees its slots from t on, so it is the cache of 0..t-1."""
   from phds_jax.model import transformer
 
   cfg, params = _model("olmoe_gqa_clip_norm", hf_dirs)
@@ -188,10 +189,11 @@ def test_forward_scores_each_position_as_decoding_against_the_clean_cache_does(h
                  roe_members=members)  # [M * B, L, V]
   assert np.abs(np.asarray(whole[batch:] - jnp.tile(whole[:batch], (members - 1, 1, 1)))).max() > 1e-3  # noise acts
   kv_valid = jnp.ones((batch, length), jnp.bool_)
+  _, _, cache = run(jnp.asarray(tokens), positions, cache=transformer.init_cache(cfg, batch, length, jnp.float32),
+                    cache_index=0, kv_valid=kv_valid)
+  step_at = jax.jit(lambda t: run(roe.tile(jax.lax.dynamic_slice_in_dim(jnp.asarray(tokens), t, 1, axis=1)),
+                                  roe.tile(jax.lax.dynamic_slice_in_dim(positions, t, 1, axis=1)), cache=cache,
+                                  cache_index=t, kv_valid=kv_valid, roe_taus=taus, roe_key=keys)[0])
   for t in range(length):
-    cache = transformer.init_cache(cfg, batch, length, jnp.float32)
-    if t:
-      _, _, cache = run(jnp.asarray(tokens[:, :t]), positions[:, :t], cache=cache, cache_index=0, kv_valid=kv_valid)
-    step, _, _ = run(roe.tile(jnp.asarray(tokens[:, t:t + 1])), roe.tile(positions[:, t:t + 1]), cache=cache,
-                     cache_index=t, kv_valid=kv_valid, roe_taus=taus, roe_key=keys)
+    step = step_at(jnp.int32(t))
     np.testing.assert_allclose(step[:, 0], whole[:, t], rtol=2e-5, atol=2e-5)
