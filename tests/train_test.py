@@ -21,6 +21,7 @@ from phds_jax.data import pipeline as data
 from phds_jax.model import losses
 from phds_jax import main
 from phds_jax.model import sharding
+from phds_jax.train import data as train_data
 from phds_jax.train import loop as train
 from conftest import set_fields, toy_train_config
 
@@ -87,7 +88,7 @@ def _trainer(tmp_path, **changes):
 
 def _toy_batches(tmp_path, config, n):
   tokenizer = data.load_tokenizer(config.tokenizer_path)
-  rows, _, _ = train.build_rows(config, tokenizer)
+  rows, _, _ = train_data.build_rows(config, tokenizer)
   it = data.train_batches(rows, config.train.batch_size, seed=0)
   return [next(it) for _ in range(n)]
 

@@ -7,10 +7,12 @@ model_config.json) and glob patterns; it never opens weights or data.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 
 from phds_jax import errors
+from phds_jax.data import pipeline
 from phds_jax.data import synthetic
 from phds_jax.eval import settings
 from phds_jax.io import files
@@ -25,7 +27,7 @@ _OPEN = "open"
 RANGES = {
     "seed": (0, None), "compile_num_slices": (1, None), "log_every": (1, None),
     "data.val_fraction": (0.0, (1.0, _OPEN)), "data.seq_len": (2, None), "data.max_loss_tokens": (0, None),
-    "data.seed": (0, None),
+    "data.seed": (0, None), "data.workers": (0, None),
     "phds.soft_mask_eps": ((0.0, _OPEN), (1.0, _OPEN)), "phds.anchor_start_frac": (0.0, 1.0),
     "phds.anchor_ramp_frac": (0.0, 1.0), "phds.anchor_k": (0, None), "phds.select_k": (0, None),
     "phds.export_k": (0, None), "phds.seed": (0, None),
@@ -139,10 +141,49 @@ def _model_config(path: str):
 
 
 def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
-  patterns = [p.strip() for p in value.split(",") if p.strip()]
-  if not patterns:
+  patterns = [p.strip() for p in value.split(",") if p.strip() and not p.strip().startswith("hf:")]
+  if not patterns and not value.strip():
     return [f"{field}: required; pass comma-separated files or glob patterns"] if required else []
   return [line for p in patterns for line in _file_problems(files.glob, p, f"{field}: {p!r} matches no file")]
+
+
+def _data_problems(config) -> list[str]:
+  """data.*: the sources (or a prepared dataset instead of them), their format, the mixture."""
+  d = config.data
+  out = _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
+  if d.prepared:
+    given = [f for f in ("train_files", "val_files") if d[f]]
+    if given:
+      out.append(f"data.prepared={d.prepared!r} holds the data: {' and '.join('data.' + f for f in given)} would "
+                 "not be read; drop them (or data.prepared)")
+    out += _file_problems(files.isfile, os.path.join(d.prepared, "manifest.json"),
+                          f"data.prepared={d.prepared!r}: no manifest.json there (make it with "
+                          "--config=configs/prepare.py)")
+    sources = None
+  else:
+    out += _pattern_problems("data.train_files", d.train_files, required=True)
+    out += _pattern_problems("data.val_files", d.val_files, required=False)
+    sources = len([p for p in d.train_files.split(",") if p.strip()])
+  try:
+    pipeline.mixture_weights(d.mixture, sources)
+  except ValueError as e:
+    out.append(str(e))
+  return out
+
+
+def prepare_problems(config) -> list[str]:
+  """The prepare mode: sources, a tokenizer and where the prepared dataset goes."""
+  d = config.data
+  out = [] if d.prepared else ["data.prepared: required; the directory (local, relative or gs://) to write to"]
+  tokenizer = config.tokenizer_path or config.model_path
+  if not tokenizer:
+    out.append("tokenizer_path: required (or model_path): the directory holding the tokenizer the runs will use")
+  else:
+    field = "tokenizer_path" if config.tokenizer_path else "model_path"
+    out += _file_problems(files.isdir, tokenizer, f"{field}={tokenizer!r}: no such directory")
+  out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
+  out += _pattern_problems("data.train_files", d.train_files, required=True)
+  return out + _pattern_problems("data.val_files", d.val_files, required=False)
 
 
 def _choice(config, dotted: str, allowed) -> list[str]:
@@ -196,10 +237,7 @@ def train_problems(config) -> list[str]:
   if config.tokenizer_path:
     out += _file_problems(files.isdir, config.tokenizer_path, f"tokenizer_path={config.tokenizer_path!r}: no "
                           "such directory")
-  out += _pattern_problems("data.train_files", config.data.train_files, required=True)
-  out += _pattern_problems("data.val_files", config.data.val_files, required=False)
-  out += _choice(config, "data.format", ("sft", "text")) + _choice(config, "data.on_error", ("skip", "raise"))
-  return out + _training_problems(config, num_experts)
+  return out + _data_problems(config) + _training_problems(config, num_experts)
 
 
 def builtin_problems(config) -> list[str]:

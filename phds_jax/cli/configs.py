@@ -15,7 +15,7 @@ import ml_collections
 
 def base_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | builtin | eval | sweep | convert | serve (phds_jax/cli/modes.py)
+  c.mode = "train"  # train | prepare | builtin | eval | sweep | convert | serve (phds_jax/cli/modes.py)
   c.seed = 0  # parameter init (random models), the train-state RNG, random sweep inputs
   c.model_path = ""  # HF or orbax model directory to start from (convert: the source)
   c.tokenizer_path = ""  # directory with the tokenizer; "" uses model_path
@@ -39,9 +39,14 @@ def base_config(arg=None):
   #                             Training and its plans; evaluation and serving always scan (the same function)
 
   c.data = ml_collections.ConfigDict()
-  c.data.format = "sft"  # sft: JSONL prompt/response or messages (loss on responses); text: LM
-  c.data.train_files = ""  # comma-separated glob patterns
-  c.data.val_files = ""  # comma-separated glob patterns; "" splits val_fraction off the training data
+  c.data.format = "sft"  # sft: records {prompt, response} or {messages} (loss on responses); text: LM {text} / .txt
+  c.data.train_files = ""  # comma-separated sources, each a glob pattern of JSONL / parquet files or saved
+  #                         `datasets` directories, or hf:NAME[:SPLIT] from the Hugging Face datasets cache
+  c.data.val_files = ""  # comma-separated sources; "" splits val_fraction off the training data
+  c.data.prepared = ""  # a prepared dataset (configs/prepare.py writes it; train/eval read it instead of files)
+  c.data.mixture = ""  # comma-separated weights, one per data.train_files source: rows drawn from each in
+  #                       these proportions ("": sources concatenated, each in proportion to its size)
+  c.data.workers = 0  # prepare: tokenizing processes (0 = one per core)
   c.data.val_fraction = 0.05  # held-out share of training examples when val_files is empty
   c.data.seq_len = 1024  # positions per packed row
   c.data.max_loss_tokens = 0  # >0: at most this many trained tokens per row; logits only for them

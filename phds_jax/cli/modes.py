@@ -22,6 +22,7 @@ class Mode(NamedTuple):
 
 MODES = {
     "train": Mode(config_check.train_problems, "phds_jax.train.loop:train_and_evaluate"),
+    "prepare": Mode(config_check.prepare_problems, "phds_jax.data.prepare:run"),
     "builtin": Mode(config_check.builtin_problems, "phds_jax.train.builtin:run"),
     "eval": Mode(config_check.eval_problems, "phds_jax.eval.job:run"),
     "sweep": Mode(config_check.sweep_problems, "phds_jax.eval.sweep:run"),
@@ -70,8 +71,8 @@ def run(config, workdir: Optional[str] = None, source: str = "config") -> Any:
   from phds_jax.io.paths import write_resolved  # pylint: disable=g-import-not-at-top
 
   config, workdir = resolve_paths(config, workdir, source)
-  if not config.compile_topology:  # a plan's TPU executables cannot be loaded back on this machine
-    enable_compile_cache(config.get("compile_cache", ""))
+  if not config.compile_topology and config.mode != "prepare":  # a plan's TPU executables cannot be loaded
+    enable_compile_cache(config.get("compile_cache", ""))  # back on this machine; prepare compiles nothing
   if config.compile_topology:  # a plan: compiles for the slice, reads no weights or data, starts no runtime
     bad = config_check.plan_problems(config)
     if bad:
@@ -87,7 +88,8 @@ def run(config, workdir: Optional[str] = None, source: str = "config") -> Any:
   if bad:
     raise ConfigProblems(source, bad)
   workdir = workdir or config.get("workdir", "") or os.path.abspath(os.path.join("workdir", config.mode))
-  if config.mode not in ("convert", "train", "serve"):  # training writes it once it knows the workdir is its own
+  # training writes it once it knows the workdir is its own; prepare's output is data.prepared
+  if config.mode not in ("convert", "train", "serve", "prepare"):
     write_resolved(config, workdir)
   module, function = MODES[config.mode].runner.split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)

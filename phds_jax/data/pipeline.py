@@ -16,16 +16,19 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
-import grain
 import numpy as np
 
 from phds_jax.io import files as files_lib
 
+if TYPE_CHECKING:
+  import grain
+
 log = logging.getLogger("phds_jax")
 
 ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+HUB = "hf:"  # a source named hf:NAME[:SPLIT] is a dataset in the Hugging Face datasets cache
 
 
 class DataError(ValueError):
@@ -61,6 +64,9 @@ def _files(patterns: Sequence[str] | str) -> list[str]:
     raise DataError("no data files configured")
   files = []
   for pattern in patterns:
+    if pattern.startswith(HUB):
+      files.append(pattern)
+      continue
     matched = files_lib.glob(pattern)
     if not matched:
       raise DataError(f"no file matches {pattern!r}")
@@ -88,8 +94,11 @@ def read_jsonl(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str
 def read_records(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[str, dict]]:
   """Yields (where, record) from one source: a JSONL file ("file:line"), a parquet file ("file:row N",
   through pyarrow, one record batch at a time) or a Hugging Face `datasets` directory written by
-  `save_to_disk` ("dir:row N"; read locally, nothing is downloaded)."""
-  if files_lib.isfile(os.path.join(path, "dataset_info.json")) or files_lib.isfile(os.path.join(path, "state.json")):
+  `save_to_disk` ("dir:row N"; read locally, nothing is downloaded), or `hf:NAME[:SPLIT]`, a dataset in the
+  Hugging Face datasets cache ("hf:NAME:row N"; never fetched)."""
+  if path.startswith(HUB):
+    yield from _hub_records(path)
+  elif files_lib.isfile(os.path.join(path, "dataset_info.json")) or files_lib.isfile(os.path.join(path, "state.json")):
     import datasets  # pylint: disable=g-import-not-at-top
 
     for number, record in enumerate(datasets.load_from_disk(files_lib.stage(path, files_lib.cache_dir())), 1):
@@ -104,6 +113,22 @@ def read_records(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[s
         yield f"{path}:row {number}", _present(record)
   else:
     yield from read_jsonl(path, stats, on_error)
+
+
+def _hub_records(spec: str) -> Iterator[tuple[str, dict]]:
+  name, _, split = spec[len(HUB):].partition(":")
+  os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only: no network at run time
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  try:
+    dataset = datasets.load_dataset(name, split=split or "train")
+  except Exception as e:  # pylint: disable=broad-except  (not cached: several error types across versions)
+    raise DataError(
+        f"{spec}: not in the Hugging Face datasets cache ({datasets.config.HF_DATASETS_CACHE}), and nothing is "
+        f"downloaded at run time; on a machine with the hub, once: python -c \"import datasets; "
+        f"datasets.load_dataset('{name}', split='{split or 'train'}')\" ({type(e).__name__})") from None
+  for number, record in enumerate(dataset, 1):
+    yield f"{spec}:row {number}", _present(record)
 
 
 def _present(record: dict) -> dict:
@@ -195,7 +220,7 @@ def read_text(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Re
   stats = stats or ReadStats()
   examples = []
   for path in _files(patterns):
-    if path.endswith((".jsonl", ".json", ".parquet")) or files_lib.isdir(path):
+    if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(HUB) or files_lib.isdir(path):
       docs = []
       for where, record in read_records(path, stats, on_error):
         if isinstance(record.get("text"), str) and record["text"].strip():
@@ -227,16 +252,28 @@ def chunk_examples(examples: Iterable[Example], length: int) -> list[Example]:
   return out
 
 
-def pack(examples: Sequence[Example], seq_len: int, *, max_loss_tokens: int = 0,
+def pack(examples: Iterable[Example], seq_len: int, *, max_loss_tokens: int = 0,
          stats: Optional[ReadStats] = None) -> list[dict[str, np.ndarray]]:
   """First-fit packing into rows of `seq_len` positions (an example of n tokens takes n - 1 positions).
 
   max_loss_tokens > 0 caps the trained positions per row (so the loss can gather them statically);
   examples longer than a row are cut at the end and counted in stats.truncated.
   """
-  rows: list[list[Example]] = []
-  room: list[tuple[int, int]] = []  # (free positions, free loss slots) per row
+  return [_row(group, seq_len) for group in pack_groups(examples, seq_len, max_loss_tokens=max_loss_tokens,
+                                                         stats=stats)]
+
+
+def pack_groups(examples: Iterable[Example], seq_len: int, *, max_loss_tokens: int = 0,
+                stats: Optional[ReadStats] = None, window: Optional[int] = None) -> Iterator[list[Example]]:
+  """The examples of each packed row, rows in the order they were opened (see `pack`).
+
+  window: at most this many rows stay open; when an example fits none of them and the window is full, the
+  oldest is finished (memory and time per example bounded: prepared data). None keeps every row open.
+  """
   cap = max_loss_tokens or seq_len
+  rows: list[list[Example]] = []  # the open rows, oldest first
+  free = np.zeros(0, np.int64)  # free positions per open row
+  free_loss = np.zeros(0, np.int64)  # free loss slots per open row
   for ex in examples:
     if len(ex.tokens) - 1 > seq_len:
       ex = Example(ex.tokens[: seq_len + 1], ex.loss_mask[: seq_len + 1])
@@ -248,15 +285,19 @@ def pack(examples: Sequence[Example], seq_len: int, *, max_loss_tokens: int = 0,
       continue
     if need_loss > cap:
       raise DataError(f"an example has {need_loss} trained tokens, more than max_loss_tokens={cap}")
-    for i, (free, free_loss) in enumerate(room):
-      if need <= free and need_loss <= free_loss:
-        rows[i].append(ex)
-        room[i] = (free - need, free_loss - need_loss)
-        break
-    else:
-      rows.append([ex])
-      room.append((seq_len - need, cap - need_loss))
-  return [_row(r, seq_len) for r in rows]
+    fits = np.flatnonzero((free >= need) & (free_loss >= need_loss))
+    if fits.size:
+      i = int(fits[0])
+      rows[i].append(ex)
+      free[i] -= need
+      free_loss[i] -= need_loss
+      continue
+    if window is not None and len(rows) >= window:
+      yield rows.pop(0)
+      free, free_loss = free[1:], free_loss[1:]
+    rows.append([ex])
+    free, free_loss = np.append(free, seq_len - need), np.append(free_loss, cap - need_loss)
+  yield from rows
 
 
 def _row(examples: list[Example], seq_len: int) -> dict[str, np.ndarray]:
@@ -273,6 +314,23 @@ def _row(examples: list[Example], seq_len: int) -> dict[str, np.ndarray]:
   return row
 
 
+def mixture_weights(value: str, sources: Optional[int] = None) -> Optional[list[float]]:
+  """data.mixture "3,1" -> [3.0, 1.0] (None for ""); ValueError unless every weight is a positive number and,
+  when `sources` is given, there is one per source."""
+  if not value.strip():
+    return None
+  try:
+    weights = [float(w) for w in value.split(",")]
+  except ValueError:
+    raise ValueError(f"data.mixture={value!r}: expected comma-separated numbers, one per data.train_files "
+                     "source") from None
+  if any(not w > 0 for w in weights):
+    raise ValueError(f"data.mixture={value!r}: every weight must be positive")
+  if sources is not None and len(weights) != sources:
+    raise ValueError(f"data.mixture={value!r} has {len(weights)} weights for {sources} data.train_files sources")
+  return weights
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
   """Deterministic (seeded) train/validation split of whole examples."""
   if not 0.0 <= fraction < 1.0:
@@ -284,27 +342,47 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
   return train, val
 
 
-def train_batches(rows: list[dict[str, np.ndarray]], global_batch_size: int, *, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, per-epoch reshuffled global batches of `rows`, of which this process gets its contiguous
-  share (rows [p * B / P, (p + 1) * B / P) of each): the data a step sees does not depend on how many
-  processes run it. The iterator is checkpointable."""
+def shuffled_stream(sources: Sequence[Sequence[dict[str, np.ndarray]]], *, seed: int,
+                    weights: Optional[Sequence[float]] = None) -> grain.MapDataset:
+  """The endless training stream: each source (a list of rows, or a grain MapDataset of them, e.g. prepared
+  shards) reshuffled every epoch from `seed`; several sources are interleaved by `weights` (data.mixture),
+  a smaller one repeating sooner. Nothing is read until a row is asked for."""
+  import grain  # pylint: disable=g-import-not-at-top  (grain imports jax: the prepare job and config checks do not)
+
+  if weights is not None and len(weights) != len(sources):
+    raise DataError(f"data.mixture has {len(weights)} weights for {len(sources)} sources")
+  streams = [(source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source))
+             .shuffle(seed=seed + i).repeat(None) for i, source in enumerate(sources)]
+  return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
+
+
+def train_batches(rows, global_batch_size: int, *, seed: int, process_index: int = 0, process_count: int = 1,
+                  weights: Optional[Sequence[float]] = None, read_threads: int = 0) -> grain.DatasetIterator:
+  """Infinite, per-epoch reshuffled global batches of `rows` (a list of rows, a MapDataset of them, or, with
+  `weights`, one of those per source: shuffled_stream), of which this process gets its contiguous share
+  (rows [p * B / P, (p + 1) * B / P) of each): the data a step sees does not depend on how many processes
+  run it, and the iterator's state (the number of batches taken) resumes on any process count.
+  read_threads > 0 reads rows ahead in threads (prepared shards); 0 reads in the caller (rows in memory)."""
   if global_batch_size % process_count:
     raise DataError(f"a global batch of {global_batch_size} rows does not split over {process_count} processes")
-  if len(rows) < global_batch_size:
-    raise DataError(f"{len(rows)} packed rows cannot fill one batch of {global_batch_size}; add data or lower "
-                    "the batch size")
+  sources = rows if weights is not None else [rows]
+  if sum(len(source) for source in sources) < global_batch_size:
+    raise DataError(f"{sum(len(s) for s in sources)} packed rows cannot fill one batch of {global_batch_size}; "
+                    "add data or lower the batch size")
+  import grain  # pylint: disable=g-import-not-at-top
+
   local = global_batch_size // process_count
   begin = process_index * local
-  shuffled = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-  steps = len(shuffled) // global_batch_size
+  stream = shuffled_stream(sources, seed=seed, weights=weights)
+  steps = len(stream) // global_batch_size
   # local position i of this process = row (i // local) * B + begin + i % local of the global stream: each
   # process reads only its own rows
   mine = grain.MapDataset.range(steps * local).map(
-      lambda i: shuffled[(i // local) * global_batch_size + begin + i % local])
+      lambda i: stream[(i // local) * global_batch_size + begin + i % local])
   ds = mine.batch(local, drop_remainder=True)
-  # rows are in memory: no reader threads, no read-ahead (grain's default keeps 500 batches in flight)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+  # rows in memory: no reader threads, no read-ahead (grain's default keeps 500 batches in flight)
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local if read_threads else 0)
+  return iter(ds.to_iter_dataset(options))
 
 
 def eval_batches(rows: list[dict[str, np.ndarray]], batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from phds_jax.data import olmo_tasks
 from phds_jax.data import pipeline as data_lib
+from phds_jax.data import prepared
 from phds_jax.eval import latency
 from phds_jax.eval import scoring as evaluate
 from phds_jax.eval import settings
@@ -56,8 +57,13 @@ def _tasks(config) -> dict[str, list[dict[str, Any]]]:
   return tasks
 
 
-def _text_batches(config, tokenizer) -> list[dict[str, np.ndarray]]:
+def _text_batches(config, tokenizer, tokenizer_dir: str):
+  """Packed rows to score (NLL, agreement): eval.text_files and eval.sft_files, or the validation rows of
+  data.prepared (read lazily), at most eval.max_rows of them."""
   e, seq_len, examples = config.eval, config.data.seq_len, []
+  if config.data.prepared:
+    directory, manifest = prepared.open_for_run(config.data, tokenizer_dir, tokenizer, max_loss_tokens=0)
+    return prepared.Batches(prepared.validation_rows(directory, manifest), e.batch_size, limit=e.max_rows)
   if e.text_files:
     examples += data_lib.chunk_examples(data_lib.read_text(e.text_files, tokenizer), seq_len)
   if e.sft_files:
@@ -226,7 +232,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       cfg, params = load(path, config.model.param_dtype, sharding=mesh)
     if tokenizer is None:
       tokenizer = data_lib.load_tokenizer(config.tokenizer_path or path)
-      text_batches = _text_batches(config, tokenizer)
+      text_batches = _text_batches(config, tokenizer, config.tokenizer_path or path)
     ks = settings.k_grid(config.eval.k_values, cfg.num_experts)
     reference_k = config.eval.reference_k or cfg.k_pre
     print(f"evaluating {label} ({path}) at k={ks}, reference k={reference_k}", flush=True)

@@ -19,7 +19,7 @@ from phds_jax.errors import PathError
 from phds_jax.io import files
 
 # fields naming one directory or file; fields naming models may also be Hugging Face model ids
-DIR_FIELDS = ("workdir", "convert.dst", "builtin.cache")
+DIR_FIELDS = ("workdir", "convert.dst", "builtin.cache", "data.prepared")
 LOCAL_FIELDS = ("builtin.cache",)  # caches this machine reads and writes with local file APIs
 MODEL_FIELDS = ("model_path", "tokenizer_path")
 # fields holding comma-separated files or glob patterns
@@ -75,8 +75,9 @@ def resolve_model(path: str, field: str = "model_path") -> str:
 
 
 def resolve_list(value: str, field: str) -> str:
-  """Comma-separated files or glob patterns, each made absolute."""
-  return ",".join(resolve(p.strip(), field) for p in value.split(",") if p.strip())
+  """Comma-separated files or glob patterns, each made absolute (hf:NAME, a datasets cache entry, as given)."""
+  return ",".join(p.strip() if p.strip().startswith("hf:") else resolve(p.strip(), field)
+                  for p in value.split(",") if p.strip())
 
 
 def resolve_compare(value: str) -> str:

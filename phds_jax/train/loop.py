@@ -38,6 +38,7 @@ from phds_jax.model import losses
 from phds_jax.model import sharding as sharding_lib
 from phds_jax.model.config import ModelConfig, config_to_dict
 from phds_jax.model.transformer import resolve_expert_backend
+from phds_jax.train import data as data_setup
 from phds_jax.train import metrics as metrics_lib
 from phds_jax.train import sparsity
 
@@ -290,24 +291,6 @@ class Trainer:
 # ---- model and data set-up -------------------------------------------------------------------------------
 
 
-def build_rows(config, tokenizer) -> tuple[list, list, data_lib.ReadStats]:
-  """(train rows, validation rows, stats) from config.data."""
-  d = config.data
-  stats = data_lib.ReadStats()
-  read = data_lib.read_sft if d.format == "sft" else data_lib.read_text
-  if d.format not in ("sft", "text"):
-    raise ValueError(f"data.format={d.format!r}; choose sft or text")
-  examples = read(d.train_files, tokenizer, on_error=d.on_error, stats=stats)
-  if d.val_files:
-    train, val = examples, read(d.val_files, tokenizer, on_error=d.on_error, stats=stats)
-  else:
-    train, val = data_lib.split_validation(examples, d.val_fraction, d.seed)
-  if d.format == "text":
-    train, val = data_lib.chunk_examples(train, d.seq_len), data_lib.chunk_examples(val, d.seq_len)
-  pack = functools.partial(data_lib.pack, seq_len=d.seq_len, max_loss_tokens=d.max_loss_tokens, stats=stats)
-  return pack(train), pack(val), stats
-
-
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
@@ -352,6 +335,8 @@ def run_identity(config, cfg: ModelConfig) -> dict[str, Any]:
   identity = {"model": config_to_dict(cfg), "model.param_dtype": config.model.param_dtype,
               "train.trainable": config.train.trainable, "train.batch_size": config.train.batch_size,
               "data.seq_len": config.data.seq_len}
+  if config.data.prepared:  # a run resumes only on the data it started with (and its mixture)
+    identity.update({"data.prepared": data_setup.fingerprint(config), "data.mixture": config.data.mixture})
   return json.loads(json.dumps(identity))  # as stored: tuples become lists
 
 
@@ -489,18 +474,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} "
        f"sharded over mesh {dict(mesh.shape)} ...")
   cfg, params = load_run_model(config, trainer.param_sharding())
-  train_rows, val_rows, stats = build_rows(config, tokenizer)
-  _say(f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
-       f"train {data_lib.describe(train_rows)}; validation {data_lib.describe(val_rows)}")
+  run_data = data_setup.build(config, tokenizer, global_batch, jax.process_index(), jax.process_count())
+  _say(run_data.summary)
   trainable = trainable_paths(cfg, params, config.train.trainable)
   state = trainer.init_state(params, trainable, config.seed, copy=False)
   del params
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["frozen"]))
   _say(f"model {cfg.model_type}: {n_train:,} trainable, {n_frozen:,} frozen parameters; mesh {dict(mesh.shape)}")
-  iterator = data_lib.train_batches(train_rows, global_batch, seed=config.data.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-  val_batches = data_lib.eval_batches(val_rows, config.eval.batch_size)
+  iterator, val_batches = run_data.iterator, run_data.val_batches
   schedule = (sparsity.schedule_from_config(config.phds, total) if config.phds.enabled
               else sparsity.KSchedule(k_values=(cfg.k_pre,), seed=config.phds.seed))
   meta = {"best_val_loss": None, "best_step": None}
