@@ -17,7 +17,7 @@ def from_eval_results(eval_results: dict[str, Any], label: str,
                       answers: dict[str, list[int]]) -> dict[str, Any]:
   """The eval job's rows of checkpoint `label` as study_eval.json's "evaluation" (task eval_<name>.jsonl
   becomes <name>, with each item's correctness from `answers` (name -> answer per item) and its answer NLL;
-  the NLL of eval.sft_files is the held-out loss)."""
+  the NLL of eval.sft_files, or of data.prepared's validation rows, is the held-out loss)."""
   out = {}
   for k, row in eval_results["results"][label].items():
     tasks = {}

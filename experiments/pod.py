@@ -10,8 +10,8 @@ import subprocess
 from typing import Optional, Sequence
 
 from experiments.collect import collect
-from experiments.runs import Run
-from experiments.settings import BENCHMARKS, Scale, Settings
+from experiments.runs import Run, load_config_file
+from experiments.settings import BENCHMARKS, SFT_CONVERSATIONS, Scale, Settings
 
 STAGES = ("finetune", "evaluate", "collect")
 
@@ -27,9 +27,9 @@ def _job_name(scale: Scale, seed: int, run: Run, suffix: str = "") -> str:
 
 def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int], out: str, zone: str,
                       extra: Sequence[str]) -> list[list[str]]:
-  """One `phds-launch tpu` command per (seed, run), fine-tuning on the scale's SFT data (sft_files: the
-  seed changes its order and the k draws) or, without it, on OUT/data/seed<s>/train.jsonl (the tiny study's
-  tasks and split); the model path and other main.py flags come from `extra`."""
+  """One `phds-launch tpu` command per (seed, run), fine-tuning on the scale's SFT data, prepared once
+  (prepared_dir; the seed changes its order and the k draws) or, without it, on OUT/data/seed<s>/train.jsonl
+  (the tiny study's tasks and split); the model path and other main.py flags come from `extra`."""
   commands = []
   for seed in seeds:
     for run in chosen:
@@ -37,31 +37,42 @@ def launcher_commands(scale: Scale, chosen: Sequence[Run], seeds: Sequence[int],
         continue
       flags = [f"--config={scale.config_file}", f"--workdir={out}/seed{seed}/{run.name}",
                f"--config.seed={seed}", f"--config.phds.seed={seed}", f"--config.data.seed={seed}",
-               f"--config.train.steps={scale.steps}",
-               f"--config.data.train_files={train_files(scale, out, seed)}", "--config.data.format=sft"]
+               f"--config.train.steps={scale.steps}", *data_flags(scale, out, seed), "--config.data.format=sft"]
       flags += [f"--config.{k}={v}" for k, v in run.fields.items()]
       commands.append(_launch(scale, _job_name(scale, seed, run), zone, [*flags, *extra]))
   return commands
 
 
-def train_files(scale: Scale, out: str, seed: int) -> str:
-  return sft_files(scale, out)["train"] if scale.sft_data else f"{out}/data/seed{seed}/train.jsonl"
+def data_flags(scale: Scale, out: str, seed: int) -> list[str]:
+  """Where a fine-tune reads its data: the scale's prepared SFT data, or the seed's synthetic train.jsonl."""
+  if scale.sft_data:
+    return [f"--config.data.prepared={prepared_dir(scale, out)}"]
+  return [f"--config.data.train_files={out}/data/seed{seed}/train.jsonl"]
 
 
-def sft_files(scale: Scale, out: str) -> dict[str, str]:
-  """Where the pod runs read the scale's SFT data: train shards and a held-out file (its answer NLL)."""
-  return {"train": f"{out}/sft/train-*.jsonl", "heldout": f"{out}/sft/heldout.jsonl"}
+def prepared_dir(scale: Scale, out: str) -> str:
+  """The scale's SFT data prepared for its model (tokenizer, seq_len): OUT/sft/<scale>."""
+  return f"{out}/sft/{scale.name}"
 
 
-def sft_instructions(scale: Scale, out: str) -> str:
-  """How to put the scale's SFT data where the runs read it (nothing downloads at run time)."""
-  where = sft_files(scale, out)
-  return (f"SFT data: {scale.sft_data} (JSONL, one {{\"messages\": [...]}} per line) in {where['train']}, "
-          f"2,000 conversations held out in {where['heldout']}; once, on a machine with the Hugging Face hub: "
-          f"python -c \"import datasets; d = datasets.load_dataset('{scale.sft_data}', split='train')"
-          ".train_test_split(test_size=2000, seed=0); d['train'].to_json('train-00000.jsonl'); "
-          "d['test'].to_json('heldout.jsonl')\" && gsutil cp train-00000.jsonl heldout.jsonl "
-          f"{out}/sft/")
+def prepare_command(scale: Scale, out: str, extra: Sequence[str]) -> list[str]:
+  """The one command that prepares the scale's SFT data from the Hugging Face datasets cache (nothing is
+  fetched at run time): its tokenizer is the base model's, its rows the scale config's; 2,000 conversations
+  (a seeded draw) held out for the held-out NLL."""
+  tokenizer = flag_value(extra, "tokenizer_path") or flag_value(extra, "model_path")
+  fraction = 2000 / SFT_CONVERSATIONS[scale.sft_data]
+  name = os.path.splitext(os.path.basename(scale.config_file))[0]
+  return ["python", "-m", "phds_jax.main", f"--config=configs/prepare.py:{name}",
+          f"--config.tokenizer_path={tokenizer}", f"--config.data.train_files=hf:{scale.sft_data}",
+          f"--config.data.val_fraction={fraction:.6f}", f"--config.data.prepared={prepared_dir(scale, out)}"]
+
+
+def sft_instructions(scale: Scale, out: str, extra: Sequence[str]) -> str:
+  """How to put the scale's SFT data where the runs read it: cached once from the hub, then prepared."""
+  return (f"SFT data: {scale.sft_data}, prepared once into {prepared_dir(scale, out)} (tokenized, packed; "
+          f"its validation rows are the held-out conversations). Once, on a machine with the Hugging Face hub: "
+          f"python -c \"import datasets; datasets.load_dataset('{scale.sft_data}', split='train')\", then:\n"
+          f"{shlex.join(prepare_command(scale, out, extra))}")
 
 
 def plan_minutes(plan_file: str, steps: int) -> Optional[float]:
@@ -89,13 +100,15 @@ def eval_flags(settings: Settings, scale: Scale, run: Run, seed: int, out: str, 
                tokenizer: str) -> list[str]:
   """main.py flags of one run's evaluation (configs/eval.py), as the tiny study evaluates: every item of the
   scale's benchmarks (or, without them, the seed's synthetic evaluation items) at the run's k grid with the
-  predicted choice per item, the NLL of held-out answers (eval.sft_files) and, for the base, decode latency.
+  predicted choice per item, the NLL of held-out answers (eval.sft_files, or the prepared SFT data's validation
+  rows) and, for the base, decode latency.
   Writes OUT/seed<s>/<run>/eval/eval_results.json."""
   data = f"{out}/data/seed{seed}"
   model = base_model if run.name == "base" else f"{out}/seed{seed}/{run.name}/best"
   if scale.benchmarks:
+    seq_len = load_config_file(scale.config_file).data.seq_len  # the rows the data was prepared in
     items = [f"--config.eval.tasks={','.join(scale.benchmarks)}",
-             f"--config.eval.sft_files={sft_files(scale, out)['heldout']}"]
+             f"--config.data.prepared={prepared_dir(scale, out)}", f"--config.data.seq_len={seq_len}"]
   else:
     tasks = ",".join(f"{data}/eval_{name}.jsonl" for name in settings.synthetic_tasks)
     items = [f"--config.eval.task_files={tasks}", f"--config.eval.sft_files={data}/heldout.jsonl"]
@@ -151,7 +164,7 @@ def run_pod(settings: Settings, scale: Scale, chosen: Sequence[Run], seeds: Sequ
     print(f"study at scale {scale.name}: {len(commands)} fine-tunes on {scale.topology} ({len(seeds)} seeds x "
           f"{len(commands) // max(len(seeds), 1)} runs), {scale.steps} steps each; {estimate}")
     if scale.sft_data:
-      print(sft_instructions(scale, out))
+      print(sft_instructions(scale, out, extra))
     else:
       print(f"data: {out}/data/seed<s>/ (python -m experiments.study --prepare_data --out=LOCAL_DIR, then "
             f"copy it there)")

@@ -25,7 +25,7 @@ class Scale:
   anchor_start_frac: float = 0.8  # PHDS anchors on the lowest k from this fraction of the steps on
   topology: str = ""  # the slice of the launcher runs (olmoe / qwen)
   eval_flags: tuple[str, ...] = ()  # pod scale: main.py flags of the evaluation jobs (configs/eval.py)
-  sft_data: str = ""  # pod scale: the real SFT data fine-tuned on, JSONL messages under OUT/sft/ ("": the seeds' synthetic data)
+  sft_data: str = ""  # pod scale: the real SFT data fine-tuned on (a hub dataset, prepared into OUT/sft/<scale>; "": the seeds' synthetic data)
   benchmarks: tuple[str, ...] = ()  # pod scale: standard benchmarks evaluated (OLMo suite specs; (): the synthetic items)
 
 
@@ -39,6 +39,7 @@ _POD_EVAL = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.pa
 # unconditioned requests are set aside): 37,682 items in all, the same benchmarks lm-eval's arc_easy,
 # arc_challenge, hellaswag, piqa, winogrande, boolq, commonsense_qa, social_iqa, openbookqa and mmlu score.
 SFT_DATA = "allenai/tulu-3-sft-mixture"
+SFT_CONVERSATIONS = {SFT_DATA: 939_344}
 BENCHMARKS = {"arc_easy:test_rc_5shot": 2376, "arc_challenge:test_rc_5shot": 1172, "hellaswag:val_rc_5shot": 10042,
               "piqa:val_rc_5shot": 1838, "winogrande:val_rc_5shot": 1267, "boolq:val_rc_5shot": 3270,
               "csqa:val_rc_5shot": 1221, "socialiqa:val_rc_5shot": 1954, "openbookqa:test_rc_5shot": 500,

@@ -110,8 +110,10 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   assert all("--zone us-west4-a --accelerator v5e-16" in c and c.endswith("--config.model_path=/m") for c in commands)
   assert "--workdir=gs://b/s/seed1/oracle_k8" in out and "100 min per run" in out  # 2000 steps x 3 s
   # real SFT data, the same for every seed (the seed orders it and draws k), and how to put it there
-  assert all("--config.data.train_files=gs://b/s/sft/train-*.jsonl" in c for c in commands)
-  assert "allenai/tulu-3-sft-mixture" in out and "gsutil cp train-00000.jsonl heldout.jsonl gs://b/s/sft/" in out
+  assert all("--config.data.prepared=gs://b/s/sft/olmoe" in c and "train_files" not in c for c in commands)
+  assert ("python -m phds_jax.main --config=configs/prepare.py:olmoe --config.tokenizer_path=/m "
+          "--config.data.train_files=hf:allenai/tulu-3-sft-mixture --config.data.val_fraction=0.002129 "
+          "--config.data.prepared=gs://b/s/sft/olmoe") in out
   with pytest.raises(SystemExit):
     study.parse_args("study", ["phds"], ["--scale=qwen"])  # no --zone
   study.main("study", ["baseline", "oracles"], ["--scale=olmoe", "--seeds=0", "--dry-run", "--zone=z",
@@ -125,7 +127,8 @@ def test_pod_scale_prints_launcher_commands_and_a_plan_estimate(tmp_path, capsys
   assert all("--config.eval.k_values=1,2,4,6,8 " in c for c in commands)  # oracles too: at every k
   # standard benchmarks, every item (thousands per task), and the SFT data's held-out answers
   assert all("--config.eval.tasks=arc_easy:test_rc_5shot,arc_challenge:test_rc_5shot,hellaswag:val_rc_5shot," in c
-             and "mmlu:rc_test" in c and "--config.eval.sft_files=gs://b/s/sft/heldout.jsonl" in c for c in commands)
+             and "mmlu:rc_test" in c and "--config.data.prepared=gs://b/s/sft/olmoe --config.data.seq_len=2048" in c
+             for c in commands)
   assert "37,682 items per k and checkpoint" in out and "phds-lm-eval --model phds_jax" in out
   assert "--config.mesh.fsdp=-1" in commands[1] and "--workdir=gs://b/s/seed0/oracle_k1/eval" in commands[1]
   with pytest.raises(SystemExit, match="give --config.model_path"):

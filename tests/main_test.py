@@ -181,7 +181,7 @@ def test_config_problems_are_all_listed(hf_dirs, tmp_path):
     main.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
   for name, changes, message in [
-      ("sweep", {"mode": "dance"}, "mode='dance'; choose one of train, builtin, eval, sweep, convert"),
+      ("sweep", {"mode": "dance"}, "mode='dance'; choose one of train, prepare, builtin, eval, sweep, convert"),
       ("eval", {"model_path": str(tmp_path / "missing")}, "model_path='.*missing': no such directory"),
       ("eval", {"model_path": src, "eval.k_values": "0,2"}, r"eval.k_values='0,2': k=0 is outside \[1, 8\]"),
       ("convert", {"model_path": src}, "convert.dst: required"),

@@ -156,9 +156,7 @@ def _data_problems(config) -> list[str]:
     if given:
       out.append(f"data.prepared={d.prepared!r} holds the data: {' and '.join('data.' + f for f in given)} would "
                  "not be read; drop them (or data.prepared)")
-    out += _file_problems(files.isfile, os.path.join(d.prepared, "manifest.json"),
-                          f"data.prepared={d.prepared!r}: no manifest.json there (make it with "
-                          "--config=configs/prepare.py)")
+    out += _prepared_problems(d.prepared)
     sources = None
   else:
     out += _pattern_problems("data.train_files", d.train_files, required=True)
@@ -169,6 +167,12 @@ def _data_problems(config) -> list[str]:
   except ValueError as e:
     out.append(str(e))
   return out
+
+
+def _prepared_problems(path: str) -> list[str]:
+  return _file_problems(files.isfile, os.path.join(path, "manifest.json"),
+                        f"data.prepared={path!r}: no manifest.json there (make it with --config=configs/prepare.py; "
+                        "an interrupted prepare writes it last)")
 
 
 def prepare_problems(config) -> list[str]:
@@ -302,6 +306,10 @@ def eval_problems(config) -> list[str]:
   out += settings.eval_roe_settings(config)[1]
   out += _pattern_problems("eval.text_files", config.eval.text_files, required=False)
   out += _pattern_problems("eval.sft_files", config.eval.sft_files, required=False)
+  if config.data.prepared:  # its validation rows are scored like eval.sft_files
+    out += _prepared_problems(config.data.prepared)
+    out += [f"eval.{f}: not read when data.prepared is set (its validation rows are scored); drop one"
+            for f in ("text_files", "sft_files") if config.eval[f]]
   return list(dict.fromkeys(out))
 
 

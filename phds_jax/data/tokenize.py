@@ -43,7 +43,7 @@ def sft_examples(records: Sequence[tuple[str, dict]], tokenizer) -> tuple[list[O
   prompts = encode(tokenizer, [records[i][1]["prompt"] for i in plain])
   responses = encode(tokenizer, [records[i][1]["response"] for i in plain])
   for i, p, r in zip(plain, prompts, responses):
-    if not r:
+    if not r + eos:
       errors.append((i, "empty response"))
       continue
     out[i] = Example(prefix + p + r + eos, [False] * (len(prefix) + len(p)) + [True] * (len(r) + len(eos)))

@@ -1,0 +1,217 @@
+"""Prepared data: batched tokenization equals the per-record reader, rows read back exactly, the prepare job
+is deterministic, parallel and resumable, mismatches are refused, and runs stream it per process."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from phds_jax import main
+from phds_jax.cli.configs import base_config
+from phds_jax.data import pipeline
+from phds_jax.data import prepare
+from phds_jax.data import prepared
+from phds_jax.data import tokenize
+from conftest import set_fields, toy_train_config, write_toy_sft, write_toy_tokenizer
+
+CHAT = [{"role": "system", "content": "w9"}, {"role": "user", "content": "say first of : w1 w2"},
+        {"role": "assistant", "content": "w1"}, {"role": "user", "content": "w4 w5"},
+        {"role": "assistant", "content": "w5 w6"}]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  root = tmp_path_factory.mktemp("toy")
+  return {"root": root, "tokenizer": write_toy_tokenizer(root / "tok"),
+          "a": write_toy_sft(root / "a.jsonl", n=500, bad_lines=[(3, "{not json"), (7, '{"prompt": 1}')]),
+          "b": write_toy_sft(root / "b.jsonl", n=160, seed=1)}
+
+
+def _bpe_tokenizer(directory):
+  """A small byte-level BPE (the OLMoE / Qwen kind: tokens may span spaces and newlines) with a chat template."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  corpus = [" ".join(m["content"] for m in CHAT) + " the quick brown fox jumps over the lazy dog\n"] * 50
+  backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+  tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"
+                             "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}")
+  tokenizer.save_pretrained(str(directory))
+  return pipeline.load_tokenizer(str(directory))
+
+
+def test_batched_tokenization_equals_the_per_record_reader(toy, tmp_path):
+  """Prompt/response, conversations with and without a chat template (word-level and byte-level BPE), and
+  malformed records: the same examples and the same errors as pipeline.read_sft, one call per field."""
+  word = pipeline.load_tokenizer(toy["tokenizer"])
+  bpe = _bpe_tokenizer(tmp_path / "bpe")
+  records = [("f:1", {"prompt": "say first of : w1 w2", "response": "w1"}), ("f:2", {"messages": CHAT}),
+             ("f:3", {"prompt": 1}), ("f:4", {"messages": [{"role": "user", "content": "w1"}]}),
+             ("f:5", {"prompt": "w1", "response": ""}), ("f:6", {"messages": CHAT[1:3]})]
+  for tokenizer in (word, bpe):
+    examples, errors = tokenize.sft_examples(records, tokenizer)
+    for (where, record), example in zip(records, examples):
+      try:
+        expected = pipeline._sft_example(record, tokenizer)
+      except ValueError as e:
+        assert example is None and (where, str(e)) in errors
+      else:
+        assert example == expected, where
+    assert [w for w, _ in errors] == ["f:3", "f:4"]
+  assert sum(bpe.convert_ids_to_tokens([t])[0].startswith("Ġ") for t in examples[1].tokens) > 0  # spans spaces
+  (tmp_path / "t.jsonl").write_text(json.dumps({"text": "w1 w2 w3"}) + "\n")
+  text, _ = tokenize.text_examples([("t:1", {"text": "w1 w2 w3"})], word)
+  assert text == pipeline.read_text(str(tmp_path / "t.jsonl"), word)
+
+
+def test_rows_read_back_exactly_as_packed(toy):
+  tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
+  examples = pipeline.read_sft(toy["b"], tokenizer)
+  for window in (None, 4):
+    groups = list(pipeline.pack_groups(examples, 40, max_loss_tokens=6, window=window))
+    assert sum(len(g) for g in groups) == len(examples)
+    for group in groups:
+      got, want = prepared.decode_row(prepared.encode_row(group), 40), pipeline._row(group, 40)
+      assert all(np.array_equal(got[key], want[key]) and got[key].dtype == want[key].dtype for key in want)
+  assert [pipeline._row(g, 40)["inputs"].tolist() for g in pipeline.pack_groups(examples, 40, max_loss_tokens=6)] == \
+      [r["inputs"].tolist() for r in pipeline.pack(examples, 40, max_loss_tokens=6)]
+
+
+def _prepare_config(toy, out, **changes):
+  c = base_config()
+  c.mode = "prepare"
+  return set_fields(c, **{"tokenizer_path": toy["tokenizer"], "data.train_files": f"{toy['a']},{toy['b']}",
+                          "data.prepared": str(out), "data.seq_len": 48, "data.max_loss_tokens": 8,
+                          "data.workers": 1, **changes})
+
+
+def _contents(directory):
+  return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def test_prepare_is_deterministic_parallel_and_resumes_where_it_stopped(toy, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(prepare, "CHUNK_RECORDS", 64)  # several chunks per source
+  main.run(_prepare_config(toy, tmp_path / "one"))
+  one = _contents(tmp_path / "one")
+  assert sum(name.startswith("train/") for name in one) == 8 + 3 and "manifest.json" in one
+  main.run(_prepare_config(toy, tmp_path / "two", **{"data.workers": 2}))
+  assert _contents(tmp_path / "two") == one  # two worker processes: the same bytes
+  # killed after three chunks (a half-written shard left behind): a re-run finishes it, the same bytes again
+  original, done = prepare.prepare_chunk, []
+
+  def dies_at_the_fourth(directory, settings, source, kind, chunk, records):
+    if len(done) == 3:
+      open(os.path.join(directory, "train", prepare.shard_name(source, chunk) + ".array_record.tmp"), "wb").write(b"x")
+      raise KeyboardInterrupt
+    done.append(chunk)
+    return original(directory, settings, source, kind, chunk, records)
+
+  monkeypatch.setattr(prepare, "prepare_chunk", dies_at_the_fourth)
+  with pytest.raises(KeyboardInterrupt):
+    main.run(_prepare_config(toy, tmp_path / "killed"))
+  assert not os.path.exists(tmp_path / "killed" / "manifest.json")
+  monkeypatch.setattr(prepare, "prepare_chunk", original)
+  capsys.readouterr()
+  main.run(_prepare_config(toy, tmp_path / "killed"))
+  out = capsys.readouterr().out
+  assert "resuming" in out and "(192 prepared before)" in out
+  assert {k: v for k, v in _contents(tmp_path / "killed").items() if not k.endswith(".tmp")} == one
+  main.run(_prepare_config(toy, tmp_path / "killed"))
+  assert "already prepared" in capsys.readouterr().out
+  manifest = json.loads(one["manifest.json"])
+  assert manifest["malformed"] == 2 and manifest["malformed_first"][0].startswith(f"{toy['a']}:4: ")
+  assert manifest["malformed_first"][1].startswith(f"{toy['a']}:8: expected string fields")
+  a, b = manifest["sources"]
+  assert a["records"] == 502 and b["records"] == 160 and a["val_rows"] + b["val_rows"] > 0
+  assert manifest["tokenizer"] == prepared.tokenizer_identity(toy["tokenizer"])
+  with pytest.raises(pipeline.DataError, match=r"a\.jsonl:4: "):
+    main.run(_prepare_config(toy, tmp_path / "strict", **{"data.on_error": "raise"}))
+
+
+@pytest.fixture(scope="module")
+def ready(toy, tmp_path_factory):
+  out = tmp_path_factory.mktemp("prepared") / "data"
+  main.run(_prepare_config(toy, out))
+  return str(out)
+
+
+def test_a_dataset_prepared_differently_is_refused_in_one_message(toy, ready, tmp_path):
+  tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
+  manifest = prepared.read_manifest(ready)
+  other = tmp_path / "tok"
+  tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+  tokenizer.save_pretrained(str(other))
+  run = prepared.RunData(prepared.tokenizer_identity(str(other)), 64, tokenizer.chat_template, "sft", 4)
+  with pytest.raises(pipeline.DataError) as refused:
+    prepared.check(manifest, run, ready)
+  lines = str(refused.value).splitlines()
+  assert [line.split(":")[0].strip("- ") for line in lines[1:]] == [
+      "tokenizer", "data.seq_len", "chat template", "data.max_loss_tokens"]
+  assert "prepared 48, the run's 64" in str(refused.value)
+  same = prepared.RunData(manifest["tokenizer"], 48, None, "sft", 8)
+  assert prepared.differences(manifest, same) == []
+
+
+def test_runs_stream_their_share_and_resume_on_another_process_count(ready):
+  manifest = prepared.read_manifest(ready)
+  (rows,) = prepared.train_sources(ready, manifest, mixture=False)
+  assert len(rows) == sum(s["train_rows"] for s in manifest["sources"])
+  whole = pipeline.train_batches(rows, 4, seed=3)
+  first = [next(whole)["inputs"] for _ in range(3)]
+  state = whole.get_state()
+  later = [next(whole)["inputs"] for _ in range(2)]
+  halves = [pipeline.train_batches(rows, 4, seed=3, process_index=p, process_count=2, read_threads=2) for p in (0, 1)]
+  for half in halves:
+    half.set_state(state)  # a one-process checkpoint resumed on two processes
+  for batch in later:
+    assert np.array_equal(np.concatenate([next(h)["inputs"] for h in halves]), batch)
+  again = pipeline.train_batches(rows, 4, seed=3)
+  assert all(np.array_equal(next(again)["inputs"], b) for b in first)
+  # a 3:1 mixture of the two sources draws rows in that proportion
+  sources = prepared.train_sources(ready, manifest, mixture=True)
+  tagged = [s.map(lambda r, i=i: dict(r, inputs=np.full_like(r["inputs"], i))) for i, s in enumerate(sources)]
+  mixed = pipeline.train_batches(tagged, 8, seed=0, weights=[3, 1])
+  drawn = np.concatenate([next(mixed)["inputs"][:, 0] for _ in range(50)])
+  assert abs(np.mean(drawn == 0) - 0.75) < 0.01
+
+
+def test_training_and_evaluation_read_the_prepared_data(toy, ready, tmp_path, capsys):
+  from phds_jax.eval import job
+
+  config = toy_train_config(tmp_path, **{"data.train_files": "", "data.prepared": ready, "data.mixture": "3,1",
+                                         "data.max_loss_tokens": 8, "data.seq_len": 48, "train.steps": 4,
+                                         "eval.every": 4, "checkpoint.every": 4})
+  summary = main.run(config, str(tmp_path / "w"))
+  out = capsys.readouterr().out
+  assert f"data: prepared {ready}" in out and "75.0% of the rows drawn" in out
+  assert [h["step"] for h in summary["history"]] == [0, 4]
+  with pytest.raises(Exception, match="data.seq_len: prepared 48, the run's 64"):
+    main.run(set_fields(config, **{"data.seq_len": 64}), str(tmp_path / "w2"))
+  tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
+  eval_config = set_fields(base_config(), **{"data.prepared": ready, "data.seq_len": 48, "eval.batch_size": 2,
+                                             "eval.max_rows": 3})
+  batches = job._text_batches(eval_config, tokenizer, toy["tokenizer"])
+  assert len(batches) == 2 and [b["weights"].shape for b in batches] == [(2, 48)] * 2
+
+
+def test_mistakes_are_named_before_any_work(toy, ready, tmp_path):
+  from phds_jax.cli import modes
+
+  config = toy_train_config(tmp_path, **{"data.prepared": ready, "data.mixture": "3,x"})
+  problems = modes.problems(config)
+  assert any("data.train_files would not be read" in p for p in problems)
+  assert any("data.mixture='3,x'" in p for p in problems)
+  mixed = toy_train_config(tmp_path, **{"data.mixture": "1,2"})
+  assert any("2 weights for 1 data.train_files sources" in p for p in modes.problems(mixed))
+  assert modes.problems(_prepare_config(toy, "")) == [
+      "data.prepared: required; the directory (local, relative or gs://) to write to"]
+  with pytest.raises(pipeline.DataError, match=r"hf:nobody/nothing: not in the Hugging Face datasets cache.*"
+                                               r"load_dataset\('nobody/nothing', split='train'\)"):
+    list(pipeline.read_records("hf:nobody/nothing", pipeline.ReadStats(), "skip"))
