@@ -57,8 +57,9 @@ def load_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
-def _files(patterns: Sequence[str] | str) -> list[str]:
-  """Files matching glob `patterns` (a sequence, or one string of comma-separated patterns)."""
+def source_files(patterns: Sequence[str] | str) -> list[str]:
+  """Files matching glob `patterns` (a sequence, or one string of comma-separated patterns); an hf:NAME
+  source (a datasets cache entry) is passed on as it is."""
   patterns = [p.strip() for p in patterns.split(",") if p.strip()] if isinstance(patterns, str) else list(patterns)
   if not patterns:
     raise DataError("no data files configured")
@@ -151,7 +152,7 @@ def _sft_example(record: dict, tokenizer) -> Example:
   prompt, response = record.get("prompt"), record.get("response")
   if not isinstance(prompt, str) or not isinstance(response, str):
     raise ValueError('expected string fields "prompt" and "response" (or a "messages" list)')
-  prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else [])
+  prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and adds_bos(tokenizer) else [])
   p = prefix + tokenizer.encode(prompt, add_special_tokens=False)
   r = tokenizer.encode(response, add_special_tokens=False)
   if tokenizer.eos_token_id is not None:
@@ -161,7 +162,7 @@ def _sft_example(record: dict, tokenizer) -> Example:
   return Example(p + r, [False] * len(p) + [True] * len(r))
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
   ids = tokenizer.encode("a", add_special_tokens=True)
   return bool(ids) and ids[0] == tokenizer.bos_token_id
 
@@ -203,7 +204,7 @@ def read_sft(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Rea
   loss on responses only)."""
   stats = stats or ReadStats()
   examples = []
-  for path in _files(patterns):
+  for path in source_files(patterns):
     for where, record in read_records(path, stats, on_error):
       try:
         examples.append(_sft_example(record, tokenizer))
@@ -219,7 +220,7 @@ def read_text(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[Re
   """LM examples (loss on every token) from .txt files (documents split at blank lines) or JSONL {"text"}."""
   stats = stats or ReadStats()
   examples = []
-  for path in _files(patterns):
+  for path in source_files(patterns):
     if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(HUB) or files_lib.isdir(path):
       docs = []
       for where, record in read_records(path, stats, on_error):

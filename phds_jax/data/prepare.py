@@ -64,7 +64,7 @@ def _sources(config) -> list[Source]:
   out = []
   for kind, field in (("train", d.train_files), ("val", d.val_files)):
     for pattern in split(field):
-      out.append(Source(pattern, kind, tuple([pattern] if pattern.startswith("hf:") else pipeline._files(pattern))))
+      out.append(Source(pattern, kind, tuple(pipeline.source_files(pattern))))
   return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from phds_jax.data.pipeline import Example, _adds_bos
+from phds_jax.data.pipeline import Example, adds_bos
 
 Errors = list[tuple[str, str]]
 
@@ -38,7 +38,7 @@ def sft_examples(records: Sequence[tuple[str, dict]], tokenizer) -> tuple[list[O
     else:
       errors.append((i, 'expected string fields "prompt" and "response" (or a "messages" list)'))
   out: list[Optional[Example]] = [None] * len(records)
-  prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
+  prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and adds_bos(tokenizer) else []
   eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   prompts = encode(tokenizer, [records[i][1]["prompt"] for i in plain])
   responses = encode(tokenizer, [records[i][1]["response"] for i in plain])
