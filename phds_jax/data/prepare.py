@@ -255,9 +255,21 @@ def run(config, workdir: str) -> dict[str, Any]:
   """The prepare mode: writes the prepared dataset `data.prepared` (or finishes an interrupted one)."""
   del workdir  # the prepared directory is the output
   d = config.data
+  tokenizer_dir = files_lib.stage(config.tokenizer_path or config.model_path, files_lib.cache_dir())
+  n_workers = workers(d.workers)
+  # the workers start (imports, tokenizer) while this process reads the settings and counts the records
+  pool = multiprocessing.get_context("spawn").Pool(n_workers, _load_worker, (tokenizer_dir,)) if n_workers > 1 else None
+  try:
+    return _prepare(config, tokenizer_dir, pool, n_workers)
+  finally:
+    if pool is not None:
+      pool.terminate()
+
+
+def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]:
+  d = config.data
   out = d.prepared
   local = files_lib.local_mirror(out, files_lib.cache_dir()) if files_lib.is_bucket(out) else out
-  tokenizer_dir = files_lib.stage(config.tokenizer_path or config.model_path, files_lib.cache_dir())
   sources = _sources(config)
   has_val_sources = any(s.kind == "val" for s in sources)
   settings = Settings(d.format, d.seq_len, d.max_loss_tokens, 0.0 if has_val_sources else d.val_fraction, d.seed,
@@ -280,7 +292,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise pipeline.DataError(f"data.prepared={out!r} holds a dataset prepared differently; remove it or choose "
                              "another directory")
   _start(local, header)
-  n_workers = workers(d.workers)
   counts = [_count(path, d.format) for s in sources for path in s.files]
   total = None if None in counts else sum(counts)
   print(f"preparing {len(sources)} source(s) ({sum(len(s.files) for s in sources)} files"
@@ -289,8 +300,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
   progress = _Progress(total)
   per_source = collections.defaultdict(list)
-  for source_index, kind, chunk, counts_ in _run_chunks(local, settings, sources, n_workers, progress):
-    per_source[source_index].append((chunk, counts_))
+  for source_index, _, chunk, chunk_counts in _run_chunks(local, settings, sources, pool, n_workers, progress):
+    per_source[source_index].append((chunk, chunk_counts))
   manifest = _manifest(header, sources, per_source)
   seconds = time.perf_counter() - started
   _finish(local, out, manifest)
@@ -314,41 +325,37 @@ def _start(local: str, header: dict[str, Any]):
   _write_json(settings_file, header)
 
 
-def _run_chunks(local, settings, sources, n_workers, progress):
-  """Yields (source, kind, chunk, counts) in order, chunks already written read back instead of redone."""
+def _run_chunks(local, settings, sources, pool, n_workers, progress):
+  """Yields (source, kind, chunk, counts) in order, chunks already written read back instead of redone;
+  `pool` (None: this process) tokenizes, at most two chunks per worker in flight."""
   tasks = ((i, source.kind, c, records) for i, source in enumerate(sources)
            for c, records in enumerate(_chunks(source, settings.format)))
   done_file = lambda i, c: os.path.join(local, "chunks", shard_name(i, c) + ".json")
-  if n_workers <= 1:
+  if pool is None:
     _load_worker(settings.tokenizer_dir)
-  pool = (multiprocessing.get_context("spawn").Pool(n_workers, _load_worker, (settings.tokenizer_dir,))
-          if n_workers > 1 else None)
   inflight = collections.deque()  # (source, kind, chunk, records, counts or a pending result, read back)
 
   def finish_oldest():
     i, kind, c, n, result, read_back = inflight.popleft()
     counts = result.get() if isinstance(result, multiprocessing.pool.AsyncResult) else result
-    progress.update(n, counts["train"]["positions"] + counts["val"]["positions"], skipped=read_back)
+    tokens = sum(counts[split]["positions"] + counts[split]["examples"] for split in ("train", "val"))
+    progress.update(n, tokens, skipped=read_back)
     return i, kind, c, counts
 
-  try:
-    for i, kind, c, records in tasks:
-      if os.path.isfile(done_file(i, c)):
-        with open(done_file(i, c), encoding="utf-8") as f:
-          inflight.append((i, kind, c, len(records), json.load(f), True))
-      elif pool is None:
-        inflight.append((i, kind, c, len(records), prepare_chunk(local, settings, i, kind, c, records), False))
-      else:
-        inflight.append((i, kind, c, len(records),
-                         pool.apply_async(_worker_chunk, ((local, settings, i, kind, c, records),)), False))
-      while len(inflight) > 2 * n_workers or (
-          inflight and not isinstance(inflight[0][4], multiprocessing.pool.AsyncResult)):
-        yield finish_oldest()
-    while inflight:
+  for i, kind, c, records in tasks:
+    if os.path.isfile(done_file(i, c)):
+      with open(done_file(i, c), encoding="utf-8") as f:
+        inflight.append((i, kind, c, len(records), json.load(f), True))
+    elif pool is None:
+      inflight.append((i, kind, c, len(records), prepare_chunk(local, settings, i, kind, c, records), False))
+    else:
+      inflight.append((i, kind, c, len(records),
+                       pool.apply_async(_worker_chunk, ((local, settings, i, kind, c, records),)), False))
+    while len(inflight) > 2 * n_workers or (
+        inflight and not isinstance(inflight[0][4], multiprocessing.pool.AsyncResult)):
       yield finish_oldest()
-  finally:
-    if pool is not None:
-      pool.terminate()
+  while inflight:
+    yield finish_oldest()
   progress.update(0, 0, False, final=True)
 
 
