@@ -471,11 +471,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   trainer = Trainer(cfg, config, mesh, total)
   tokenizer = data_lib.load_tokenizer(config.tokenizer_path or config.model_path)
   _check_vocabulary(config, cfg, tokenizer)
+  run_data = data_setup.build(config, tokenizer, global_batch, jax.process_index(), jax.process_count())
+  _say(run_data.summary)
   _say(f"loading {'a random ' + config.model.preset if not config.model_path else config.model_path} "
        f"sharded over mesh {dict(mesh.shape)} ...")
   cfg, params = load_run_model(config, trainer.param_sharding())
-  run_data = data_setup.build(config, tokenizer, global_batch, jax.process_index(), jax.process_count())
-  _say(run_data.summary)
   trainable = trainable_paths(cfg, params, config.train.trainable)
   state = trainer.init_state(params, trainable, config.seed, copy=False)
   del params
