@@ -22,7 +22,7 @@ from phds_jax.io import hf
 from phds_jax.io import load as load_lib
 from phds_jax.io import paths
 from phds_jax.model.transformer import init_params
-from conftest import load_config, toy_train_config
+from conftest import load_config, set_fields, toy_train_config
 
 BUCKET = "gs://phds-test"
 
@@ -114,6 +114,31 @@ def test_a_bucket_run_trains_resumes_and_exports(bucket, tmp_path, capsys):
   assert files.isfile(f"{workdir}/hf_export/tokenizer.json")  # copied along from the staged tokenizer
   again = modes.run(toy_train_config(tmp_path, **changes), workdir)
   assert again["steps"] == 6 and "nothing left to do" in capsys.readouterr().out
+
+
+def test_prepared_data_to_and_from_a_bucket(bucket, tmp_path, capsys):
+  """configs/prepare.py reads a bucket's JSONL and tokenizer and writes the prepared dataset into the bucket
+  (manifest last); a run reads it back through a local copy, copied again when the bucket's is prepared anew."""
+  from phds_jax.data import prepared
+
+  local = toy_train_config(tmp_path)
+  files.upload_dir(local.tokenizer_path, f"{bucket}/ptok")
+  _upload(local.data.train_files, f"{bucket}/pdata/sft.jsonl")
+  out = f"{bucket}/prepared"
+  config = load_config("prepare", **{"tokenizer_path": f"{bucket}/ptok", "data.train_files": f"{bucket}/pdata/*.jsonl",
+                                     "data.prepared": out, "data.seq_len": 64, "data.workers": 1})
+  modes.run(config)
+  assert "train from it with --config.data.prepared=gs://phds-test/prepared" in capsys.readouterr().out
+  manifest = prepared.read_manifest(out)
+  assert files.isfile(f"{out}/{manifest['sources'][0]['train_shards'][0]}")
+  directory = prepared.local_copy(out)
+  (rows,) = prepared.train_sources(directory, manifest, mixture=False)
+  source = manifest["sources"][0]
+  assert len(rows) == source["train_rows"] and source["train_examples"] + source["val_examples"] == 300
+  assert sum(int(rows[i]["segment_ids"].max()) for i in range(len(rows))) == source["train_examples"]
+  files.remove(out)
+  modes.run(set_fields(config, **{"data.seq_len": 32}))
+  assert prepared.read_manifest(prepared.local_copy(out))["seq_len"] == 32  # the new one, not the old copy
 
 
 def test_bucket_fields_resolve_and_local_caches_refuse_buckets(bucket, tmp_path):

@@ -215,3 +215,17 @@ def test_mistakes_are_named_before_any_work(toy, ready, tmp_path):
   with pytest.raises(pipeline.DataError, match=r"hf:nobody/nothing: not in the Hugging Face datasets cache.*"
                                                r"load_dataset\('nobody/nothing', split='train'\)"):
     list(pipeline.read_records("hf:nobody/nothing", pipeline.ReadStats(), "skip"))
+
+
+def test_hub_sources_read_the_datasets_cache_like_jsonl(toy, tmp_path, monkeypatch):
+  """hf:NAME goes through datasets.load_dataset offline (here NAME is a local dataset directory, which it
+  loads the way it loads a cached hub dataset): the same examples as the JSONL file."""
+  import datasets
+
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+  for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    monkeypatch.setenv(name, "0")  # restored after the test: the reader sets them
+  (tmp_path / "hub").mkdir()
+  (tmp_path / "hub" / "train.jsonl").write_text(open(toy["b"]).read())
+  tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
+  assert pipeline.read_sft(f"hf:{tmp_path / 'hub'}", tokenizer) == pipeline.read_sft(toy["b"], tokenizer)

@@ -269,7 +269,8 @@ def run(config, workdir: str) -> dict[str, Any]:
 def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]:
   d = config.data
   out = d.prepared
-  local = files_lib.local_mirror(out, files_lib.cache_dir()) if files_lib.is_bucket(out) else out
+  # a bucket output is written here first (and kept until uploaded: a re-run on this machine resumes it)
+  local = files_lib.local_mirror(out, files_lib.cache_dir()) + ".writing" if files_lib.is_bucket(out) else out
   sources = _sources(config)
   has_val_sources = any(s.kind == "val" for s in sources)
   settings = Settings(d.format, d.seq_len, d.max_loss_tokens, 0.0 if has_val_sources else d.val_fraction, d.seed,
