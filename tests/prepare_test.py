@@ -229,3 +229,21 @@ def test_hub_sources_read_the_datasets_cache_like_jsonl(toy, tmp_path, monkeypat
   (tmp_path / "hub" / "train.jsonl").write_text(open(toy["b"]).read())
   tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
   assert pipeline.read_sft(f"hf:{tmp_path / 'hub'}", tokenizer) == pipeline.read_sft(toy["b"], tokenizer)
+
+
+def test_text_documents_are_prepared_like_the_in_memory_reader(toy, tmp_path):
+  """data.format=text: a .txt file's blank-line-separated documents, cut into row-sized pieces: every token
+  after each document's first is trained on once, as pipeline.read_text + chunk_examples + pack give."""
+  words = [f"w{i}" for i in range(30)]
+  docs = [" ".join(words[i:i + n]) for i, n in ((0, 25), (3, 4), (5, 12))]
+  (tmp_path / "lm.txt").write_text("\n\n".join(docs) + "\n")
+  main.run(_prepare_config(toy, tmp_path / "out", **{"data.format": "text", "data.train_files": str(tmp_path / "lm.txt"),
+                                                     "data.max_loss_tokens": 0, "data.seq_len": 8,
+                                                     "data.val_fraction": 0.0}))
+  manifest = prepared.read_manifest(str(tmp_path / "out"))
+  (rows,) = prepared.train_sources(str(tmp_path / "out"), manifest, mixture=False)
+  tokenizer = pipeline.load_tokenizer(toy["tokenizer"])
+  memory = pipeline.pack(pipeline.chunk_examples(pipeline.read_text(str(tmp_path / "lm.txt"), tokenizer), 8), 8)
+  trained = lambda rs: sorted(int(t) for r in rs for t, w in zip(r["targets"], r["weights"]) if w)
+  assert trained([rows[i] for i in range(len(rows))]) == trained(memory)
+  assert manifest["sources"][0]["records"] == 3 and manifest["sources"][0]["train_trained_tokens"] == 25 + 4 + 12
