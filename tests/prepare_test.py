@@ -3,6 +3,7 @@ is deterministic, parallel and resumable, mismatches are refused, and runs strea
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -215,6 +216,13 @@ def test_mistakes_are_named_before_any_work(toy, ready, tmp_path):
   with pytest.raises(pipeline.DataError, match=r"hf:nobody/nothing: not in the Hugging Face datasets cache.*"
                                                r"load_dataset\('nobody/nothing', split='train'\)"):
     list(pipeline.read_records("hf:nobody/nothing", pipeline.ReadStats(), "skip"))
+
+
+def test_a_missing_datasets_package_is_named(monkeypatch):
+  monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+  with pytest.raises(pipeline.DataError, match=r'hf:a/b: reading Hugging Face datasets needs the datasets package: '
+                                               r'pip install -e "\.\[datasets\]"'):
+    list(pipeline.read_records("hf:a/b", pipeline.ReadStats(), "skip"))
 
 
 def test_hub_sources_read_the_datasets_cache_like_jsonl(toy, tmp_path, monkeypatch):

@@ -100,8 +100,7 @@ def read_records(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[s
   if path.startswith(HUB):
     yield from _hub_records(path)
   elif files_lib.isfile(os.path.join(path, "dataset_info.json")) or files_lib.isfile(os.path.join(path, "state.json")):
-    import datasets  # pylint: disable=g-import-not-at-top
-
+    datasets = _datasets(path)
     for number, record in enumerate(datasets.load_from_disk(files_lib.stage(path, files_lib.cache_dir())), 1):
       yield f"{path}:row {number}", _present(record)
   elif path.endswith(".parquet"):
@@ -116,10 +115,20 @@ def read_records(path: str, stats: ReadStats, on_error: str) -> Iterator[tuple[s
     yield from read_jsonl(path, stats, on_error)
 
 
+def _datasets(source: str):
+  """The `datasets` package (the [datasets] extra), or a DataError naming the source that needs it."""
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise DataError(f"{source}: reading Hugging Face datasets needs the datasets package: "
+                    "pip install -e \".[datasets]\" (or pip install datasets)") from None
+  return datasets
+
+
 def _hub_records(spec: str) -> Iterator[tuple[str, dict]]:
   name, _, split = spec[len(HUB):].partition(":")
   os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only: no network at run time
-  import datasets  # pylint: disable=g-import-not-at-top
+  datasets = _datasets(spec)
 
   try:
     dataset = datasets.load_dataset(name, split=split or "train")
