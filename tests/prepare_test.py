@@ -164,11 +164,12 @@ def test_runs_stream_their_share_and_resume_on_another_process_count(ready):
   manifest = prepared.read_manifest(ready)
   (rows,) = prepared.train_sources(ready, manifest, mixture=False)
   assert len(rows) == sum(s["train_rows"] for s in manifest["sources"])
-  whole = pipeline.train_batches(rows, 4, seed=3)
+  whole = pipeline.train_batches(rows, 4, seed=3, read_threads=2)  # as the trainer reads it: threads ahead
   first = [next(whole)["inputs"] for _ in range(3)]
   state = whole.get_state()
+  assert state == {"next_index": 3}  # what was taken, not what the threads read ahead
   later = [next(whole)["inputs"] for _ in range(2)]
-  halves = [pipeline.train_batches(rows, 4, seed=3, process_index=p, process_count=2, read_threads=2) for p in (0, 1)]
+  halves = [pipeline.train_batches(rows, 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
   for half in halves:
     half.set_state(state)  # a one-process checkpoint resumed on two processes
   for batch in later:
