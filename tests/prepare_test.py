@@ -189,10 +189,11 @@ def test_training_and_evaluation_read_the_prepared_data(toy, ready, tmp_path, ca
 
   config = toy_train_config(tmp_path, **{"data.train_files": "", "data.prepared": ready, "data.mixture": "3,1",
                                          "data.max_loss_tokens": 8, "data.seq_len": 48, "train.steps": 4,
-                                         "eval.every": 4, "checkpoint.every": 4})
+                                         "eval.every": 4, "checkpoint.every": 4, "eval.max_rows": 3})
   summary = main.run(config, str(tmp_path / "w"))
   out = capsys.readouterr().out
   assert f"data: prepared {ready}" in out and "75.0% of the rows drawn" in out
+  assert "validation 3 rows (the first of" in out  # eval.max_rows caps the rows of every evaluation
   assert [h["step"] for h in summary["history"]] == [0, 4]
   with pytest.raises(Exception, match="data.seq_len: prepared 48, the run's 64"):
     main.run(set_fields(config, **{"data.seq_len": 64}), str(tmp_path / "w2"))

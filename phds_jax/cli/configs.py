@@ -116,7 +116,8 @@ def base_config(arg=None):
   c.eval.limit = 0  # eval: items per task (0 = all)
   c.eval.text_files = ""  # eval: LM text (.txt or JSONL {"text"}) for perplexity and next-token agreement
   c.eval.sft_files = ""  # eval: SFT JSONL, perplexity on response tokens only
-  c.eval.max_rows = 0  # eval: packed text rows evaluated (0 = all); with data.prepared, its validation rows
+  c.eval.max_rows = 0  # packed rows scored (0 = all): eval's text rows (with data.prepared, its validation
+  #                      rows); train: the validation rows of every evaluation (the first ones)
   c.eval.truncate = True  # eval: drop context from the left when an item exceeds max positions (False: error)
   c.eval.roe = ""  # eval: Roster-of-Experts settings "members:tau,..." (e.g. 4:0.5,8:1.0), each one more curve
   c.eval.roe_seed = 0  # eval: the seed of the RoE routings

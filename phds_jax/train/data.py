@@ -72,12 +72,13 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
     iterator = data_lib.train_batches(sources if weights else sources[0], global_batch, seed=d.seed,
                                       process_index=process_index, process_count=process_count, weights=weights,
                                       read_threads=2)
-    val = prepared_lib.Batches(prepared_lib.validation_rows(directory, manifest), config.eval.batch_size)
+    val = prepared_lib.Batches(prepared_lib.validation_rows(directory, manifest), config.eval.batch_size,
+                               limit=config.eval.max_rows)
     summary = (f"data: prepared {d.prepared} ({sum(s['records'] for s in manifest['sources']):,} records, "
                f"{sum(s['malformed'] for s in manifest['sources']):,} malformed skipped when prepared); train "
                f"{sum(s['train_rows'] for s in train_sources):,} rows, "
                f"{sum(s['train_trained_tokens'] for s in train_sources):,} trained tokens; validation "
-               f"{val.count:,} rows; each process reads its share of every batch")
+               f"{val.count:,} rows{_capped(val.count, len(val.rows))}; each process reads its share of every batch")
     if len(train_sources) > 1:
       summary += "\n  " + prepared_lib.describe_mixture(train_sources, weights).replace("; ", "\n  ")
     return RunData(iterator, val, summary)
@@ -85,10 +86,16 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
   weights = data_lib.mixture_weights(d.mixture, len(train) if d.mixture else None)
   iterator = data_lib.train_batches(train if weights else train[0], global_batch, seed=d.seed,
                                     process_index=process_index, process_count=process_count, weights=weights)
+  scored = val[:config.eval.max_rows] if config.eval.max_rows else val
   summary = (f"data: {stats.records} records ({stats.skipped} skipped, {stats.truncated} truncated); "
-             f"train {data_lib.describe([r for rows in train for r in rows])}; validation {data_lib.describe(val)}")
+             f"train {data_lib.describe([r for rows in train for r in rows])}; validation "
+             f"{data_lib.describe(scored)}{_capped(len(scored), len(val))}")
   if weights:
     sources = [{"pattern": p.strip(), "train_rows": len(rows)}
                for p, rows in zip(d.train_files.split(","), train)]
     summary += "\n  " + prepared_lib.describe_mixture(sources, weights).replace("; ", "\n  ")
-  return RunData(iterator, data_lib.eval_batches(val, config.eval.batch_size), summary)
+  return RunData(iterator, data_lib.eval_batches(scored, config.eval.batch_size), summary)
+
+
+def _capped(scored: int, available: int) -> str:
+  return f" (the first of {available:,}: eval.max_rows)" if scored < available else ""
