@@ -118,19 +118,22 @@ def differences(manifest: dict[str, Any], run: RunData) -> list[str]:
 
 
 def local_copy(path: str) -> str:
-  """A local directory holding the prepared dataset `path`: a bucket's is copied into the cache once, and
-  again when the bucket's manifest changed (the dataset was prepared anew)."""
+  """A local directory holding the prepared dataset `path`: a bucket's is copied into the cache once (by one
+  process at a time: processes sharing a machine wait for the first one's copy), and again when the
+  bucket's manifest changed (the dataset was prepared anew)."""
   if not files_lib.is_bucket(path):
     return path
   cache = files_lib.cache_dir()
   local = files_lib.local_mirror(path, cache)
-  copied = os.path.join(local, MANIFEST)
-  if os.path.isfile(copied) and files_lib.isfile(os.path.join(path, MANIFEST)):
-    with open(copied, encoding="utf-8") as f:
-      stale = f.read() != files_lib.read_text(os.path.join(path, MANIFEST))
-    if stale and os.path.exists(local + ".complete"):
-      os.remove(local + ".complete")
-  return files_lib.stage(path, cache)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  with files_lib.exclusive(local + ".lock"):
+    copied = os.path.join(local, MANIFEST)
+    if os.path.isfile(copied) and files_lib.isfile(os.path.join(path, MANIFEST)):
+      with open(copied, encoding="utf-8") as f:
+        stale = f.read() != files_lib.read_text(os.path.join(path, MANIFEST))
+      if stale and os.path.exists(local + ".complete"):
+        os.remove(local + ".complete")
+    return files_lib.stage(path, cache)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
