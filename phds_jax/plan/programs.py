@@ -55,6 +55,9 @@ _LESS_THAN = re.compile(r"^\s*ROOT\s.*\scompare\(%?[\w.\-]+,\s*%?([\w.\-]+)\),\s
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# XLA TPU's async collective fusion splits one collective into a start (flag_start -1) and continuations
+# fused into the compute they overlap; every part repeats the whole collective's shape and channel
+_CONTINUATION = re.compile(r'"async_collective_fusion_config":\{"flag_start":"\d+"')
 
 
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:pred|[a-z]+\d+)\[([\d,]*)\]")
@@ -155,7 +158,7 @@ def _read_hlo(hlo_text: str) -> _Hlo:
     if matmul:
       flops[current] = flops.get(current, 0.0) + _matmul_flops(line, matmul.group(1), matmul.group(2), shapes)
     match = _COLLECTIVE.search(line)
-    if match and "-done" not in line.split("=")[1][:40]:
+    if match and "-done" not in line.split("=")[1][:40] and not _CONTINUATION.search(line):
       name = _OP_NAME.search(line)
       instruction = line.split("=")[0].strip().lstrip("%")
       collectives.setdefault(current, []).append((match.group(2), name.group(1) if name else instruction,
@@ -187,8 +190,9 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   """Every collective of a compiled program's HLO with how often one call executes it: an op inside a
   `while` body counts its loop's trip count (nested loops multiply): XLA's `known_trip_count` where it
   states one (CPU), else N when the loop's condition is `counter < constant N` (TPU programs state no
-  count; JAX's loop counters start at 0); any other loop counts once. Text without computation headers
-  is read as one entry computation."""
+  count; JAX's loop counters start at 0); any other loop counts once. A collective XLA split into a start
+  and continuations (TPU's async collective fusion) counts once, as its start. Text without computation
+  headers is read as one entry computation."""
   return _collective_ops(_read_hlo(hlo_text))
 
 
