@@ -1,7 +1,8 @@
 """Multi-process training on JAX's runtime: two CPU processes (2 devices each, coordinator on 127.0.0.1,
 gloo collectives) train like one process, write outputs from process 0 only, read only their own blocks
-of the model, stop together at one step when only one of them is preempted (SIGTERM), and leave
-checkpoints a one-process run (on another number of devices) resumes."""
+of the model and of the prepared data, stop together at one step when only one of them is preempted
+(SIGTERM), and leave checkpoints (data position included) a one-process run on another number of devices
+resumes."""
 
 import json
 import os
@@ -16,6 +17,8 @@ import pytest
 
 import phds_jax as pj
 from conftest import ROOT, toy_train_config
+from phds_jax import main
+from phds_jax.cli import configs
 from phds_jax.io import load as load_lib
 
 # argv: config JSON, workdir, process id, process count, coordinator port. Prints one JSON line.
@@ -111,7 +114,8 @@ def _in_this_process(config_path, workdir) -> dict:
 def two_process_runs(tmp_path_factory):
   """The same 4-step job on 2 processes x 2 devices (process 1 gets SIGTERM after step 1: a preemption) and
   in this process (one device: sharding changes nothing, tests/train_test.py checks it on 8), then the
-  2-process workdir resumed to step 4 here. Starts from an HF directory."""
+  2-process workdir resumed to step 4 here: the data position of a 2-process checkpoint resumed by one
+  process. Starts from an HF directory and a prepared dataset (each process reads its rows)."""
   tmp = tmp_path_factory.mktemp("distributed")
   config = toy_train_config(tmp, **{"train.steps": 4, "log_every": 1, "eval.every": 2, "mesh.data": 1,
                                     "mesh.fsdp": -1, "checkpoint.every": 2, "model.expert_backend": "reference"})
@@ -120,6 +124,12 @@ def two_process_runs(tmp_path_factory):
   model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   pj.hf.save_pretrained(cfg, params, str(tmp / "hf"))
   config.model_path, config.model.random_init, config.mode = str(tmp / "hf"), False, "train"
+  # the data prepared once (configs/prepare.py): each process streams its rows of every batch from the shards
+  prepare = configs.base_config()
+  prepare.mode, prepare.tokenizer_path, prepare.data = "prepare", config.tokenizer_path, config.data.copy_and_resolve_references()
+  prepare.data.prepared, prepare.data.workers = str(tmp / "prepared"), 1
+  main.run(prepare)
+  config.data.prepared, config.data.train_files = str(tmp / "prepared"), ""
   (tmp / "full.json").write_text(config.to_json())
   port = _free_port()
   procs = [_start(tmp / "full.json", tmp / "two", i, 2, port, 2, sigterm_after=1) for i in range(2)]
