@@ -7,6 +7,7 @@ through STORAGE_EMULATOR_HOST, tensorstore (under orbax) through TENSORSTORE_GCS
 import json
 import logging
 import pathlib
+import shutil
 import socket
 
 from gcp_storage_emulator import server as emulator
@@ -139,6 +140,52 @@ def test_prepared_data_to_and_from_a_bucket(bucket, tmp_path, capsys):
   files.remove(out)
   modes.run(set_fields(config, **{"data.seq_len": 32}))
   assert prepared.read_manifest(prepared.local_copy(out))["seq_len"] == 32  # the new one, not the old copy
+
+
+def _bucket_contents(root):
+  out = {}
+  for path in files.glob(f"{root}/*") + files.glob(f"{root}/*/*"):
+    if files.isfile(path):
+      with files.open_file(path, "rb") as f:
+        out[path[len(root):]] = f.read()
+  return out
+
+
+def test_a_prepare_killed_with_its_machine_resumes_from_the_bucket(bucket, tmp_path, monkeypatch, capsys):
+  """Chunks go up to the bucket as they finish: a prepare killed after two, whose local files are lost (a
+  new machine), continues from the bucket and ends with the bytes of an uninterrupted one."""
+  from phds_jax.data import prepare
+
+  monkeypatch.setattr(prepare, "CHUNK_RECORDS", 64)  # 300 records: 5 chunks
+  local = toy_train_config(tmp_path)
+  files.upload_dir(local.tokenizer_path, f"{bucket}/rtok")
+  _upload(local.data.train_files, f"{bucket}/rdata/sft.jsonl")
+  config = lambda out: load_config("prepare", **{"tokenizer_path": f"{bucket}/rtok", "data.workers": 1,
+                                                 "data.train_files": f"{bucket}/rdata/sft.jsonl",
+                                                 "data.prepared": out, "data.seq_len": 64})
+  modes.run(config(f"{bucket}/whole"))
+  original, done = prepare.prepare_chunk, []
+
+  def dies_at_the_third(*args):
+    if len(done) == 2:
+      raise KeyboardInterrupt
+    done.append(args[4])
+    return original(*args)
+
+  monkeypatch.setattr(prepare, "prepare_chunk", dies_at_the_third)
+  with pytest.raises(KeyboardInterrupt):
+    modes.run(config(f"{bucket}/killed"))
+  left = _bucket_contents(f"{bucket}/killed")  # what went up before the kill: two chunks, no manifest
+  assert sorted(p for p in left if p.startswith(("/chunks", "/train"))) == [
+      "/chunks/s000-000000.json", "/chunks/s000-000001.json",
+      "/train/s000-000000.array_record", "/train/s000-000001.array_record"]
+  assert "/prepare_settings.json" in left and "/manifest.json" not in left
+  shutil.rmtree(files.local_mirror(f"{bucket}/killed", files.cache_dir()) + ".writing")  # another machine
+  monkeypatch.setattr(prepare, "prepare_chunk", original)
+  capsys.readouterr()
+  modes.run(config(f"{bucket}/killed"))
+  assert "(128 prepared before)" in capsys.readouterr().out
+  assert _bucket_contents(f"{bucket}/killed") == _bucket_contents(f"{bucket}/whole")
 
 
 def test_bucket_fields_resolve_and_local_caches_refuse_buckets(bucket, tmp_path):

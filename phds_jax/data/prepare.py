@@ -292,7 +292,11 @@ def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]
       return manifest
     raise pipeline.DataError(f"data.prepared={out!r} holds a dataset prepared differently; remove it or choose "
                              "another directory")
+  if local != out:
+    _pull(out, local)
   _start(local, header)
+  if local != out:
+    _upload(local, out, "prepare_settings.json")
   counts = [_count(path, d.format) for s in sources for path in s.files]
   total = None if None in counts else sum(counts)
   print(f"preparing {len(sources)} source(s) ({sum(len(s.files) for s in sources)} files"
@@ -301,8 +305,14 @@ def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]
   started = time.perf_counter()
   progress = _Progress(total)
   per_source = collections.defaultdict(list)
-  for source_index, _, chunk, chunk_counts in _run_chunks(local, settings, sources, pool, n_workers, progress):
+  for source_index, chunk, chunk_counts, fresh in _run_chunks(local, settings, sources, pool, n_workers, progress):
     per_source[source_index].append((chunk, chunk_counts))
+    if fresh and local != out:  # in the bucket as it is done: a prepare killed with its machine resumes elsewhere
+      name = shard_name(source_index, chunk)
+      for split in ("train", "val"):
+        if chunk_counts[split]["rows"]:
+          _upload(local, out, f"{split}/{name}.array_record")
+      _upload(local, out, f"chunks/{name}.json")
   manifest = _manifest(header, sources, per_source)
   seconds = time.perf_counter() - started
   _finish(local, out, manifest)
@@ -327,7 +337,7 @@ def _start(local: str, header: dict[str, Any]):
 
 
 def _run_chunks(local, settings, sources, pool, n_workers, progress):
-  """Yields (source, kind, chunk, counts) in order, chunks already written read back instead of redone;
+  """Yields (source, chunk, counts, fresh) in order, chunks already written read back (fresh False);
   `pool` (None: this process) tokenizes, at most two chunks per worker in flight."""
   tasks = ((i, source.kind, c, records) for i, source in enumerate(sources)
            for c, records in enumerate(_chunks(source, settings.format)))
@@ -341,7 +351,7 @@ def _run_chunks(local, settings, sources, pool, n_workers, progress):
     counts = result.get() if isinstance(result, multiprocessing.pool.AsyncResult) else result
     tokens = sum(counts[split]["positions"] + counts[split]["examples"] for split in ("train", "val"))
     progress.update(n, tokens, skipped=read_back)
-    return i, kind, c, counts
+    return i, c, counts, not read_back
 
   for i, kind, c, records in tasks:
     if os.path.isfile(done_file(i, c)):
@@ -385,12 +395,35 @@ def _finish(local: str, out: str, manifest: dict[str, Any]):
   with open(os.path.join(local, "malformed.txt"), "w", encoding="utf-8") as f:
     f.write("".join(e + "\n" for e in errors))
   os.remove(os.path.join(local, "prepare_settings.json"))
-  if local != out:  # a bucket: the shards first, the manifest last
-    files_lib.upload_dir(local, out)
-    files_lib.write_text(os.path.join(out, prepared_lib.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+  _write_json(os.path.join(local, prepared_lib.MANIFEST), manifest)
+  if local != out:  # a bucket holds the chunks already: the list of malformed records, then the manifest
+    _upload(local, out, "malformed.txt")
+    _upload(local, out, prepared_lib.MANIFEST)
+    files_lib.remove(os.path.join(out, "prepare_settings.json"))
     shutil.rmtree(local)
-  else:
-    _write_json(os.path.join(local, prepared_lib.MANIFEST), manifest)
+
+
+def _upload(local: str, out: str, relative: str):
+  with open(os.path.join(local, relative), "rb") as src, files_lib.open_file(os.path.join(out, relative), "wb") as dst:
+    dst.write(src.read())
+
+
+def _pull(out: str, local: str):
+  """Makes `local` agree with the bucket `out` on which chunks are done: the bucket's unfinished prepare
+  (settings, finished chunks' counts; its shards stay there) comes down, so a prepare killed with its
+  machine resumes on another; a chunk finished here but never uploaded is done again."""
+  remote_chunks = files_lib.glob(os.path.join(out, "chunks", "*.json"))
+  names = {os.path.basename(r) for r in remote_chunks}
+  chunks = os.path.join(local, "chunks")
+  for name in os.listdir(chunks) if os.path.isdir(chunks) else []:
+    if name not in names:
+      os.remove(os.path.join(chunks, name))
+  if not files_lib.isfile(os.path.join(out, "prepare_settings.json")):
+    return
+  os.makedirs(chunks, exist_ok=True)
+  for remote in [os.path.join(out, "prepare_settings.json")] + remote_chunks:
+    with files_lib.open_file(remote, "rb") as src, open(os.path.join(local, remote[len(out) + 1:]), "wb") as dst:
+      dst.write(src.read())
 
 
 def _report(out: str, manifest: dict[str, Any], progress: _Progress, seconds: float):
