@@ -141,7 +141,7 @@ def _model_config(path: str):
 
 
 def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
-  patterns = [p.strip() for p in value.split(",") if p.strip() and not p.strip().startswith("hf:")]
+  patterns = [p.strip() for p in value.split(",") if p.strip() and not p.strip().startswith(pipeline.HUB)]
   if not patterns and not value.strip():
     return [f"{field}: required; pass comma-separated files or glob patterns"] if required else []
   return [line for p in patterns for line in _file_problems(files.glob, p, f"{field}: {p!r} matches no file")]

@@ -71,7 +71,7 @@ def _sources(config) -> list[Source]:
 def _records(path: str, format_: str) -> Iterator[tuple[str, Any]]:
   """(where, record) of one file: a JSONL line is passed on unparsed (a worker parses it); other formats
   give dicts (pipeline.read_records); an LM .txt file gives its blank-line-separated documents."""
-  if path.startswith("hf:") or path.endswith(".parquet") or files_lib.isdir(path):
+  if path.startswith(pipeline.HUB) or path.endswith(".parquet") or files_lib.isdir(path):
     yield from pipeline.read_records(path, pipeline.ReadStats(), "raise")
   elif format_ == "text" and not path.endswith((".jsonl", ".json")):
     yield from _documents(path)
@@ -97,15 +97,15 @@ def _documents(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _count(path: str, format_: str) -> Optional[int]:
-  """How many records `path` holds, where that is cheap to know (None for .txt documents and the hub)."""
-  if path.startswith("hf:") or (format_ == "text" and not path.endswith((".jsonl", ".json", ".parquet"))
-                                and not files_lib.isdir(path)):
+  """How many records `path` holds, where that is cheap to know (None for .txt documents, saved datasets
+  directories and the hub)."""
+  if path.startswith(pipeline.HUB) or files_lib.isdir(path):
     return None
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
     return pq.ParquetFile(files_lib.stage(path, files_lib.cache_dir())).metadata.num_rows
-  if files_lib.isdir(path):
+  if format_ == "text" and not path.endswith((".jsonl", ".json")):  # documents, not lines
     return None
   count = 0
   with files_lib.open_file(path, "rb") as f:

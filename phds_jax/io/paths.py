@@ -75,7 +75,8 @@ def resolve_model(path: str, field: str = "model_path") -> str:
 
 
 def resolve_list(value: str, field: str) -> str:
-  """Comma-separated files or glob patterns, each made absolute (hf:NAME, a datasets cache entry, as given)."""
+  """Comma-separated files or glob patterns, each made absolute (hf:NAME, a datasets cache entry: data/
+  pipeline.HUB, as given)."""
   return ",".join(p.strip() if p.strip().startswith("hf:") else resolve(p.strip(), field)
                   for p in value.split(",") if p.strip())
 
