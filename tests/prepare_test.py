@@ -126,6 +126,8 @@ def test_prepare_is_deterministic_parallel_and_resumes_where_it_stopped(toy, tmp
   assert {k: v for k, v in _contents(tmp_path / "killed").items() if not k.endswith(".tmp")} == one
   main.run(_prepare_config(toy, tmp_path / "killed"))
   assert "already prepared" in capsys.readouterr().out
+  with pytest.raises(pipeline.DataError, match=r"prepared from other inputs or settings \(seq_len differ\)"):
+    main.run(_prepare_config(toy, tmp_path / "killed", **{"data.seq_len": 40}))
   manifest = json.loads(one["manifest.json"])
   assert manifest["malformed"] == 2 and manifest["malformed_first"][0].startswith(f"{toy['a']}:4: ")
   assert manifest["malformed_first"][1].startswith(f"{toy['a']}:8: expected string fields")

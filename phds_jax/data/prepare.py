@@ -287,11 +287,12 @@ def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]
     manifest = prepared_lib.read_manifest(out)
     inputs = lambda m: json.loads(json.dumps(
         {**m, "sources": [(s["pattern"], s["kind"], s["files"]) for s in m["sources"]]}))
-    if {key: inputs(manifest)[key] for key in header} == inputs(header):
+    changed = [key for key in header if inputs(manifest)[key] != inputs(header)[key]]
+    if not changed:
       print(f"{out} is already prepared from these inputs with these settings; nothing to do", flush=True)
       return manifest
-    raise pipeline.DataError(f"data.prepared={out!r} holds a dataset prepared differently; remove it or choose "
-                             "another directory")
+    raise pipeline.DataError(f"data.prepared={out!r} holds a dataset prepared from other inputs or settings "
+                             f"({', '.join(changed)} differ); remove it or choose another directory")
   if local != out:
     _pull(out, local)
   _start(local, header)
