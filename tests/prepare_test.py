@@ -259,3 +259,33 @@ def test_text_documents_are_prepared_like_the_in_memory_reader(toy, tmp_path):
   trained = lambda rs: sorted(int(t) for r in rs for t, w in zip(r["targets"], r["weights"]) if w)
   assert trained([rows[i] for i in range(len(rows))]) == trained(memory)
   assert manifest["sources"][0]["records"] == 3 and manifest["sources"][0]["train_trained_tokens"] == 25 + 4 + 12
+
+
+def test_validation_batches_are_split_over_processes_like_training_batches():
+  """Each process reads and yields its share of every global validation batch (padded with weight-0 rows);
+  the shares side by side are the one-process batches, which equal pipeline.eval_batches."""
+  rows = [{key: np.full(4, i + 1, np.float32 if key == "weights" else np.int32) for key in pipeline.ROW_KEYS}
+          for i in range(7)]
+
+  class Counting(list):
+    reads = 0
+
+    def __getitem__(self, index):
+      Counting.reads += 1
+      return super().__getitem__(index)
+
+  whole = list(prepared.Batches(rows, 4))
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(whole, pipeline.eval_batches(rows, 4)) for k in a)
+  shares = [list(prepared.Batches(Counting(rows), 4, process_index=p, process_count=2)) for p in (0, 1)]
+  for batch, first, second in zip(whole, *shares):
+    assert all(np.array_equal(np.concatenate([first[k], second[k]]), batch[k]) for k in batch)
+  assert Counting.reads == 7  # every row read once in all, by the process that scores it
+  assert [b["weights"][:, 0].tolist() for b in shares[1]] == [[3, 4], [7, 0]]
+  with pytest.raises(pipeline.DataError, match="eval.batch_size=4 validation rows do not split over 3 processes"):
+    prepared.Batches(rows, 4, process_count=3)
+  from phds_jax.model import sharding
+
+  config = set_fields(base_config(), **{"eval.batch_size": 6, "mesh.fsdp": -1, "mesh.data": 1})
+  assert sharding.mesh_and_batch_problems(config, devices=4, slices=1, processes=2) == [
+      "eval.batch_size=6 validation rows do not divide over the 4 data-parallel devices and 2 process(es) (each "
+      "process reads its share of every validation batch); pass a multiple"]

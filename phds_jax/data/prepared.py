@@ -194,20 +194,28 @@ def validation_rows(directory: str, manifest: dict[str, Any]) -> grain.MapDatase
 
 
 class Batches:
-  """Every row of `rows` once, in order, in batches padded with empty rows (weight 0): pipeline.eval_batches
-  read lazily (one batch in memory at a time), iterable any number of times."""
+  """Every row of `rows` (a grain MapDataset or a list of rows) once, in order, in global batches of
+  `batch_size` padded with empty rows (weight 0), of which this process reads and yields only its share
+  (rows [p * B / P, (p + 1) * B / P) of each, as training batches are split); read lazily, one batch in
+  memory at a time, iterable any number of times. limit > 0: only the first `limit` rows."""
 
-  def __init__(self, rows: grain.MapDataset, batch_size: int, limit: int = 0):
+  def __init__(self, rows, batch_size: int, limit: int = 0, process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise DataError(f"eval.batch_size={batch_size} validation rows do not split over {process_count} processes")
     self.rows, self.batch_size = rows, batch_size
     self.count = min(len(rows), limit) if limit else len(rows)
+    self.local = batch_size // process_count
+    self.begin = process_index * self.local
 
   def __len__(self) -> int:
     return -(-self.count // self.batch_size)
 
   def __iter__(self):
-    for start in range(0, self.count, self.batch_size):
-      rows = [self.rows[i] for i in range(start, min(start + self.batch_size, self.count))]
-      rows += [{key: np.zeros_like(value) for key, value in rows[0].items()}] * (self.batch_size - len(rows))
+    empty = None
+    for start in range(self.begin, self.begin + len(self) * self.batch_size, self.batch_size):
+      rows = [self.rows[i] for i in range(start, min(start + self.local, self.count))]
+      empty = empty or {key: np.zeros_like(value) for key, value in (rows or [self.rows[0]])[0].items()}
+      rows += [empty] * (self.local - len(rows))
       yield {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
 
 

@@ -223,4 +223,8 @@ def mesh_and_batch_problems(config, devices: Optional[int] = None, slices: Optio
     out.append(f"train.batch_size={batch} / grad_accum={accum} rows per micro-batch do not divide over the "
                f"{data_parallel} data-parallel devices (mesh slice x data x fsdp x expert) and {processes} "
                "process(es); pass a multiple")
+  if config.eval.batch_size % np.lcm(data_parallel, processes):
+    out.append(f"eval.batch_size={config.eval.batch_size} validation rows do not divide over the {data_parallel} "
+               f"data-parallel devices and {processes} process(es) (each process reads its share of every "
+               "validation batch); pass a multiple")
   return out

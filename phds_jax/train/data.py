@@ -20,7 +20,7 @@ from phds_jax.data import prepared as prepared_lib
 @dataclasses.dataclass
 class RunData:
   iterator: Any  # grain DatasetIterator: next() -> this process's rows of the next global batch
-  val_batches: Iterable[dict[str, np.ndarray]]  # every validation row once, padded batches
+  val_batches: Iterable[dict[str, np.ndarray]]  # this process's share of every validation batch (prepared.Batches)
   summary: str  # one line for the person running the job
 
 
@@ -73,7 +73,7 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
                                       process_index=process_index, process_count=process_count, weights=weights,
                                       read_threads=2)
     val = prepared_lib.Batches(prepared_lib.validation_rows(directory, manifest), config.eval.batch_size,
-                               limit=config.eval.max_rows)
+                               config.eval.max_rows, process_index, process_count)
     summary = (f"data: prepared {d.prepared} ({sum(s['records'] for s in manifest['sources']):,} records, "
                f"{sum(s['malformed'] for s in manifest['sources']):,} malformed skipped when prepared); train "
                f"{sum(s['train_rows'] for s in train_sources):,} rows, "
@@ -94,7 +94,8 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
     sources = [{"pattern": p.strip(), "train_rows": len(rows)}
                for p, rows in zip(d.train_files.split(","), train)]
     summary += "\n  " + prepared_lib.describe_mixture(sources, weights).replace("; ", "\n  ")
-  return RunData(iterator, data_lib.eval_batches(scored, config.eval.batch_size), summary)
+  return RunData(iterator, prepared_lib.Batches(scored, config.eval.batch_size, 0, process_index, process_count),
+                 summary)
 
 
 def _capped(scored: int, available: int) -> str:
