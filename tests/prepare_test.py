@@ -274,15 +274,15 @@ def test_validation_batches_are_split_over_processes_like_training_batches():
       Counting.reads += 1
       return super().__getitem__(index)
 
-  whole = list(prepared.Batches(rows, 4))
+  whole = list(pipeline.Batches(rows, 4))
   assert all(np.array_equal(a[k], b[k]) for a, b in zip(whole, pipeline.eval_batches(rows, 4)) for k in a)
-  shares = [list(prepared.Batches(Counting(rows), 4, process_index=p, process_count=2)) for p in (0, 1)]
+  shares = [list(pipeline.Batches(Counting(rows), 4, process_index=p, process_count=2)) for p in (0, 1)]
   for batch, first, second in zip(whole, *shares):
     assert all(np.array_equal(np.concatenate([first[k], second[k]]), batch[k]) for k in batch)
   assert Counting.reads == 7  # every row read once in all, by the process that scores it
   assert [b["weights"][:, 0].tolist() for b in shares[1]] == [[3, 4], [7, 0]]
   with pytest.raises(pipeline.DataError, match="eval.batch_size=4 validation rows do not split over 3 processes"):
-    prepared.Batches(rows, 4, process_count=3)
+    pipeline.Batches(rows, 4, process_count=3)
   from phds_jax.model import sharding
 
   config = set_fields(base_config(), **{"eval.batch_size": 6, "mesh.fsdp": -1, "mesh.data": 1})

@@ -141,7 +141,7 @@ def _model_config(path: str):
 
 
 def _pattern_problems(field: str, value: str, required: bool) -> list[str]:
-  patterns = [p.strip() for p in value.split(",") if p.strip() and not p.strip().startswith(pipeline.HUB)]
+  patterns = [p for p in pipeline.split_sources(value) if not p.startswith(pipeline.HUB)]
   if not patterns and not value.strip():
     return [f"{field}: required; pass comma-separated files or glob patterns"] if required else []
   return [line for p in patterns for line in _file_problems(files.glob, p, f"{field}: {p!r} matches no file")]
@@ -161,7 +161,7 @@ def _data_problems(config) -> list[str]:
   else:
     out += _pattern_problems("data.train_files", d.train_files, required=True)
     out += _pattern_problems("data.val_files", d.val_files, required=False)
-    sources = len([p for p in d.train_files.split(",") if p.strip()])
+    sources = len(pipeline.split_sources(d.train_files))
   try:
     pipeline.mixture_weights(d.mixture, sources)
   except ValueError as e:

@@ -57,10 +57,15 @@ def load_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
+def split_sources(value: str) -> list[str]:
+  """data.train_files / val_files: the comma-separated sources (glob patterns, hf:NAME), stripped."""
+  return [p.strip() for p in value.split(",") if p.strip()]
+
+
 def source_files(patterns: Sequence[str] | str) -> list[str]:
   """Files matching glob `patterns` (a sequence, or one string of comma-separated patterns); an hf:NAME
   source (a datasets cache entry) is passed on as it is."""
-  patterns = [p.strip() for p in patterns.split(",") if p.strip()] if isinstance(patterns, str) else list(patterns)
+  patterns = split_sources(patterns) if isinstance(patterns, str) else list(patterns)
   if not patterns:
     raise DataError("no data files configured")
   files = []
@@ -202,10 +207,15 @@ def _render_chat(messages: list[dict], tokenizer) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
   ids = []
   for m in messages:
-    ids += tokenizer.encode(f"<|{m['role']}|>\n{m['content']}\n", add_special_tokens=False)
+    ids += tokenizer.encode(turn_text(m), add_special_tokens=False)
     if m["role"] == "assistant" and tokenizer.eos_token_id is not None:
       ids.append(tokenizer.eos_token_id)  # the model learns to end its turn
   return ids
+
+
+def turn_text(message: dict) -> str:
+  """One conversation turn as text without a chat template: "<|role|>\ncontent\n" (EOS follows assistant turns)."""
+  return f"<|{message['role']}|>\n{message['content']}\n"
 
 
 def read_sft(patterns, tokenizer, *, on_error: str = "skip", stats: Optional[ReadStats] = None) -> list[Example]:
@@ -395,14 +405,35 @@ def train_batches(rows, global_batch_size: int, *, seed: int, process_index: int
   return iter(ds.to_iter_dataset(options))
 
 
+class Batches:
+  """Every row of `rows` (a list of rows, or a grain MapDataset of them: prepared shards) once, in order, in
+  global batches of `batch_size` padded with empty rows (weight 0), of which this process reads and yields
+  only its share (rows [p * B / P, (p + 1) * B / P) of each, as training batches are split); read lazily,
+  one batch in memory at a time, iterable any number of times. limit > 0: only the first `limit` rows."""
+
+  def __init__(self, rows, batch_size: int, limit: int = 0, process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise DataError(f"eval.batch_size={batch_size} validation rows do not split over {process_count} processes")
+    self.rows, self.batch_size = rows, batch_size
+    self.count = min(len(rows), limit) if limit else len(rows)
+    self.local = batch_size // process_count
+    self.begin = process_index * self.local
+
+  def __len__(self) -> int:
+    return -(-self.count // self.batch_size)
+
+  def __iter__(self):
+    empty = None
+    for start in range(self.begin, self.begin + len(self) * self.batch_size, self.batch_size):
+      rows = [self.rows[i] for i in range(start, min(start + self.local, self.count))]
+      empty = empty or {key: np.zeros_like(value) for key, value in (rows or [self.rows[0]])[0].items()}
+      rows += [empty] * (self.local - len(rows))
+      yield {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
+
+
 def eval_batches(rows: list[dict[str, np.ndarray]], batch_size: int) -> list[dict[str, np.ndarray]]:
-  """Every row once, in order, in batches padded with empty rows (weight 0) to `batch_size`."""
-  if not rows:
-    return []
-  empty = {key: np.zeros_like(value) for key, value in rows[0].items()}
-  padded = rows + [empty] * (-len(rows) % batch_size)
-  return [{key: np.stack([r[key] for r in padded[i:i + batch_size]]) for key in ROW_KEYS}
-          for i in range(0, len(padded), batch_size)]
+  """Every row once, in order, in batches padded with empty rows (weight 0) to `batch_size`, as a list."""
+  return list(Batches(rows, batch_size))
 
 
 def describe(rows: list[dict[str, np.ndarray]]) -> str:

@@ -60,10 +60,9 @@ class Source:
 
 def _sources(config) -> list[Source]:
   d = config.data
-  split = lambda value: [p.strip() for p in value.split(",") if p.strip()]
   out = []
   for kind, field in (("train", d.train_files), ("val", d.val_files)):
-    for pattern in split(field):
+    for pattern in pipeline.split_sources(field):
       out.append(Source(pattern, kind, tuple(pipeline.source_files(pattern))))
   return out
 

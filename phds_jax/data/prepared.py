@@ -193,32 +193,6 @@ def validation_rows(directory: str, manifest: dict[str, Any]) -> grain.MapDatase
   return _rows(directory, [s for source in manifest["sources"] for s in source["val_shards"]], manifest["seq_len"])
 
 
-class Batches:
-  """Every row of `rows` (a grain MapDataset or a list of rows) once, in order, in global batches of
-  `batch_size` padded with empty rows (weight 0), of which this process reads and yields only its share
-  (rows [p * B / P, (p + 1) * B / P) of each, as training batches are split); read lazily, one batch in
-  memory at a time, iterable any number of times. limit > 0: only the first `limit` rows."""
-
-  def __init__(self, rows, batch_size: int, limit: int = 0, process_index: int = 0, process_count: int = 1):
-    if batch_size % process_count:
-      raise DataError(f"eval.batch_size={batch_size} validation rows do not split over {process_count} processes")
-    self.rows, self.batch_size = rows, batch_size
-    self.count = min(len(rows), limit) if limit else len(rows)
-    self.local = batch_size // process_count
-    self.begin = process_index * self.local
-
-  def __len__(self) -> int:
-    return -(-self.count // self.batch_size)
-
-  def __iter__(self):
-    empty = None
-    for start in range(self.begin, self.begin + len(self) * self.batch_size, self.batch_size):
-      rows = [self.rows[i] for i in range(start, min(start + self.local, self.count))]
-      empty = empty or {key: np.zeros_like(value) for key, value in (rows or [self.rows[0]])[0].items()}
-      rows += [empty] * (self.local - len(rows))
-      yield {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
-
-
 def describe_mixture(sources: Sequence[dict[str, Any]], weights: Optional[Sequence[float]]) -> str:
   """Each training source's rows and share of the stream ("; "-separated): by `weights` (data.mixture), else
   by size. sources: manifest entries (or any dicts with "pattern" and "train_rows")."""

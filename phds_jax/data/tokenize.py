@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from phds_jax.data.pipeline import Example, adds_bos
+from phds_jax.data.pipeline import Example, adds_bos, turn_text
 
 Errors = list[tuple[str, str]]
 
@@ -69,7 +69,7 @@ def _messages_problem(messages: Any) -> Optional[str]:
 
 def _turns(conversations: list[list[dict]], tokenizer) -> list[Example]:
   """Without a chat template: "<|role|>\\ncontent\\n" per turn, EOS after assistant turns (pipeline._render_chat)."""
-  pieces = encode(tokenizer, [f"<|{m['role']}|>\n{m['content']}\n" for messages in conversations for m in messages])
+  pieces = encode(tokenizer, [turn_text(m) for messages in conversations for m in messages])
   eos = tokenizer.eos_token_id
   out, at = [], 0
   for messages in conversations:

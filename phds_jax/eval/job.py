@@ -63,7 +63,7 @@ def _text_batches(config, tokenizer, tokenizer_dir: str):
   e, seq_len, examples = config.eval, config.data.seq_len, []
   if config.data.prepared:
     directory, manifest = prepared.open_for_run(config.data, tokenizer_dir, tokenizer, max_loss_tokens=0)
-    return prepared.Batches(prepared.validation_rows(directory, manifest), e.batch_size, limit=e.max_rows)
+    return data_lib.Batches(prepared.validation_rows(directory, manifest), e.batch_size, limit=e.max_rows)
   if e.text_files:
     examples += data_lib.chunk_examples(data_lib.read_text(e.text_files, tokenizer), seq_len)
   if e.sft_files:

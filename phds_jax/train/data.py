@@ -20,7 +20,7 @@ from phds_jax.data import prepared as prepared_lib
 @dataclasses.dataclass
 class RunData:
   iterator: Any  # grain DatasetIterator: next() -> this process's rows of the next global batch
-  val_batches: Iterable[dict[str, np.ndarray]]  # this process's share of every validation batch (prepared.Batches)
+  val_batches: Iterable[dict[str, np.ndarray]]  # this process's share of every validation batch (pipeline.Batches)
   summary: str  # one line for the person running the job
 
 
@@ -39,7 +39,7 @@ def _rows_per_source(config, tokenizer) -> tuple[list[list], list, data_lib.Read
   read = data_lib.read_sft if d.format == "sft" else data_lib.read_text
   pack = functools.partial(data_lib.pack, seq_len=d.seq_len, max_loss_tokens=d.max_loss_tokens, stats=stats)
   chunk = (lambda examples: data_lib.chunk_examples(examples, d.seq_len)) if d.format == "text" else (lambda e: e)
-  sources = [p.strip() for p in d.train_files.split(",") if p.strip()] if d.mixture else [d.train_files]
+  sources = data_lib.split_sources(d.train_files) if d.mixture else [d.train_files]
   train, val = [], []
   for pattern in sources:
     examples = read(pattern, tokenizer, on_error=d.on_error, stats=stats)
@@ -72,7 +72,7 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
     iterator = data_lib.train_batches(sources if weights else sources[0], global_batch, seed=d.seed,
                                       process_index=process_index, process_count=process_count, weights=weights,
                                       read_threads=2)
-    val = prepared_lib.Batches(prepared_lib.validation_rows(directory, manifest), config.eval.batch_size,
+    val = data_lib.Batches(prepared_lib.validation_rows(directory, manifest), config.eval.batch_size,
                                config.eval.max_rows, process_index, process_count)
     summary = (f"data: prepared {d.prepared} ({sum(s['records'] for s in manifest['sources']):,} records, "
                f"{sum(s['malformed'] for s in manifest['sources']):,} malformed skipped when prepared); train "
@@ -91,10 +91,9 @@ def build(config, tokenizer, global_batch: int, process_index: int, process_coun
              f"train {data_lib.describe([r for rows in train for r in rows])}; validation "
              f"{data_lib.describe(scored)}{_capped(len(scored), len(val))}")
   if weights:
-    sources = [{"pattern": p.strip(), "train_rows": len(rows)}
-               for p, rows in zip(d.train_files.split(","), train)]
+    sources = [{"pattern": p, "train_rows": len(rows)} for p, rows in zip(data_lib.split_sources(d.train_files), train)]
     summary += "\n  " + prepared_lib.describe_mixture(sources, weights).replace("; ", "\n  ")
-  return RunData(iterator, prepared_lib.Batches(scored, config.eval.batch_size, 0, process_index, process_count),
+  return RunData(iterator, data_lib.Batches(scored, config.eval.batch_size, 0, process_index, process_count),
                  summary)
 
 
