@@ -56,7 +56,7 @@ def fingerprint(config) -> Optional[str]:
   """What identifies the run's prepared data in a workdir's identity (None without data.prepared)."""
   if not config.data.prepared:
     return None
-  manifest = prepared_lib.read_manifest(prepared_lib.local_copy(config.data.prepared))
+  manifest = prepared_lib.read_manifest(config.data.prepared)  # the manifest alone, also in a bucket
   return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
