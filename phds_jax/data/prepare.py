@@ -97,9 +97,9 @@ def _documents(path: str) -> Iterator[tuple[str, dict]]:
 
 def _count(path: str, format_: str) -> Optional[int]:
   """How many records `path` holds, where that is cheap to know (None for .txt documents, saved datasets
-  directories and the hub)."""
-  if path.startswith(pipeline.HUB) or files_lib.isdir(path):
-    return None
+  directories, bucket files and the hub)."""
+  if path.startswith(pipeline.HUB) or files_lib.is_bucket(path) or files_lib.isdir(path):
+    return None  # (a bucket file would be downloaded twice)
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
@@ -313,9 +313,9 @@ def _prepare(config, tokenizer_dir: str, pool, n_workers: int) -> dict[str, Any]
         if chunk_counts[split]["rows"]:
           _upload(local, out, f"{split}/{name}.array_record")
       _upload(local, out, f"chunks/{name}.json")
-  manifest = _manifest(header, sources, per_source)
+  manifest, errors = _manifest(header, sources, per_source)
   seconds = time.perf_counter() - started
-  _finish(local, out, manifest)
+  _finish(local, out, manifest, errors)
   _report(out, manifest, progress, seconds)
   return manifest
 
@@ -326,8 +326,9 @@ def _start(local: str, header: dict[str, Any]):
   if os.path.isfile(settings_file):
     with open(settings_file, encoding="utf-8") as f:
       before = json.load(f)
-    if before != json.loads(json.dumps(header)):
-      changed = sorted(k for k in set(before) | set(header) if before.get(k) != json.loads(json.dumps(header)).get(k))
+    now = json.loads(json.dumps(header))  # as stored: tuples become lists
+    if before != now:
+      changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
       raise pipeline.DataError(f"{local} holds an unfinished prepare of other inputs or settings ({', '.join(changed)} "
                                "differ); remove it to start again, or run with the same settings to finish it")
     print(f"resuming the prepare in {local}", flush=True)
@@ -370,7 +371,8 @@ def _run_chunks(local, settings, sources, pool, n_workers, progress):
   progress.update(0, 0, False, final=True)
 
 
-def _manifest(header, sources, per_source) -> dict[str, Any]:
+def _manifest(header, sources, per_source) -> tuple[dict[str, Any], list[str]]:
+  """(the manifest, every malformed record as "where: reason")."""
   manifest = dict(header, sources=[])
   errors, malformed = [], 0
   for i, source in enumerate(sources):
@@ -386,12 +388,10 @@ def _manifest(header, sources, per_source) -> dict[str, Any]:
     errors += [e for _, c in chunks for e in c["errors"]]
   manifest["malformed"] = malformed
   manifest["malformed_first"] = errors[:SHOWN_ERRORS]
-  manifest["errors"] = errors  # written to malformed.txt, not kept in the manifest
-  return manifest
+  return manifest, errors
 
 
-def _finish(local: str, out: str, manifest: dict[str, Any]):
-  errors = manifest.pop("errors")
+def _finish(local: str, out: str, manifest: dict[str, Any], errors: list[str]):
   with open(os.path.join(local, "malformed.txt"), "w", encoding="utf-8") as f:
     f.write("".join(e + "\n" for e in errors))
   os.remove(os.path.join(local, "prepare_settings.json"))
