@@ -151,14 +151,14 @@ def test_a_dataset_prepared_differently_is_refused_in_one_message(toy, ready, tm
   other = tmp_path / "tok"
   tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
   tokenizer.save_pretrained(str(other))
-  run = prepared.RunData(prepared.tokenizer_identity(str(other)), 64, tokenizer.chat_template, "sft", 4)
+  run = prepared.Expected(prepared.tokenizer_identity(str(other)), 64, tokenizer.chat_template, "sft", 4)
   with pytest.raises(pipeline.DataError) as refused:
     prepared.check(manifest, run, ready)
   lines = str(refused.value).splitlines()
   assert [line.split(":")[0].strip("- ") for line in lines[1:]] == [
       "tokenizer", "data.seq_len", "chat template", "data.max_loss_tokens"]
   assert "prepared 48, the run's 64" in str(refused.value)
-  same = prepared.RunData(manifest["tokenizer"], 48, None, "sft", 8)
+  same = prepared.Expected(manifest["tokenizer"], 48, None, "sft", 8)
   assert prepared.differences(manifest, same) == []
 
 

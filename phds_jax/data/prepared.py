@@ -86,7 +86,7 @@ def chat_template(tokenizer) -> Optional[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunData:
+class Expected:
   """What a run expects of its data: a prepared dataset must have been made the same way."""
 
   tokenizer: dict[str, Any]  # tokenizer_identity
@@ -96,7 +96,7 @@ class RunData:
   max_loss_tokens: int
 
 
-def differences(manifest: dict[str, Any], run: RunData) -> list[str]:
+def differences(manifest: dict[str, Any], run: Expected) -> list[str]:
   """One line per way `manifest` was prepared differently from what `run` expects ([] when it fits)."""
   out = []
   if manifest["tokenizer"]["sha256"] != run.tokenizer["sha256"]:
@@ -149,7 +149,7 @@ def read_manifest(path: str) -> dict[str, Any]:
   return manifest
 
 
-def check(manifest: dict[str, Any], run: RunData, path: str):
+def check(manifest: dict[str, Any], run: Expected, path: str):
   """Refuses, in one message listing every difference, a prepared dataset the run cannot use."""
   found = differences(manifest, run)
   if found:
@@ -166,7 +166,7 @@ def open_for_run(data, tokenizer_dir: str, tokenizer, max_loss_tokens: int) -> t
   directory = local_copy(data.prepared)
   manifest = read_manifest(directory)
   identity = tokenizer_identity(files_lib.stage(tokenizer_dir, files_lib.cache_dir()))
-  check(manifest, RunData(identity, data.seq_len, chat_template(tokenizer), data.format, max_loss_tokens),
+  check(manifest, Expected(identity, data.seq_len, chat_template(tokenizer), data.format, max_loss_tokens),
         data.prepared)
   return directory, manifest
 
